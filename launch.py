@@ -1,0 +1,66 @@
+"""Start Wan LoRA Studio: `python launch.py [--project DIR] [--model WAN] [--captioner BLIP2] [--port N]`.
+
+With no --project it opens the demo project (generated sample video, tiny models), creating it on first launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.demo import ensure_demo_project
+from engine.hardware import describe_device
+from engine.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
+from engine.project import Project, studio_home
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Wan LoRA Studio: clips -> captions -> LoRA training -> I2V tests")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--project", help="project folder (created if missing); default: the demo project")
+    parser.add_argument("--model", help="Wan 2.1 I2V diffusers folder or hub id; default: the tiny demo model")
+    parser.add_argument("--captioner", help="BLIP-2 folder or hub id; default: the tiny demo captioner")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Project, ModelChoice]:
+    """The project and models to open, building the demo project and tiny kits when none are given."""
+    if args.project:
+        project = Project.open(args.project)
+        kits = ensure_tiny_kits(studio_home() / "models") if not (args.model and args.captioner) else None
+    else:
+        project, kits = ensure_demo_project()
+    settings = project.settings()
+    models = ModelChoice(
+        wan=args.model or settings.wan_model or kits.wan,
+        captioner=args.captioner or settings.captioner_model or kits.captioner,
+    )
+    check_wan_folder(models.wan)
+    check_blip2_folder(models.captioner)
+    return project, models
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        project, models = resolve(args)
+    except (ModelFolderError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from studio.app import build
+    from studio.context import AppContext
+
+    ctx = AppContext(project=project, models=models, device_description=describe_device())
+    app = build(ctx)
+    app.queue(default_concurrency_limit=4)
+    print(f"Wan LoRA Studio: project {project.root}", flush=True)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(project.root)],
+               show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

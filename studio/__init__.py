@@ -1,0 +1,1 @@
+"""App assembly: builds the Gradio Blocks from the tabs and an AppContext."""

@@ -1,0 +1,18 @@
+"""What every tab shares: the project, the chosen models, the device, and the studio-wide job lock."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from engine.models import ModelChoice
+from engine.project import Project
+
+
+@dataclass
+class AppContext:
+    project: Project
+    models: ModelChoice
+    device_description: str
+    # One GPU job at a time across the studio (captioning, generation, training): AUTOMATIC1111's call queue idea.
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)

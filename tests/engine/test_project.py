@@ -1,0 +1,53 @@
+"""Project layout: created on demand, safe with odd paths, settings round-trip, demo project material."""
+
+import cv2
+import pytest
+
+from engine.project import Project, ProjectSettings
+
+
+def test_layout_created_with_odd_path(tmp_path):
+    root = tmp_path / "a \"quoted\" 'name' 日本"
+    p = Project.open(root)
+    for d in (p.sources_dir, p.clips_dir, p.cache_dir, p.runs_dir, p.outputs_dir):
+        assert d.is_dir() and d.parent == p.root
+    assert p.name == root.name
+    s = p.settings()
+    s.clip_frames = 33
+    p.save_settings(s)
+    assert Project.open(root).settings().clip_frames == 33
+    assert isinstance(s, ProjectSettings)
+
+
+def test_missing_project_without_create(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Project.open(tmp_path / "missing", create=False)
+
+
+def test_run_names_are_validated(tmp_path):
+    p = Project.open(tmp_path / "p")
+    assert p.run_dir("run 1").parent == p.runs_dir
+    for bad in ("../x", "a/b", ".."):
+        with pytest.raises(ValueError):
+            p.run_dir(bad)
+    assert p.new_run_name() != "" and not (p.runs_dir / p.new_run_name()).exists()
+
+
+def test_demo_project_has_a_source_with_motion_and_scene_changes(demo_home):
+    p = Project.open(demo_home / "demo", create=False)
+    (source,) = p.list_sources()
+    cap = cv2.VideoCapture(str(source))
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    assert 20 <= frames / fps <= 40
+    diffs, prev = [], None
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        small = cv2.resize(frame, (64, 36)).astype(float)
+        if prev is not None:
+            diffs.append(abs(small - prev).mean())
+        prev = small
+    assert sum(d > 40 for d in diffs) >= 3, "expected at least three hard scene cuts"
+    assert sorted(diffs)[len(diffs) // 2] > 0.5, "expected real motion within scenes"
