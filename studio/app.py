@@ -29,8 +29,13 @@ def header_html(ctx: AppContext) -> str:
 def build(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Wan LoRA Studio") as app:
         gr.HTML(header_html(ctx))
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             for tab in TABS:
                 with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
                     tab.build(ctx)
+        ctx.ui["tabs"] = tabs
+        # Cross-tab wiring (e.g. Train's "open in Generate") runs once every tab's components exist.
+        for tab in TABS:
+            if hasattr(tab, "connect"):
+                tab.connect(ctx)
     return app

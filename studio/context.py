@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.models import ModelChoice
 from engine.project import Project
@@ -16,3 +17,5 @@ class AppContext:
     device_description: str
     # One GPU job at a time across the studio (captioning, generation, training): AUTOMATIC1111's call queue idea.
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Components a tab offers to other tabs ("tabs" is the gr.Tabs itself), wired in each tab's optional connect(ctx).
+    ui: dict[str, Any] = field(default_factory=dict)

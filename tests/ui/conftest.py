@@ -76,6 +76,15 @@ def demo_studio(demo_home):
         yield url
 
 
+@pytest.fixture(scope="module")
+def studio(demo_home, tmp_path_factory):
+    """A studio of this test module's own on a fresh copy of the demo project (tests may change it freely)."""
+    home = tmp_path_factory.mktemp("home")
+    shutil.copytree(demo_home, home, dirs_exist_ok=True)
+    with running_studio(home) as url:
+        yield url, home / "demo"
+
+
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
