@@ -1,0 +1,256 @@
+"""Run and dataset TOMLs: exact round trips, errors that name the key and file, form helpers, presets."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from engine.config import (
+    ConfigError,
+    DatasetConfig,
+    RunConfig,
+    apply_overrides,
+    dataset_presets,
+    describe_fields,
+    load_dataset_config,
+    load_run_config,
+    preset_configs,
+    presets,
+    save_dataset_config,
+    save_run_config,
+)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _raw(path: Path) -> dict:
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def fixtures(tmp_path) -> Path:
+    """A copy of the fixture TOMLs in a folder with awkward characters."""
+    folder = tmp_path / "conf 'ü'"
+    shutil.copytree(FIXTURES, folder)
+    return folder
+
+
+def test_min_vram_run_reads_the_seed_values(fixtures):
+    cfg = load_run_config(fixtures / "min_vram.toml")
+    assert cfg.epochs == 1000
+    assert cfg.adapter.rank == 32 and cfg.lora_alpha == 32.0
+    assert cfg.optimizer.type == "AdamW8bitKahan"
+    assert cfg.optimizer.lr == pytest.approx(2e-5)
+    assert cfg.optimizer.betas == [0.9, 0.99]
+    assert cfg.optimizer.weight_decay == 0.01
+    assert cfg.model.transformer_dtype == "float8"
+    assert cfg.blocks_to_swap == 32
+    assert cfg.activation_checkpointing == "unsloth" and cfg.checkpointing_mode == "offload"
+    assert cfg.dataset_path() == (fixtures / "min_vram_dataset.toml").resolve()
+    assert cfg.output_path() == (fixtures / "runs" / "min vram").resolve()
+
+
+@pytest.mark.parametrize("run_name", ["min_vram.toml", "studio_extras.toml"])
+def test_run_round_trip_is_exact_and_adds_no_keys(fixtures, tmp_path, run_name):
+    cfg = load_run_config(fixtures / run_name)
+    out = save_run_config(cfg, tmp_path / "out" / "run.toml")
+    assert _raw(out) == _raw(fixtures / run_name)  # same keys, same values, nothing added
+    again = load_run_config(out)
+    assert again == cfg
+
+
+def test_dataset_round_trip_is_exact(fixtures, tmp_path):
+    cfg = load_dataset_config(fixtures / "min_vram_dataset.toml")
+    assert cfg.resolutions == [512] and cfg.frame_buckets == [1, 33, 81]
+    assert cfg.directory[0].num_repeats == 5
+    assert cfg.directory_path(cfg.directory[0]) == (fixtures / "clips").resolve()
+    out = save_dataset_config(cfg, tmp_path / "dataset.toml")
+    assert _raw(out) == _raw(fixtures / "min_vram_dataset.toml")
+    assert "[[directory]]" in out.read_text()
+    assert load_dataset_config(out) == cfg
+
+
+def test_studio_table_values(fixtures):
+    cfg = load_run_config(fixtures / "studio_extras.toml")
+    assert cfg.studio.lora_alpha == 8.0 and cfg.lora_alpha == 8.0
+    assert cfg.studio.compile is True and cfg.studio.seed == 7
+    assert cfg.studio.samples.epochs == [2, 4] and cfg.studio.samples.frames == 33
+    assert cfg.checkpointing_mode == "selective"
+    assert cfg.model.transformer_dtype == "float8_compute"
+
+
+def test_minimal_file_writes_only_its_own_keys(tmp_path):
+    src = tmp_path / "run.toml"
+    src.write_text('output_dir = "out"\ndataset = "d.toml"\nepochs = 3\nmicro_batch_size_per_gpu = 1\n'
+                   '[model]\ntype = "wan"\nckpt_path = "m"\ndtype = "float32"\n'
+                   '[adapter]\ntype = "lora"\nrank = 4\ndtype = "float32"\n'
+                   '[optimizer]\ntype = "adamw"\nlr = 0.001\n')
+    cfg = load_run_config(src)
+    assert cfg.blocks_to_swap == 0 and cfg.studio.seed == 42  # defaults are in force ...
+    out = save_run_config(cfg, tmp_path / "again.toml")
+    assert _raw(out) == _raw(src)  # ... but not written as noise
+    changed = apply_overrides(cfg, {"blocks_to_swap": 4})
+    assert _raw(save_run_config(changed, tmp_path / "changed.toml"))["blocks_to_swap"] == 4
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_optimi", "adamw8bit", "AdamW8bitKahan", "adamw8bitkahan"])
+def test_diffusion_pipe_optimizer_names_are_accepted(fixtures, optimizer):
+    cfg = load_run_config(fixtures / "min_vram.toml")
+    assert apply_overrides(cfg, {"optimizer.type": optimizer}).optimizer.type == optimizer
+
+
+def _write_variant(fixtures: Path, old: str, new: str) -> Path:
+    path = fixtures / "variant.toml"
+    text = (fixtures / "min_vram.toml").read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("blocks_to_swap = 32", "blocks_to_swap = 32\nblock_to_swap = 3", ["'block_to_swap'", "blocks_to_swap"]),
+    ('type = "AdamW8bitKahan"', 'type = "sgd"', ["'optimizer.type'", "adamw_optimi", "AdamW8bitKahan"]),
+    ('transformer_dtype = "float8"', 'transformer_dtype = "fp8"', ["'model.transformer_dtype'", "'float8'"]),
+    ("rank = 32", 'rank = "32"', ["'adapter.rank'", "integer"]),
+    ("rank = 32", "rank = 0", ["'adapter.rank'", "range 1 .. 256"]),
+    ("blocks_to_swap = 32", "blocks_to_swap = 40", ["'blocks_to_swap'", "0 .. 39"]),
+    ('activation_checkpointing = "unsloth"', 'activation_checkpointing = "yes"',
+     ["'activation_checkpointing'", "true", "'unsloth'"]),
+    ("betas = [0.9, 0.99]", 'betas = [0.9, "x"]', ["'optimizer.betas'", "list of number"]),
+    ("[monitoring]", "[monitoring]\nlog_dir = 'x'", ["'monitoring.log_dir'", "enable_wandb"]),
+    ('ckpt_path = "/models/Wan2.1-I2V-14B-480P-Diffusers"\n', "", ["Missing key 'model.ckpt_path'"]),
+    ("epochs = 1000", "epochs = 1000\n[[epochs_table]]", ["'epochs_table'"]),
+    ("[model]", "model = 3\n[x]", ["'model'", "must be a table"]),
+])
+def test_bad_keys_name_the_key_the_file_and_what_is_allowed(fixtures, old, new, expected):
+    path = _write_variant(fixtures, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, message
+    assert str(path.resolve()) in message
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("num_repeats = 5", "num_repeats = 5\nrepeats = 2", ["'directory.0.repeats'", "num_repeats"]),
+    ("min_ar = 0.5", "min_ar = 3.0", ["'min_ar'", "'max_ar'"]),
+    ("resolutions = [512]", "resolutions = [[512, 0]]", ["'resolutions'", "[width, height]"]),
+    ('path = "clips"', "", ["Missing key 'directory.0.path'"]),
+])
+def test_bad_dataset_keys_are_named(fixtures, old, new, expected):
+    text = (fixtures / "min_vram_dataset.toml").read_text()
+    path = fixtures / "bad dataset.toml"
+    path.write_text(text.replace(old, new))
+    with pytest.raises(ConfigError) as info:
+        load_dataset_config(path)
+    for part in [*expected, str(path.resolve())]:
+        assert part in str(info.value), str(info.value)
+
+
+def test_dataset_without_directory_is_an_error(tmp_path):
+    path = tmp_path / "d.toml"
+    path.write_text("resolutions = [256]\nframe_buckets = [17]\n")
+    with pytest.raises(ConfigError, match="directory"):
+        load_dataset_config(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "nope.toml")
+
+
+def test_per_directory_bucket_overrides(tmp_path):
+    path = tmp_path / "d.toml"
+    path.write_text('resolutions = [256]\nframe_buckets = [17, 33]\n[[directory]]\npath = "a"\n'
+                    '[[directory]]\npath = "b"\nnum_repeats = 3\nframe_buckets = [9]\nresolutions = [[320, 192]]\n')
+    cfg = load_dataset_config(path)
+    assert cfg.bucket_settings(cfg.directory[0])["frame_buckets"] == [17, 33]
+    assert cfg.bucket_settings(cfg.directory[1])["frame_buckets"] == [9]
+    assert cfg.bucket_settings(cfg.directory[1])["resolutions"] == [[320, 192]]
+    assert _raw(save_dataset_config(cfg, tmp_path / "out.toml")) == _raw(path)
+
+
+def test_describe_fields_documents_every_setting(fixtures):
+    cfg = load_run_config(fixtures / "min_vram.toml")
+    fields = {f.key: f for f in describe_fields(cfg)}
+    assert {"epochs", "optimizer.lr", "model.transformer_dtype", "studio.samples.epochs", "studio.compile"} <= set(
+        fields)
+    assert all(f.help for f in fields.values())
+    assert fields["optimizer.type"].choices == ("adamw", "adamw_optimi", "adamw8bit", "AdamW8bitKahan")
+    assert fields["blocks_to_swap"].value == 32 and fields["blocks_to_swap"].default == 0
+    assert fields["blocks_to_swap"].maximum == 39 and fields["blocks_to_swap"].type == "integer"
+    assert fields["max_steps"].optional and not fields["epochs"].optional
+    dataset = load_dataset_config(fixtures / "min_vram_dataset.toml")
+    keys = [f.key for f in describe_fields(dataset)]
+    assert "directory.0.num_repeats" in keys and "frame_buckets" in keys
+
+
+def test_apply_overrides_validates_and_parses_form_text(fixtures):
+    cfg = load_run_config(fixtures / "min_vram.toml")
+    new = apply_overrides(cfg, {"optimizer.lr": "1e-4", "optimizer.betas": "[0.8, 0.95]", "epochs": 12.0,
+                                "activation_checkpointing": "true", "studio.samples.prompt": "a spin",
+                                "max_steps": "", "studio.lora_alpha": "16"})
+    assert new.optimizer.lr == 1e-4 and new.optimizer.betas == [0.8, 0.95] and new.epochs == 12
+    assert new.activation_checkpointing is True and new.studio.samples.prompt == "a spin"
+    assert new.max_steps is None and new.lora_alpha == 16.0
+    assert cfg.optimizer.lr == pytest.approx(2e-5)  # the original is untouched
+    for bad, message in [({"optimizer.lr": "fast"}, "'optimizer.lr'"), ({"model.nope": 1}, "'model.nope'"),
+                         ({"epochs": 0}, "'epochs'"), ({"model": 1}, "'model'"),
+                         ({"activation_checkpointing": "partial"}, "'selective'")]:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(cfg, bad)
+    dataset = apply_overrides(load_dataset_config(fixtures / "min_vram_dataset.toml"),
+                              {"directory.0.num_repeats": 2, "frame_buckets": "[17]"})
+    assert dataset.directory[0].num_repeats == 2 and dataset.frame_buckets == [17]
+
+
+def test_presets_build_valid_configs_that_round_trip(tmp_path):
+    assert list(presets()) == ["24 GB GPU (low memory)", "48 GB", "80 GB", "CPU demo (tiny model)"]
+    assert set(dataset_presets()) == set(presets())
+    for name in presets():
+        run_dir = tmp_path / name.replace(" ", "_")
+        run, dataset = preset_configs(name, clips_dir=tmp_path / "clips", output_dir=run_dir, model_path="m")
+        run_file = save_run_config(run, run_dir / "run.toml")
+        save_dataset_config(dataset, run_dir / "dataset.toml")
+        loaded = load_run_config(run_file)
+        assert loaded == run
+        assert loaded.dataset_path() == (run_dir / "dataset.toml").resolve()
+        assert load_dataset_config(loaded.dataset_path()) == dataset
+        assert all(f % 4 == 1 for f in dataset.frame_buckets)
+    low, _ = preset_configs("24 GB GPU (low memory)", clips_dir="c", output_dir="o", model_path="m")
+    assert (low.model.transformer_dtype, low.blocks_to_swap, low.activation_checkpointing, low.optimizer.type) == (
+        "float8", 32, "unsloth", "AdamW8bitKahan")
+    demo_run, demo_data = preset_configs("CPU demo (tiny model)", clips_dir="c", output_dir="o", model_path="m")
+    assert demo_run.model.dtype == "float32" and 4 <= demo_run.adapter.rank <= 8
+    assert demo_run.save_every_n_epochs == 1 and demo_run.epochs <= 5 and demo_data.frame_buckets == [17]
+    with pytest.raises(ConfigError, match="Unknown preset"):
+        preset_configs("12 GB", clips_dir="c", output_dir="o", model_path="m")
+
+
+def test_check_command(fixtures):
+    ok = subprocess.run([sys.executable, "-m", "engine.config", "check", str(fixtures / "min_vram.toml")],
+                        cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert 'transformer_dtype = "float8"' in ok.stdout and "[[directory]]" in ok.stdout
+    assert "timestep_shift = 1.0" in ok.stdout  # resolved: defaults shown
+    bad = _write_variant(fixtures, "epochs = 1000", "epoch = 1000")
+    failed = subprocess.run([sys.executable, "-m", "engine.config", "check", str(bad)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and "'epoch'" in failed.stderr
+
+
+def test_programmatic_configs_are_plain_dataclasses():
+    run = RunConfig(output_dir="o", dataset="d.toml")
+    assert run.adapter.rank == 32 and run.checkpointing_mode == "full"
+    assert DatasetConfig().frame_buckets == [81]
