@@ -1,0 +1,460 @@
+"""The one runner for long tasks (training): a child process in its own process group, its JSON-line events, a
+graceful stop, and a record on disk so a restarted studio re-attaches to a running or finished job.
+
+Each job lives in a folder of its own (a run's folder, `runs/<run>/`):
+
+    job.json        the record: name, argv, cwd, pid and process start time, log offset, stop/kill marks
+    job.log         the child's stdout and stderr (JSON lines are events; everything else is log text)
+    job-exit.json   written by the supervisor when the child exits: return code, end time
+
+The child's output goes to a file, never a pipe to the studio, so a studio that is restarted (or dies) does not take
+the job with it. A small supervisor (`python -m engine.jobs`) leads the process group: it starts the real command,
+records how it exited, and holds the studio-wide GPU lock (an fcntl lock on `<state_dir>/gpu.lock`) for exactly as
+long as the job lives, so the lock is released even when nobody is watching.
+
+In-process GPU work (captioning, generation) takes the same lock with `JobRunner.gpu_slot(...)`, which refuses with
+`GpuBusyError("training is using the GPU ...")` or waits, as the caller chooses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from engine.files import atomic_write_json
+
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+EXIT_FILE = "job-exit.json"
+GPU_LOCK_FILE = "gpu.lock"
+GPU_HOLDER_FILE = "gpu-holder.json"
+
+RUNNING_STATES = ("running", "stopping")
+
+
+class GpuBusyError(RuntimeError):
+    """Another job holds the studio's GPU; the message says which and what to do."""
+
+
+class JobError(RuntimeError):
+    """A job could not be started or found; the message says why."""
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22); None if gone or a zombie.
+
+    A pid plus its start time names one process for good: pids are reused, start times are not.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    state, start_ticks = fields[0], fields[19]
+    return None if state in ("Z", "X") else int(start_ticks)
+
+
+def process_alive(pid: int, start_ticks: int) -> bool:
+    return process_start_ticks(pid) == start_ticks
+
+
+def wait_for_exit(pid: int, start_ticks: int, timeout: float | None) -> bool:
+    """Block until the process exits (True) or `timeout` seconds pass (False), without polling (a pidfd)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if not process_alive(pid, start_ticks):  # checked after opening: the pidfd may not name a reused pid
+            return True
+        readable, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(readable) or not process_alive(pid, start_ticks)
+    finally:
+        os.close(pidfd)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+# --- reading the log -------------------------------------------------------------------------------------------
+
+def read_json_lines_since(path: str | os.PathLike, offset: int) -> tuple[list[dict], int]:
+    """JSON objects from the complete lines appended to `path` after byte `offset`, and the offset to read on from.
+
+    A half-written last line is left for the next call; lines that are not JSON objects (plain log text) are skipped.
+    If the file shrank (rewritten), reading starts again from the beginning.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    if size < offset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size - offset)
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        line = line.strip()
+        if not line.startswith(b"{"):
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, offset + end
+
+
+class JsonLinesFollower:
+    """All records of a growing JSON-lines file (e.g. metrics.jsonl), parsing only what was appended since last time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.offset = 0
+        self.records: list[dict] = []
+
+    def refresh(self) -> list[dict]:
+        """Read what is new; returns all records so far."""
+        new, offset = read_json_lines_since(self.path, self.offset)
+        if offset < self.offset:  # file rewritten: start over
+            self.records = []
+        self.records.extend(new)
+        self.offset = offset
+        return self.records
+
+
+# --- jobs ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class JobRecord:
+    """What a restarted studio needs to find a job again; stored as job.json in the job's folder."""
+
+    name: str
+    kind: str  # "gpu" jobs hold the studio's GPU lock while they live; "cpu" jobs don't
+    argv: list[str]
+    cwd: str
+    run_dir: str
+    log_offset: int  # where this job's output starts in job.log (a resumed run appends to the same log)
+    pid: int  # the supervisor's pid, which is also the process group id
+    start_ticks: int
+    started: float  # time.time()
+    stop_requested: float | None = None
+    killed: bool = False  # the group had to be killed after the grace period
+
+
+@dataclass
+class JobStatus:
+    """How a job stands, in words for people as well as fields for code."""
+
+    state: str  # running | stopping | finished | stopped | failed | killed | died
+    message: str
+    returncode: int | None = None
+    signal_name: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    log_tail: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
+
+
+class Job:
+    """A started or re-attached job; all state comes from its folder, so any number of Job objects may watch one."""
+
+    def __init__(self, record: JobRecord, process: subprocess.Popen | None = None):
+        self.record = record
+        self._process = process  # only when this studio started it
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.record.run_dir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_FILE
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def is_running(self) -> bool:
+        return process_alive(self.record.pid, self.record.start_ticks)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ends (True) or `timeout` seconds pass (False)."""
+        return wait_for_exit(self.record.pid, self.record.start_ticks, timeout)
+
+    def exit_info(self) -> dict | None:
+        try:
+            return json.loads((self.run_dir / EXIT_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def read_events(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Events ({"event": ...} lines) this job printed after byte `offset` of its log, and the next offset."""
+        records, offset = read_json_lines_since(self.log_path, max(offset, self.record.log_offset))
+        return [r for r in records if "event" in r], offset
+
+    def follow(self, offset: int = 0, *, should_stop: Callable[[], bool] | None = None,
+               wake_s: float = 0.5) -> Iterator[dict]:
+        """Yield events as the job prints them, until it ends (or `should_stop()`); sleeps on the process meanwhile."""
+        while True:
+            running = self.is_running()
+            events, offset = self.read_events(offset)
+            yield from events
+            if not running or (should_stop and should_stop()):
+                return
+            self.wait(wake_s)  # wakes at once when the job exits
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        """The last `lines` lines of this job's output (events included), for showing what went wrong."""
+        try:
+            with open(self.log_path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(self.record.log_offset, size - 64 * 1024)
+                f.seek(start)
+                text = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
+    def status(self, tail_lines: int = 20) -> JobStatus:
+        record = self.record
+        if self.is_running():
+            if record.stop_requested:
+                return JobStatus("stopping", f"{record.name}: stopping (finishing the current step and saving)",
+                                 started=record.started)
+            return JobStatus("running", f"{record.name}: running", started=record.started)
+        tail = self.log_tail(tail_lines)
+        exit_info = self.exit_info()
+        if exit_info is None:
+            if record.killed:
+                return JobStatus("killed", f"{record.name} did not stop within the grace period and was killed; "
+                                 "Resume continues from its last saved state.", started=record.started,
+                                 log_tail=tail)
+            return JobStatus("died", f"{record.name} ended without recording how (its supervisor was killed from "
+                             "outside the studio, or the machine restarted). Last output below.",
+                             started=record.started, log_tail=tail)
+        code, ended = exit_info["returncode"], exit_info.get("ended")
+        common = dict(returncode=code, started=record.started, ended=ended, log_tail=tail)
+        if code == 0:
+            if record.stop_requested:
+                return JobStatus("stopped", f"{record.name} stopped; Resume continues from its last saved state.",
+                                 **common)
+            return JobStatus("finished", f"{record.name} finished.", **common)
+        if code < 0:
+            name = signal.Signals(-code).name
+            hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
+            return JobStatus("failed", f"{record.name} was killed by {name}{hint}. Last output below.",
+                             signal_name=name, **common)
+        return JobStatus("failed", f"{record.name} failed with exit code {code}. Last output below.", **common)
+
+
+class JobRunner:
+    """Starts, stops and finds jobs; `state_dir` holds the studio-wide GPU lock (use one per studio home)."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_dir / GPU_LOCK_FILE
+
+    @property
+    def holder_path(self) -> Path:
+        return self.state_dir / GPU_HOLDER_FILE
+
+    # GPU lock
+    def _try_lock(self, wait: bool = False) -> int | None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def gpu_holder(self) -> dict | None:
+        """Who holds the GPU ({"description", "pid", "run_dir", ...}), or None when it is free."""
+        try:
+            holder = json.loads(self.holder_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return holder if process_alive(holder["pid"], holder["start_ticks"]) else None
+
+    def busy_message(self) -> str:
+        holder = self.gpu_holder()
+        what = holder["description"] if holder else "another job"
+        return f"{what} is using the GPU; wait for it to finish or stop it in the Train tab."
+
+    @contextmanager
+    def gpu_slot(self, description: str, wait: bool = False) -> Iterator[None]:
+        """Hold the studio's GPU for in-process work; raises GpuBusyError (or with `wait`, blocks) while a job has it."""
+        fd = self._try_lock(wait=wait)
+        if fd is None:
+            raise GpuBusyError(self.busy_message())
+        pid = os.getpid()
+        try:
+            atomic_write_json(self.holder_path, {"description": description, "pid": pid,
+                                                 "start_ticks": process_start_ticks(pid), "run_dir": None})
+            yield
+        finally:
+            holder = self.gpu_holder()
+            if holder and holder["pid"] == pid and holder["description"] == description:
+                self.holder_path.unlink(missing_ok=True)
+            os.close(fd)
+
+    # jobs
+    def start(self, name: str, argv: list[str], *, cwd: str | os.PathLike, run_dir: str | os.PathLike,
+              kind: str = "gpu", env: dict[str, str] | None = None) -> Job:
+        """Start `argv` (an argument list, never a shell line) as a job whose files live in `run_dir`.
+
+        Raises GpuBusyError when `kind` is "gpu" and another job holds the GPU, JobError if this run is already
+        running or the command cannot be started.
+        """
+        if kind not in ("gpu", "cpu"):
+            raise ValueError(f"kind must be 'gpu' or 'cpu', not {kind!r}")
+        run_dir = Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        existing = self.attach(run_dir)
+        if existing and existing.is_running():
+            raise JobError(f"{existing.name} is already running in {run_dir}; stop it first.")
+        lock_fd = self._try_lock() if kind == "gpu" else None
+        if kind == "gpu" and lock_fd is None:
+            raise GpuBusyError(self.busy_message())
+        try:
+            (run_dir / EXIT_FILE).unlink(missing_ok=True)
+            log_path = run_dir / LOG_FILE
+            child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+            supervisor = [sys.executable, "-m", "engine.jobs", "--exit-file", str(run_dir / EXIT_FILE), "--", *argv]
+            with open(log_path, "ab") as log:
+                log_offset = log.tell()
+                try:
+                    process = subprocess.Popen(
+                        supervisor, cwd=cwd, env={**child_env, "PYTHONPATH": _engine_pythonpath(child_env)},
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                        pass_fds=(lock_fd,) if lock_fd is not None else ())
+                except OSError as err:
+                    raise JobError(f"Could not start {argv[0]!r} in {cwd}: {err}") from err
+            start_ticks = process_start_ticks(process.pid)
+            record = JobRecord(name=name, kind=kind, argv=list(argv), cwd=str(cwd), run_dir=str(run_dir),
+                               log_offset=log_offset, pid=process.pid, start_ticks=start_ticks or 0,
+                               started=time.time())
+            atomic_write_json(run_dir / JOB_FILE, asdict(record))
+            if kind == "gpu":
+                atomic_write_json(self.holder_path, {"description": f"training run {name!r}", "pid": process.pid,
+                                                     "start_ticks": record.start_ticks, "run_dir": str(run_dir)})
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # the supervisor holds its own copy of the lock until it exits
+        threading.Thread(target=process.wait, name=f"reap {name}", daemon=True).start()  # no zombie left behind
+        return Job(record, process)
+
+    def attach(self, run_dir: str | os.PathLike) -> Job | None:
+        """The job recorded in `run_dir` (running or ended), or None if no job ever ran there."""
+        try:
+            data = json.loads((Path(run_dir) / JOB_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        known = JobRecord.__dataclass_fields__
+        return Job(JobRecord(**{k: v for k, v in data.items() if k in known}))
+
+    def current(self) -> Job | None:
+        """The job holding the GPU now, if any (after a restart too)."""
+        holder = self.gpu_holder()
+        if not holder or not holder.get("run_dir"):
+            return None
+        job = self.attach(holder["run_dir"])
+        return job if job and job.is_running() else None
+
+    def status(self, job: Job) -> JobStatus:
+        return job.status()
+
+    def stop(self, job: Job, grace_s: float = 120.0) -> JobStatus:
+        """Ask the job to stop (SIGINT to its process group: the trainer finishes its step and saves), wait up to
+        `grace_s` seconds, then kill the group. Returns the final status."""
+        record = job.record
+        if not job.is_running():
+            return job.status()
+        record.stop_requested = time.time()
+        atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
+        _signal_group(record.pid, signal.SIGINT)
+        if not job.wait(grace_s) and job.is_running():
+            record.killed = True
+            atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
+            _signal_group(record.pid, signal.SIGKILL)
+            job.wait(10.0)
+        _signal_group(record.pid, signal.SIGKILL)  # leftovers of the group (e.g. data loader workers), if any
+        return job.status()
+
+
+def _engine_pythonpath(env: dict[str, str]) -> str:
+    """PYTHONPATH that lets `python -m engine.jobs` be found from any working directory."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    existing = env.get("PYTHONPATH")
+    return f"{repo}{os.pathsep}{existing}" if existing else repo
+
+
+def training_argv(config_path: str | os.PathLike, *, resume: bool = False, num_gpus: int = 1) -> list[str]:
+    """The command that trains a run: `python -m engine.train --config run.toml [--resume]`, under DeepSpeed's
+    launcher when more than one GPU is used."""
+    args = ["--config", str(config_path), *(["--resume"] if resume else [])]
+    if num_gpus > 1:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+                "--module", "engine.train", *args]
+    return [sys.executable, "-m", "engine.train", *args]
+
+
+# --- the supervisor --------------------------------------------------------------------------------------------
+
+def _supervise(argv: list[str] | None = None) -> int:
+    """Run a job's command, record how it exited, and keep the inherited GPU lock open until then."""
+    parser = argparse.ArgumentParser(prog="python -m engine.jobs", description="job supervisor (started by JobRunner)")
+    parser.add_argument("--exit-file", required=True)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given")
+    # The stop signal goes to the whole group; the child decides what it means. A Python handler (not SIG_IGN)
+    # is used so the child starts with default signal handling.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as err:
+        print(f"error: could not start {command[0]!r}: {err}", flush=True)
+        returncode = 127
+    else:
+        returncode = child.wait()
+    atomic_write_json(args.exit_file, {"returncode": returncode, "ended": time.time()})
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(_supervise())

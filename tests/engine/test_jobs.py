@@ -1,0 +1,218 @@
+"""The job runner with a fake child: a small Python script that prints JSON-line events and either stops gracefully
+on SIGINT, ignores it (so it must be killed), or dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from engine.jobs import (GpuBusyError, JobError, JobRunner, JsonLinesFollower, process_alive, process_start_ticks,
+                         read_json_lines_since, training_argv)
+
+FAKE_CHILD = textwrap.dedent("""
+    import json, os, signal, sys, time
+
+    mode, steps = sys.argv[1], int(sys.argv[2])
+    stop = False
+
+    def emit(**event):
+        print(json.dumps({"time": time.time(), **event}), flush=True)
+
+    def on_sigint(signum, frame):
+        global stop
+        stop = True
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "stubborn" else on_sigint)
+    emit(event="phase", phase="train", message="training")
+    print("plain log line, not an event", flush=True)
+    step = 0
+    while steps == 0 or step < steps:
+        step += 1
+        time.sleep(0.05)
+        emit(event="step", step=step, max_steps=steps, epoch=1, loss=1.0 / step, lr=1e-4)
+        if mode == "crash" and step == 2:
+            print("RuntimeError: boom in step 2", file=sys.stderr, flush=True)
+            sys.exit(3)
+        if mode == "sigkill" and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop:
+            emit(event="phase", phase="stopped", message="saved state")
+            sys.exit(0)
+    emit(event="phase", phase="done", message="finished")
+""")
+
+
+@pytest.fixture
+def fake_child(tmp_path):
+    script = tmp_path / "fake child.py"  # a space in the path on purpose
+    script.write_text(FAKE_CHILD)
+    return lambda mode, steps=0: [sys.executable, str(script), mode, str(steps)]
+
+
+@pytest.fixture
+def runner(tmp_path):
+    return JobRunner(tmp_path / "state")
+
+
+def wait_for_event(job, predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    offset = 0
+    while time.monotonic() < deadline:
+        events, offset = job.read_events(offset)
+        for event in events:
+            if predicate(event):
+                return event
+        if not job.is_running():
+            break
+        job.wait(0.1)
+    raise AssertionError(f"event not seen; log:\n" + "\n".join(job.log_tail(40)))
+
+
+def test_events_stream_in_order_and_the_job_finishes(runner, fake_child, tmp_path):
+    job = runner.start("fast run", fake_child("graceful", 5), cwd=tmp_path, run_dir=tmp_path / "runs" / "a b")
+    events = list(job.follow())
+    assert [e["event"] for e in events] == ["phase"] + ["step"] * 5 + ["phase"]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5]
+    assert events[-1]["phase"] == "done"
+    status = job.status()
+    assert status.state == "finished" and status.returncode == 0
+    assert "plain log line, not an event" in job.log_tail()
+    record = json.loads((tmp_path / "runs" / "a b" / "job.json").read_text())
+    assert record["argv"] == fake_child("graceful", 5) and record["pid"] == job.record.pid
+
+
+def test_stop_is_graceful_when_the_child_listens(runner, fake_child, tmp_path):
+    job = runner.start("endless", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "run")
+    wait_for_event(job, lambda e: e.get("step") == 2)
+    started = time.monotonic()
+    status = runner.stop(job, grace_s=20)
+    assert time.monotonic() - started < 10
+    assert status.state == "stopped", status
+    events, _ = job.read_events()
+    assert events[-1] == {**events[-1], "event": "phase", "phase": "stopped"}
+    assert not job.is_running()
+
+
+def test_stop_kills_the_group_when_the_child_ignores_sigint(runner, fake_child, tmp_path):
+    job = runner.start("stubborn", fake_child("stubborn"), cwd=tmp_path, run_dir=tmp_path / "run")
+    wait_for_event(job, lambda e: e.get("step") == 1)
+    started = time.monotonic()
+    status = runner.stop(job, grace_s=1.0)
+    assert 0.9 < time.monotonic() - started < 10
+    assert status.state == "killed", status
+    assert not job.is_running()
+    assert not any(e.get("phase") == "stopped" for e in job.read_events()[0])
+    # the lock went with the group: in-process GPU work may run again
+    with runner.gpu_slot("captioning"):
+        pass
+
+
+@pytest.mark.parametrize("mode, returncode, words", [("crash", 3, "exit code 3"), ("sigkill", -9, "SIGKILL")])
+def test_a_dead_child_is_reported_with_its_last_output(runner, fake_child, tmp_path, mode, returncode, words):
+    job = runner.start("doomed", fake_child(mode), cwd=tmp_path, run_dir=tmp_path / "run")
+    assert job.wait(30)
+    status = job.status()
+    assert status.state == "failed" and status.returncode == returncode
+    assert words in status.message
+    assert any('"step": 2' in line for line in status.log_tail)
+    if mode == "crash":
+        assert status.log_tail[-1] == "RuntimeError: boom in step 2"
+
+
+def test_a_restarted_studio_reattaches_to_the_running_job(tmp_path, fake_child):
+    state = tmp_path / "state"
+    first = JobRunner(state)
+    job = first.start("long run", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "runs" / "long")
+    wait_for_event(job, lambda e: e.get("step") == 2)
+    del first, job  # the studio goes away; the job does not
+
+    second = JobRunner(state)
+    found = second.current()
+    assert found is not None and found.name == "long run" and found.is_running()
+    assert found.run_dir == (tmp_path / "runs" / "long").resolve()
+    events, offset = found.read_events()
+    assert [e["step"] for e in events if e["event"] == "step"][:2] == [1, 2]
+    more, _ = found.read_events(offset)
+    assert all(e["step"] > events[-1]["step"] for e in more if e["event"] == "step")
+    assert second.stop(found, grace_s=20).state == "stopped"
+
+    third = JobRunner(state)
+    assert third.current() is None
+    ended = third.attach(tmp_path / "runs" / "long")
+    assert ended.status().state == "stopped"
+    assert third.attach(tmp_path / "runs" / "never ran") is None
+
+
+def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
+    job = runner.start("gpu run", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "one")
+    try:
+        with pytest.raises(GpuBusyError, match="training run 'gpu run' is using the GPU"):
+            runner.start("second", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "two")
+        with pytest.raises(GpuBusyError, match="is using the GPU"):
+            with JobRunner(runner.state_dir).gpu_slot("captioning"):
+                pass
+        with pytest.raises(JobError, match="already running"):
+            runner.start("again", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "one", kind="cpu")
+        cpu_job = runner.start("cpu work", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "three",
+                               kind="cpu")
+        assert cpu_job.wait(30) and cpu_job.status().state == "finished"
+    finally:
+        runner.stop(job, grace_s=20)
+    with runner.gpu_slot("captioning"):
+        assert runner.gpu_holder()["description"] == "captioning"
+        with pytest.raises(GpuBusyError, match="captioning is using the GPU"):
+            runner.start("blocked", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "four")
+    assert runner.gpu_holder() is None
+
+
+def test_a_resumed_job_reads_only_its_own_output(runner, fake_child, tmp_path):
+    run_dir = tmp_path / "run"
+    runner.start("first", fake_child("graceful", 2), cwd=tmp_path, run_dir=run_dir).wait(30)
+    second = runner.start("resumed", fake_child("graceful", 1), cwd=tmp_path, run_dir=run_dir)
+    events = list(second.follow())
+    assert [e.get("step") for e in events if e["event"] == "step"] == [1]
+    assert second.status().state == "finished"
+
+
+def test_process_identity_uses_the_start_time():
+    ticks = process_start_ticks(os.getpid())
+    assert ticks and process_alive(os.getpid(), ticks)
+    assert not process_alive(os.getpid(), ticks + 1)
+
+
+def test_json_lines_reader_leaves_a_torn_line_for_later(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "step", "step": 1}\nnot json\n{"event": "step", "st')
+    records, offset = read_json_lines_since(path, 0)
+    assert records == [{"event": "step", "step": 1}]
+    follower = JsonLinesFollower(path)
+    assert len(follower.refresh()) == 1
+    with open(path, "a") as f:
+        f.write('ep": 2}\n')
+    assert [r["step"] for r in follower.refresh()] == [1, 2]
+    assert read_json_lines_since(path, offset)[0] == [{"event": "step", "step": 2}]
+
+
+def test_training_command_is_an_argument_list(tmp_path):
+    config = tmp_path / "it's a run" / "run.toml"
+    assert training_argv(config, resume=True) == [sys.executable, "-m", "engine.train", "--config", str(config),
+                                                   "--resume"]
+    multi = training_argv(config, num_gpus=2)
+    assert multi[:4] == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus"]
+    assert multi[-4:] == ["--module", "engine.train", "--config", str(config)]
+
+
+def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_child, tmp_path):
+    job = runner.start("external kill", fake_child("stubborn"), cwd=tmp_path, run_dir=tmp_path / "run")
+    wait_for_event(job, lambda e: e.get("step") == 1)
+    os.killpg(job.record.pid, signal.SIGKILL)  # e.g. the system's out-of-memory killer takes the whole group
+    assert job.wait(10)
+    assert job.status().state == "died"
+    with runner.gpu_slot("generation"):
+        pass
