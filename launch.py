@@ -10,6 +10,7 @@ import sys
 
 from engine.demo import ensure_demo_project
 from engine.hardware import describe_device
+from engine.jobs import JobRunner
 from engine.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
 from engine.project import Project, studio_home
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from studio.app import build
     from studio.context import AppContext
 
-    ctx = AppContext(project=project, models=models, device_description=describe_device())
+    ctx = AppContext(project=project, models=models, device_description=describe_device(),
+                     jobs=JobRunner(studio_home() / "jobs"))
     app = build(ctx)
     app.queue(default_concurrency_limit=4)
     print(f"Wan LoRA Studio: project {project.root}", flush=True)

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.jobs import JobRunner
 from engine.models import ModelChoice
 from engine.project import Project
 
@@ -19,3 +20,6 @@ class AppContext:
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     # Components a tab offers to other tabs ("tabs" is the gr.Tabs itself), wired in each tab's optional connect(ctx).
     ui: dict[str, Any] = field(default_factory=dict)
+    # Long tasks in child processes (training); holds the studio-wide GPU file lock that in-process GPU work
+    # (captioning, generation) also takes with `jobs.gpu_slot(...)`, so they wait or say "training is using the GPU".
+    jobs: JobRunner | None = None
