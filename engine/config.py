@@ -16,6 +16,7 @@ Command line: `python -m engine.config check RUN.toml` prints the resolved run a
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import os
@@ -333,14 +334,13 @@ def _coerce(value: Any, hint: Any, key: str, file) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key, file)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                continue
         raise ConfigError(f"'{key}'{_where(file)} must be {_type_name(hint)}, got {value!r}.")
     if hint is bool:
         if isinstance(value, bool):
@@ -601,7 +601,7 @@ def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -
 
     Text values for non-text fields are parsed as TOML values; None or "" unsets an optional field.
     """
-    new = _copy(cfg)
+    new = copy.deepcopy(cfg)
     file = cfg.source
     for key, value in overrides.items():
         *parents, name = key.split(".")
@@ -626,12 +626,6 @@ def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -
         section.mark_explicit(name)
     _check_consistency(new, file)
     return new
-
-
-def _copy(cfg):
-    import copy
-
-    return copy.deepcopy(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ presets
