@@ -1,0 +1,580 @@
+"""Cutting Wan-ready training clips out of a source video: cut lists, timestamps files, frame-accurate export,
+and suggestions of the most dynamic windows.
+
+Frame accuracy, precisely: output frame k (k = 0 .. frames-1) of a clip starting at `start` is the source frame on
+screen at time start + k / fps, i.e. the last source frame whose timestamp is <= start + k / fps + 1 ms (see
+engine/video.py). So the first frame of a clip cut at t is the source frame at t, at any source frame rate,
+constant or variable; faster sources drop frames, slower ones repeat them.
+
+Command line:
+    python -m engine.clips probe VIDEO
+    python -m engine.clips cut VIDEO --times FILE --out DIR [--frames 81 --fps 16 --size 832x480 --no-crop]
+    python -m engine.clips suggest VIDEO --count N [--frames 81 --fps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from engine.ffmpeg import FFmpegError, ffmpeg_exe, write_video
+from engine.files import append_jsonl, atomic_path, read_jsonl
+from engine.video import (FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_time, frame_at, probe_video,
+                          thumbnails)
+
+MANIFEST_NAME = "manifest.jsonl"
+DEFAULT_FRAMES = 81  # 4k+1; 81 frames at 16 fps = 5.0625 s (a 5.0 s clip would give only 80)
+DEFAULT_FPS = 16.0  # Wan's native frame rate
+DEFAULT_SIZE = (832, 480)  # Wan 480p landscape
+
+ProgressFn = Callable[[float, str], None]
+StopFn = Callable[[], bool]
+
+
+__all__ = ["Cut", "ExportedClip", "Suggestion", "ClipError", "ExportStopped", "VideoError", "VideoInfo",
+           "probe_video", "parse_size", "parse_time", "parse_timestamps", "format_timestamps", "validate_cuts",
+           "clip_name", "cut_clip", "cut_clips", "read_manifest", "suggest_windows", "analyze_motion",
+           "fitted_frames", "check_frames", "frame_at", "thumbnails"]
+
+
+class ClipError(ValueError):
+    """A cut or an export request cannot be done; the message says what and how to fix it."""
+
+
+class ExportStopped(RuntimeError):
+    """should_stop() asked to stop; clips finished before that are kept, the one in progress is discarded."""
+
+
+@dataclass
+class Cut:
+    """One wanted clip: start time in seconds, optional end (exclusive), optional clip name (without .mp4)."""
+
+    start: float
+    end: float | None = None
+    name: str = ""
+
+
+@dataclass
+class ExportedClip:
+    path: Path
+    start: float
+    end: float
+    frames: int
+    width: int
+    height: int
+    skipped: bool  # True when an identical clip was exported before and kept as it was
+
+
+@dataclass
+class Suggestion:
+    start: float
+    end: float
+    score: float  # mean motion in the window: percent of the frame width moved per second
+    scene: int  # index of the scene (between detected cuts) the window lies in
+
+
+# ---------------------------------------------------------------- settings
+
+
+def check_frames(frames: int) -> int:
+    if not isinstance(frames, (int, np.integer)) or frames < 1 or frames % 4 != 1:
+        raise ClipError(f"frames must be 4k+1 (for example 17, 33, 49, 81), got {frames!r}: Wan's VAE packs "
+                        "4 frames per latent after the first.")
+    return int(frames)
+
+
+def parse_size(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'832x480' -> (832, 480); None or '' -> None (keep the source size). Sides must be multiples of 16."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, str):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+        if not match:
+            raise ClipError(f"Size {text!r} is not WIDTHxHEIGHT, for example 832x480.")
+        size = int(match.group(1)), int(match.group(2))
+    else:
+        size = int(text[0]), int(text[1])
+    if min(size) < 16 or size[0] % 16 or size[1] % 16:
+        raise ClipError(f"Size {size[0]}x{size[1]}: width and height must be multiples of 16 (at least 16), "
+                        "for example 832x480 or 480x832.")
+    return size
+
+
+def fitted_frames(duration: float, fps: float = DEFAULT_FPS) -> int:
+    """The largest 4k+1 frame count whose clip (frames / fps seconds) fits in `duration` seconds; 0 if none."""
+    whole = int(np.floor(duration * fps + 1e-6))
+    return 0 if whole < 1 else whole - (whole - 1) % 4
+
+
+def clip_frames(cut: Cut, frames: int | None, fps: float) -> int:
+    """Frames the clip of `cut` gets: `frames` when fixed, else the longest 4k+1 that fits in start..end."""
+    if frames is not None:
+        return frames
+    if cut.end is None:
+        return DEFAULT_FRAMES
+    return fitted_frames(cut.end - cut.start, fps)
+
+
+# ---------------------------------------------------------------- timestamps files
+
+_TIME_RE = re.compile(r"^(?:(\d+):)?(?:(\d+):)?(\d+(?:\.\d*)?|\.\d+)$")
+
+
+def parse_time(text: str) -> float:
+    """Seconds from '75.5', '1:15.5' or '00:01:15.500'."""
+    match = _TIME_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a time (use seconds like 75.5, or hh:mm:ss.mmm like 00:01:15.500)")
+    first, second, seconds = match.groups()
+    hours, minutes = (first, second) if second is not None else (None, first)
+    if minutes is not None and hours is not None and int(minutes) >= 60:
+        raise ValueError(f"{text!r}: minutes must be below 60")
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds)
+
+
+def parse_timestamps(text: str) -> list[Cut]:
+    """Parse a timestamps file: one cut per line, `START [END | +DURATION] [NAME]`, times as seconds or
+    hh:mm:ss.mmm, fields separated by spaces, commas or ' - ', `#` starts a comment. Errors name the line."""
+    cuts = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tokens = [t for t in re.split(r"[\s,]+", line) if t and t not in ("-", "–", "->")]
+        try:
+            start = parse_time(tokens[0])
+            end, rest = None, tokens[1:]
+            if rest:
+                second = rest[0]
+                if second.startswith("+"):
+                    end, rest = start + parse_time(second[1:]), rest[1:]
+                elif _TIME_RE.match(second):
+                    end, rest = parse_time(second), rest[1:]
+        except ValueError as exc:
+            raise ClipError(f"Timestamps line {number} ({raw.strip()!r}): {exc}.") from None
+        if end is not None and end <= start:
+            raise ClipError(f"Timestamps line {number} ({raw.strip()!r}): the end {end:.3f} s is not after the "
+                            f"start {start:.3f} s.")
+        cuts.append(Cut(start=start, end=end, name=" ".join(rest)))
+    return cuts
+
+
+def format_timestamps(cuts: Sequence[Cut]) -> str:
+    """The timestamps file for `cuts` (parse_timestamps reads it back unchanged, to the millisecond)."""
+    lines = ["# start [end] [name]: times as hh:mm:ss.mmm; written by Wan LoRA Studio"]
+    for cut in cuts:
+        fields = [format_time(cut.start)] + ([format_time(cut.end)] if cut.end is not None else [])
+        lines.append(" ".join(fields + ([cut.name] if cut.name else [])))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- cut lists
+
+
+def validate_cuts(cuts: Sequence[Cut], duration: float, *, frames: int | None = DEFAULT_FRAMES,
+                  fps: float = DEFAULT_FPS) -> list[list[str]]:
+    """Problems of each cut (same order), as short texts: out of range, too short, overlapping another cut.
+
+    A clip spans start .. start + frames / fps; it must lie inside the source, and a cut with an end must be at
+    least that long (or, with frames=None, long enough for 5 frames).
+    """
+    spans, flags = [], []
+    for cut in cuts:
+        problems = []
+        count = clip_frames(cut, frames, fps)
+        span = count / fps
+        if cut.end is not None and (cut.end - cut.start) * fps + 1e-6 < max(count, 5 if frames is None else count):
+            problems.append(f"too short: {cut.end - cut.start:.3f} s < {max(span, 5 / fps):.3f} s")
+        if cut.start < 0 or cut.start >= duration:
+            problems.append(f"out of range: starts outside 0..{duration:.3f} s")
+        elif cut.start + span > duration + FRAME_TIME_TOLERANCE:
+            problems.append(f"out of range: the clip would end at {cut.start + span:.3f} s, after the source "
+                            f"({duration:.3f} s)")
+        spans.append((cut.start, cut.start + span))
+        flags.append(problems)
+    for a in range(len(cuts)):
+        for b in range(len(cuts)):
+            if a != b and spans[b][0] < spans[a][1] - FRAME_TIME_TOLERANCE and spans[a][0] < spans[b][1] - FRAME_TIME_TOLERANCE:
+                flags[a].append(f"overlaps cut {b + 1}")
+    return flags
+
+
+def clip_name(source: str | os.PathLike, cut: Cut) -> str:
+    """Deterministic clip file stem: the cut's name, or '<source stem>_<MMM>m<SS>s<mmm>' from its start."""
+    if cut.name.strip():
+        stem = cut.name.strip()
+    else:
+        millis = int(round(cut.start * 1000))
+        stem = f"{Path(source).stem}_{millis // 60000:03d}m{millis // 1000 % 60:02d}s{millis % 1000:03d}"
+    stem = re.sub(r"[^\w\-. ]", "_", stem).strip(" .")  # no path separators, quotes or control characters
+    if not stem:
+        raise ClipError(f"Clip name {cut.name!r} has no usable characters; use letters, digits, '-', '_' or '.'.")
+    return stem
+
+
+# ---------------------------------------------------------------- decoding with exact timestamps
+
+
+def _scale_filter(info: VideoInfo, size: tuple[int, int] | None, crop: bool) -> tuple[str, int, int]:
+    """ffmpeg filter text that brings decoded frames to the export size, and that size."""
+    if size is None:  # keep the source size; yuv420p needs even sides
+        width, height = info.width - info.width % 2, info.height - info.height % 2
+        if width < 2 or height < 2:
+            raise ClipError(f"{info.path.name} is {info.width}x{info.height}: too small to export.")
+        return f"crop={width}:{height}", width, height
+    width, height = size
+    if not crop:
+        return f"scale={width}:{height}:flags=area,setsar=1", width, height
+    factor = max(width / info.width, height / info.height)  # cover the target, then cut the overflow evenly
+    scaled_w = max(width, int(np.ceil(info.width * factor - 1e-6)))
+    scaled_h = max(height, int(np.ceil(info.height * factor - 1e-6)))
+    return f"scale={scaled_w}:{scaled_h}:flags=area,crop={width}:{height},setsar=1", width, height
+
+
+class _TimedFrames:
+    """Decoded frames with their presentation times (s, from the first frame), read from one ffmpeg process.
+
+    Timestamps come from ffmpeg's showinfo filter on stderr, matched in order to raw frames on stdout."""
+
+    def __init__(self, info: VideoInfo, seek: float, vf: str, width: int, height: int):
+        self.info, self.width, self.height = info, width, height
+        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info"]
+        if seek > 0:
+            cmd += ["-ss", f"{info.start_time + seek:.6f}"]
+        cmd += ["-copyts", "-i", str(info.path), "-map", "0:v:0", "-vf", f"{vf},showinfo", "-fps_mode", "passthrough",
+                "-an", "-sn", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.times: queue.Queue[float | None] = queue.Queue()
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=self._read_log, daemon=True)
+        self.reader.start()
+
+    def _read_log(self) -> None:
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            match = re.search(r"Parsed_showinfo.* n: *\d+ .*pts_time:(-?[\d.]+)", line)
+            if match:
+                self.times.put(float(match.group(1)) - self.info.start_time)
+            elif "Parsed_showinfo" not in line:
+                self.log.append(line.rstrip())
+        self.times.put(None)
+
+    def __iter__(self) -> Iterator[tuple[float, np.ndarray]]:
+        size = self.width * self.height * 3
+        while True:
+            data = self.proc.stdout.read(size)
+            if len(data) < size:
+                return
+            t = self.times.get(timeout=30)
+            if t is None:
+                return
+            yield t, np.frombuffer(data, np.uint8).reshape(self.height, self.width, 3)
+
+    def close(self) -> str:
+        """Stop ffmpeg; return its error log if it failed on its own."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.reader.join(timeout=5)
+            return ""
+        self.proc.wait()
+        self.reader.join(timeout=5)
+        return "\n".join(self.log[-8:]) if self.proc.returncode else ""
+
+
+def _sample_frames(info: VideoInfo, start: float, count: int, fps: float, vf: str, width: int, height: int,
+                   failure: list[str], should_stop: StopFn | None) -> Iterator[np.ndarray]:
+    """Yield the `count` output frames (frame k = source frame on screen at start + k / fps).
+
+    On trouble it records a message in `failure` and ends early instead of raising, so the encoder that consumes
+    it closes cleanly and the caller can throw the partial file away."""
+    targets = [start + k / fps for k in range(count)]
+    seek = max(0.0, start - max(1.0, 3 / max(info.fps, 1e-3)))  # decode from a little before: frame at t has pts <= t
+    stream = _TimedFrames(info, seek, vf, width, height)
+    produced, previous = 0, None
+    try:
+        for t, frame in stream:
+            if should_stop is not None and should_stop():
+                failure.append("stopped")
+                return
+            while produced < count and t > targets[produced] + FRAME_TIME_TOLERANCE:
+                yield previous if previous is not None else frame
+                produced += 1
+            previous = frame
+            if produced == count:
+                return
+        while produced < count and previous is not None and targets[produced] < info.duration:
+            yield previous  # the last frame stays on screen until the end of the video
+            produced += 1
+        if produced < count:
+            log = stream.close()
+            failure.append(f"the source ended after {produced} of {count} frames"
+                           + (f" (ffmpeg: {log.strip()[-300:]})" if log else "") + ": it may be truncated.")
+    finally:
+        log = stream.close()
+        if log and not failure and produced < count:
+            failure.append(f"ffmpeg could not decode the source: {log[-300:]}")
+
+
+# ---------------------------------------------------------------- export
+
+
+def _manifest_latest(out_dir: Path) -> dict[str, dict]:
+    """Latest manifest record per clip file name (re-exports append; the last line for a clip wins)."""
+    return {record["clip"]: record for record in read_jsonl(out_dir / MANIFEST_NAME) if "clip" in record}
+
+
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    """One record per clip that still exists in out_dir, sorted by clip name."""
+    out_dir = Path(out_dir)
+    latest = _manifest_latest(out_dir)
+    return [latest[name] for name in sorted(latest) if (out_dir / name).exists()]
+
+
+def cut_clip(info: VideoInfo, cut: Cut, out_path: str | os.PathLike, *, frames: int = DEFAULT_FRAMES,
+             fps: float = DEFAULT_FPS, size: tuple[int, int] | None = None, crop: bool = True,
+             should_stop: StopFn | None = None) -> tuple[int, int]:
+    """Encode one clip (H.264, yuv420p, no audio) to out_path atomically; return its (width, height).
+
+    Nothing is left at out_path (or beside it) when decoding fails or should_stop() turns true."""
+    check_frames(frames)
+    vf, width, height = _scale_filter(info, size, crop)
+    failure: list[str] = []
+    out_path = Path(out_path)
+    with atomic_path(out_path, suffix=".part.mp4") as tmp:
+        try:
+            write_video(_sample_frames(info, cut.start, frames, fps, vf, width, height, failure, should_stop),
+                        tmp, fps=fps)
+        except (ValueError, FFmpegError) as exc:  # no frame at all, or the encoder failed
+            if not failure:
+                raise ClipError(f"Encoding {out_path.name} failed: {exc}") from None
+        if failure == ["stopped"]:
+            raise ExportStopped(f"Stopped before {out_path.name} was finished; it was not written.")
+        if failure:
+            raise ClipError(f"Cutting {out_path.name} from {info.path.name} at {cut.start:.3f} s failed: "
+                            f"{failure[0]}")
+    return width, height
+
+
+def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.PathLike, *,
+              frames: int | None = DEFAULT_FRAMES, fps: float = DEFAULT_FPS,
+              size: tuple[int, int] | str | None = None, crop: bool = True,
+              on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[ExportedClip]:
+    """Export `cuts` of `source` as Wan training clips into out_dir and record them in out_dir/manifest.jsonl.
+
+    frames: clip length (4k+1) for every cut, or None for each cut's longest 4k+1 that fits in its start..end.
+    size: (width, height) or 'WxH' in multiples of 16, or None to keep the source size; crop=True scales to cover
+    and center-crops, crop=False stretches. A clip already exported with the same settings is kept, not redone.
+    All cuts are checked before anything is written; ClipError names the bad ones.
+    """
+    info = probe_video(source)
+    if frames is not None:
+        check_frames(frames)
+    size = parse_size(size)
+    if not cuts:
+        raise ClipError("The cut list is empty: add at least one cut.")
+    shortest = clip_frames(cuts[0], frames, fps) if frames is not None else 5
+    if info.duration + FRAME_TIME_TOLERANCE < shortest / fps:
+        raise ClipError(f"{info.path.name} lasts {info.duration:.3f} s, shorter than one clip of {shortest} frames "
+                        f"at {fps:g} fps ({shortest / fps:.3f} s). Use fewer frames or a longer source.")
+    problems = [(i, p) for i, flags in enumerate(validate_cuts(cuts, info.duration, frames=frames, fps=fps))
+                for p in flags if not p.startswith("overlaps")]
+    if problems:
+        listed = "; ".join(f"cut {i + 1} ({format_time(cuts[i].start)}): {p}" for i, p in problems[:5])
+        raise ClipError(f"Cannot export from {info.path.name}: {listed}. Fix or delete those cuts.")
+    names = [clip_name(info.path, cut) + ".mp4" for cut in cuts]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ClipError(f"Two cuts would write the same clip file: {', '.join(duplicates)}. Give them other names "
+                        "or starts.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latest = _manifest_latest(out_dir)
+    results = []
+    for i, (cut, name) in enumerate(zip(cuts, names)):
+        if should_stop is not None and should_stop():
+            raise ExportStopped(f"Stopped after {i} of {len(cuts)} clips.")
+        count = clip_frames(cut, frames, fps)
+        if on_progress is not None:
+            on_progress(i / len(cuts), f"clip {i + 1}/{len(cuts)}: {name}")
+        _, width, height = _scale_filter(info, size, crop)
+        record = {"clip": name, "source": str(info.path.resolve()), "start": round(cut.start, 6),
+                  "end": round(cut.start + count / fps, 6), "frames": count, "fps": fps, "width": width,
+                  "height": height, "crop": crop if size else None,
+                  "first_source_frame": info.frame_index_at(cut.start)}
+        previous = latest.get(name)
+        same = previous is not None and {k: previous.get(k) for k in record} == record
+        if not (same and (out_dir / name).exists()):
+            cut_clip(info, cut, out_dir / name, frames=count, fps=fps, size=size, crop=crop, should_stop=should_stop)
+            append_jsonl(out_dir / MANIFEST_NAME, {**record, "exported": datetime.now().isoformat(timespec="seconds")})
+        results.append(ExportedClip(path=out_dir / name, start=cut.start, end=record["end"], frames=count,
+                                    width=width, height=height, skipped=same and (out_dir / name).exists()))
+    if on_progress is not None:
+        on_progress(1.0, f"{len(cuts)} clips in {out_dir}")
+    return results
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """Frames in a video file (a packet count, no decoding)."""
+    return probe_video(path).frame_count
+
+
+# ---------------------------------------------------------------- suggestions
+
+ANALYSIS_WIDTH = 160  # pixels; motion and scene cuts are judged on small grey frames
+
+
+def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = 8.0,
+                   on_progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """One pass over the video at `analysis_fps`: sample times, motion per sample (Farneback optical flow, percent
+    of the frame width per second) and scene-change times (a sharp jump in the grey-level histogram)."""
+    info = source if isinstance(source, VideoInfo) else probe_video(source)
+    width = min(ANALYSIS_WIDTH, info.width - info.width % 2)
+    height = max(2, int(round(info.height * width / info.width / 2)) * 2)
+    vf = f"fps={analysis_fps}:start_time={info.start_time},scale={width}:{height}:flags=area"
+    stream = _TimedFrames(info, 0.0, vf, width, height)
+    times, motion, hist_jump = [], [], []
+    prev_grey, prev_hist = None, None
+    expected = max(1, int(info.duration * analysis_fps))
+    try:
+        for t, frame in stream:
+            if should_stop is not None and should_stop():
+                raise ExportStopped("Suggestion analysis stopped.")
+            grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+            hist = cv2.calcHist([grey], [0], None, [32], [0, 256]).ravel()
+            hist /= hist.sum() or 1
+            if prev_grey is None:
+                motion.append(0.0)
+                hist_jump.append(0.0)
+            else:
+                flow = cv2.calcOpticalFlowFarneback(prev_grey, grey, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                magnitude = float(np.linalg.norm(flow, axis=2).mean())
+                motion.append(100 * magnitude / width * analysis_fps)
+                hist_jump.append(0.5 * float(np.abs(hist - prev_hist).sum()))  # total variation distance, 0..1
+            times.append(t)
+            prev_grey, prev_hist = grey, hist
+            if on_progress is not None and len(times) % 16 == 0:
+                on_progress(min(0.99, len(times) / expected), f"analysing motion: {t:.1f} s")
+    finally:
+        stream.close()
+    if not times:
+        raise VideoError(f"Could not decode any frame of {info.path.name} for analysis.")
+    jumps = np.asarray(hist_jump)
+    grey_diff_cut = [i for i in range(1, len(jumps)) if jumps[i] > 0.35 and jumps[i] > 3 * np.median(
+        jumps[max(1, i - 8): i + 9]) + 0.05]
+    scene_changes = [float((times[i - 1] + times[i]) / 2) for i in grey_diff_cut]
+    motion_arr = np.asarray(motion)
+    for i in grey_diff_cut:  # the flow across a cut is not motion
+        motion_arr[i] = motion_arr[i - 1] if i > 0 else 0.0
+    return np.asarray(times), motion_arr, scene_changes
+
+
+def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = DEFAULT_FRAMES,
+                    fps: float = DEFAULT_FPS, step: float = 0.5, avoid: Sequence[Cut] = (),
+                    analysis_fps: float = 8.0, on_progress: ProgressFn | None = None,
+                    should_stop: StopFn | None = None) -> list[Suggestion]:
+    """The `count` most dynamic clip windows (frames / fps seconds) that cross no scene change and overlap neither
+    each other nor the cuts in `avoid`, best first, with their motion score."""
+    info = probe_video(source)
+    check_frames(frames)
+    span = frames / fps
+    if info.duration + FRAME_TIME_TOLERANCE < span:
+        raise ClipError(f"{info.path.name} lasts {info.duration:.3f} s, shorter than one clip "
+                        f"({frames} frames at {fps:g} fps = {span:.3f} s).")
+    times, motion, scene_changes = analyze_motion(info, analysis_fps=analysis_fps, on_progress=on_progress,
+                                                  should_stop=should_stop)
+    bounds = [0.0, *scene_changes, info.duration]
+    taken = [(c.start, c.start + span) for c in avoid]
+    candidates = []
+    for scene, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        start = np.ceil(lo / step) * step
+        while start + span <= hi + FRAME_TIME_TOLERANCE:
+            inside = (times >= start) & (times < start + span)
+            if inside.any():
+                candidates.append(Suggestion(round(float(start), 3), round(float(start + span), 4),
+                                             round(float(motion[inside].mean()), 2), scene))
+            start += step
+    chosen: list[Suggestion] = []
+    for candidate in sorted(candidates, key=lambda s: (-s.score, s.start)):
+        if len(chosen) == count:
+            break
+        if all(candidate.end <= a or candidate.start >= b for a, b in taken):
+            chosen.append(candidate)
+            taken.append((candidate.start, candidate.end))
+    if on_progress is not None:
+        on_progress(1.0, f"{len(chosen)} windows suggested, {len(scene_changes)} scene changes found")
+    return chosen
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.clips", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    probe = commands.add_parser("probe", help="print what the studio knows about a video, as JSON")
+    probe.add_argument("video", type=Path)
+    cut = commands.add_parser("cut", help="export the clips listed in a timestamps file")
+    cut.add_argument("video", type=Path)
+    cut.add_argument("--times", type=Path, required=True, help="timestamps file: START [END|+DURATION] [NAME]")
+    cut.add_argument("--out", type=Path, required=True, help="folder for the clips and manifest.jsonl")
+    cut.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames per clip, 4k+1 (default 81)")
+    cut.add_argument("--fit", action="store_true", help="give each cut with an end the longest 4k+1 that fits")
+    cut.add_argument("--fps", type=float, default=DEFAULT_FPS, help="output frame rate (default 16)")
+    cut.add_argument("--size", default="832x480", help="WxH in multiples of 16, or 'source' to keep the size")
+    cut.add_argument("--no-crop", action="store_true", help="stretch to the size instead of center-cropping")
+    suggest = commands.add_parser("suggest", help="print the N most dynamic windows (timestamps file format)")
+    suggest.add_argument("video", type=Path)
+    suggest.add_argument("--count", type=int, default=5)
+    suggest.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    suggest.add_argument("--fps", type=float, default=DEFAULT_FPS)
+    args = parser.parse_args(argv)
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{fraction:4.0%}] {message}", file=sys.stderr)
+
+    try:
+        if args.command == "probe":
+            print(json.dumps(probe_video(args.video).summary(), indent=2, ensure_ascii=False))
+        elif args.command == "cut":
+            try:
+                text = args.times.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ClipError(f"Cannot read the timestamps file {args.times}: {exc}") from None
+            size = None if args.size.lower() == "source" else args.size
+            results = cut_clips(args.video, parse_timestamps(text), args.out, frames=None if args.fit else args.frames,
+                                fps=args.fps, size=size, crop=not args.no_crop, on_progress=progress)
+            for clip in results:
+                state = "kept" if clip.skipped else "wrote"
+                print(f"{state} {clip.path} ({clip.frames} frames, {clip.width}x{clip.height})")
+        else:
+            found = suggest_windows(args.video, args.count, frames=args.frames, fps=args.fps, on_progress=progress)
+            print("# start end  # motion score (% of frame width per second), scene")
+            for s in found:
+                print(f"{format_time(s.start)} {format_time(s.end)}  # score {s.score:.2f}, scene {s.scene + 1}")
+    except (VideoError, ClipError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ExportStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
+
