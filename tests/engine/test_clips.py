@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.clips import (ClipError, Cut, ExportStopped, MANIFEST_NAME, clip_name, cut_clips, fitted_frames,
+from engine.clips import (ClipError, analyze_motion, suggest_windows, Cut, ExportStopped, MANIFEST_NAME, clip_name, cut_clips, fitted_frames,
                           format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest, validate_cuts)
 from engine.ffmpeg import ffmpeg_exe
 from engine.video import FRAME_TIME_TOLERANCE, VideoError, frame_at, probe_video, read_frame, thumbnails
 
-from tests.engine.clip_videos import decode_all, make_indexed_video, read_index
+from tests.engine.test_clips_videos import decode_all, make_indexed_video, make_scenes_video, read_index
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -253,3 +253,21 @@ def test_command_line_cut_probe_suggest_and_errors(workdir):
         failed = cli(*args)
         assert failed.returncode == 2 and failed.stderr.startswith("error: "), failed.stderr
         assert "Traceback" not in failed.stderr
+
+
+def test_suggestions_find_scene_changes_and_rank_motion(workdir):
+    source = make_scenes_video(workdir / "scenes.mp4")
+    times, motion, changes = analyze_motion(source)
+    assert len(changes) == 2 and abs(changes[0] - 3.0) < 0.2 and abs(changes[1] - 6.0) < 0.2
+    assert motion[(times > 3.2) & (times < 5.8)].mean() > 3 * motion[(times > 6.2) & (times < 8.8)].mean()
+    found = suggest_windows(source, 3, frames=17, fps=16)
+    assert len(found) == 3
+    assert found[0].scene == 1 and 3.0 <= found[0].start and found[0].end <= 6.0 + 1e-3
+    assert [s.score for s in found] == sorted((s.score for s in found), reverse=True)
+    for s in found:
+        assert not any(s.start < c < s.end for c in changes)  # no window crosses a scene change
+        assert s.end - s.start == pytest.approx(17 / 16)
+    for a, b in zip(found, found[1:]):
+        assert a.end <= b.start or b.end <= a.start
+    avoided = suggest_windows(source, 1, frames=17, fps=16, avoid=[Cut(found[0].start)])
+    assert avoided[0].start != found[0].start

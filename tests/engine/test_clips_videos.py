@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from engine.ffmpeg import ffmpeg_exe
@@ -58,3 +59,22 @@ def decode_all(path: Path) -> list[np.ndarray]:
     size = info.width * info.height * 3
     return [np.frombuffer(out[i:i + size], np.uint8).reshape(info.height, info.width, 3)
             for i in range(0, len(out) - size + 1, size)]
+
+
+def make_scenes_video(path: Path, fps: int = 16) -> Path:
+    """Three 3-second scenes on different backgrounds: still, a fast textured square, a slow one (160x96)."""
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.integers(0, 120, (96, 160), dtype=np.uint8), (0, 0), 3)[..., None] // 2
+    patch = cv2.GaussianBlur(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), (0, 0), 2) // 2 + 128
+    frames = []
+    for scene, (base, speed) in enumerate([(20, 0.0), (80, 90.0), (50, 8.0)]):
+        for i in range(3 * fps):
+            frame = np.repeat(texture + base, 3, axis=2)
+            x = int(10 + (speed * i / fps) % 110)
+            frame[28:68, x:x + 40] = patch
+            frames.append(frame)
+    data = b"".join(f.tobytes() for f in frames)
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", "160x96", "-r", str(fps), "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)],
+                   input=data, check=True)
+    return path
