@@ -1,14 +1,569 @@
-"""Train tab: runs of the project."""
+"""Train tab: one click trains a LoRA on the project's clips; a live loss plot, stop and resume, runs and samples.
+
+Thin UI over engine.config (presets, generated form, TOML), engine.dataset (the pre-flight report) and engine.jobs
+(the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
+page reload or a studio restart picks a running or finished run up where it is.
+"""
 
 from __future__ import annotations
 
-import gradio as gr
+import json
+import math
+import tempfile
+import threading
+from functools import partial
+from pathlib import Path
 
+import gradio as gr
+import pandas as pd
+
+from engine.config import (PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, ConfigError, DatasetConfig,
+                           RunConfig, apply_overrides, describe_fields, load_dataset_config, load_run_config,
+                           preset_configs, presets, save_dataset_config, save_run_config, to_toml)
+from engine.hardware import list_gpus
+from engine.project import studio_home
+from engine.jobs import (DATASET_TOML, METRICS_FILE, RUN_TOML, GpuBusyError, Job, JobError, JobRunner,
+                         JsonLinesFollower, RunSummary, summarize_run, training_argv)
 from studio.context import AppContext
 
 TITLE = "Train"
+REPO = Path(__file__).resolve().parents[1]
+STOP_GRACE_S = 600.0  # a 14B step plus saving the resume state can take minutes on a 24 GB card
+REFRESH_S = 1.0
+PLOT_POINTS = 2000  # plots thin longer curves to this many points
+EMA_WEIGHT = 0.9  # smoothing of the loss curve (TensorBoard's default)
+STUDIO_KEYS = ("output_dir", "dataset")  # set by the studio: a run writes into its own folder, dataset.toml beside
+
+
+# --- what the tab computes (no widgets) --------------------------------------------------------------------------
+
+def recommended_preset(model_path: str) -> str:
+    """The preset for this model and machine: the CPU demo for a tiny model or no GPU, else by GPU memory."""
+    try:
+        transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+        width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    except (OSError, KeyError, ValueError):
+        width = None  # a hub id or an unreadable folder: decide by the hardware alone
+    gpus = list_gpus()
+    if not gpus or (width is not None and width < 1024):
+        return PRESET_CPU_DEMO
+    smallest = min(g.total_gib for g in gpus)
+    return PRESET_80GB if smallest >= 70 else PRESET_48GB if smallest >= 40 else PRESET_24GB
+
+
+def draft_configs(preset: str, clips_dir: Path, model_path: str) -> tuple[RunConfig, DatasetConfig]:
+    """The preset's configs for this project: output_dir "." (the run folder holding run.toml), dataset beside it."""
+    return preset_configs(preset, clips_dir=clips_dir, output_dir=".", model_path=model_path,
+                          dataset_file=DATASET_TOML)
+
+
+def configs_from_text(run_text: str, dataset_text: str) -> tuple[RunConfig, DatasetConfig]:
+    """Parse the two TOML texts exactly as the trainer will read them (ConfigError names the bad key)."""
+    with tempfile.TemporaryDirectory(prefix="wan-studio-config-") as folder:
+        run_path, dataset_path = Path(folder) / RUN_TOML, Path(folder) / DATASET_TOML
+        run_path.write_text(run_text, encoding="utf-8")
+        dataset_path.write_text(dataset_text, encoding="utf-8")
+        return load_run_config(run_path), load_dataset_config(dataset_path)
+
+
+def write_run_folder(run_dir: Path, run: RunConfig, dataset: DatasetConfig) -> Path:
+    """Save run.toml and dataset.toml into the run folder (output_dir "." = that folder); returns run.toml."""
+    run = apply_overrides(run, {"output_dir": ".", "dataset": DATASET_TOML})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_dataset_config(dataset, run_dir / DATASET_TOML)
+    return save_run_config(run, run_dir / RUN_TOML)
+
+
+def lora_size_bytes(model_path: str, rank: int, bytes_per_value: int = 2) -> int | None:
+    """Size of one saved LoRA: rank x (in + out) for every Linear of each block (10 of width d, 2 of the FFN)."""
+    try:
+        transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
+        width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+        per_block = rank * (10 * 2 * width + 2 * (width + transformer["ffn_dim"]))
+        return per_block * transformer["num_layers"] * bytes_per_value
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: float | None = None
+              ) -> tuple[list[str], list[str], str]:
+    """The dataset report (errors block a run, warnings don't) and an estimate of steps, time and disk use."""
+    try:
+        from engine.dataset import scan_dataset
+    except ImportError:
+        return [], ["The dataset check (engine.dataset) is not installed in this build; the trainer checks the "
+                    "clips itself when it starts."], ""
+    report = scan_dataset(dataset)
+    errors = [f"{Path(str(item.file)).name}: {item.message}" for item in report.errors]
+    warnings = [f"{Path(str(item.file)).name}: {item.message}" for item in report.warnings]
+    repeats = {str(dataset.directory_path(d)): d.num_repeats for d in dataset.directory}
+    samples = 0
+    for clip in report.clips:
+        clip_path = Path(str(getattr(clip, "path", clip)))
+        samples += repeats.get(str(clip_path.parent.resolve()), 1)
+    batch = run.micro_batch_size_per_gpu * run.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(samples / batch)) if samples else 0
+    total = steps_per_epoch * run.epochs
+    if run.max_steps:
+        total = min(total, run.max_steps)
+    lines = [f"**{len(report.clips)} clips**, {samples} samples per epoch: **{steps_per_epoch} steps per epoch**, "
+             f"**{total} steps** in all ({run.epochs} epochs{', max_steps ' + str(run.max_steps) if run.max_steps else ''})."]
+    if measured_steps_per_s:
+        lines.append(f"Time per epoch ≈ {human_seconds(steps_per_epoch / measured_steps_per_s)} at the measured "
+                     f"{measured_steps_per_s:.3g} steps/s; whole run ≈ {human_seconds(total / measured_steps_per_s)}.")
+    else:
+        lines.append("Time per epoch: shown once the first steps are measured.")
+    lora = lora_size_bytes(run.model.ckpt_path, run.adapter.rank,
+                           4 if run.save_dtype == "float32" else 2)
+    if lora and run.save_every_n_epochs:
+        saves = max(1, run.epochs // run.save_every_n_epochs)
+        lines.append(f"Disk: each LoRA ≈ {human_bytes(lora)}, {saves} saved ≈ {human_bytes(saves * lora)}; each "
+                     f"resume state ≈ {human_bytes(lora * 6 if run.save_dtype != 'float32' else lora * 3)} "
+                     "(LoRA in float32 and optimizer moments).")
+    return errors, warnings, "\n\n".join(lines)
+
+
+def loss_frame(events: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Loss (raw and EMA-smoothed) and learning rate by step, the last value winning where a resume repeated steps."""
+    by_step: dict[int, dict] = {}
+    for event in events:
+        if event.get("event") == "step" and isinstance(event.get("loss"), (int, float)):
+            by_step[int(event["step"])] = event
+    steps = sorted(by_step)
+    if not steps:
+        return (pd.DataFrame({"step": [], "loss": [], "curve": []}), pd.DataFrame({"step": [], "lr": []}))
+    loss = [float(by_step[s]["loss"]) for s in steps]
+    smoothed, average = [], 0.0
+    for i, value in enumerate(loss, start=1):
+        average = EMA_WEIGHT * average + (1 - EMA_WEIGHT) * value
+        smoothed.append(average / (1 - EMA_WEIGHT ** i))  # bias-corrected, so the curve starts at the first loss
+    stride = max(1, len(steps) // PLOT_POINTS)
+    keep = list(range(0, len(steps), stride))
+    if keep[-1] != len(steps) - 1:
+        keep.append(len(steps) - 1)
+    kept_steps = [steps[i] for i in keep]
+    losses = pd.DataFrame({
+        "step": kept_steps * 2,
+        "loss": [loss[i] for i in keep] + [smoothed[i] for i in keep],
+        "curve": ["raw"] * len(keep) + ["smoothed"] * len(keep),
+    })
+    rates = pd.DataFrame({"step": kept_steps, "lr": [float(by_step[s].get("lr") or 0.0) for s in kept_steps]})
+    return losses, rates
+
+
+def status_html(summary: RunSummary | None, events: list[dict], epochs: int | None) -> str:
+    """One status line with a progress bar: phase, epoch, step, steps/s, ETA, time per epoch, GPU memory."""
+    if summary is None:
+        return '<div id="train-status">No runs yet: press <b>Train</b>.</div>'
+    import html
+
+    last_step = next((e for e in reversed(events) if e.get("event") == "step"), None)
+    last_progress = next((e for e in reversed(events) if e.get("event") in ("progress", "phase")), None)
+    parts = [f"<b>{html.escape(summary.name)}</b>: {html.escape(summary.state)}"]
+    if summary.phase:
+        parts.append(f"phase {html.escape(summary.phase)}")
+    value, maximum = 0.0, 1.0
+    if last_step:
+        value, maximum = float(last_step["step"]), float(last_step.get("max_steps") or last_step["step"])
+        parts.append(f"epoch {last_step.get('epoch')}")
+        parts.append(f"step {last_step['step']} / {last_step.get('max_steps')}")
+        rate = last_step.get("steps_per_s")
+        if rate:
+            parts.append(f"{rate:.3g} steps/s")
+            if epochs and last_step.get("max_steps"):
+                parts.append(f"≈ {human_seconds(last_step['max_steps'] / epochs / rate)} per epoch")
+        if summary.state in ("running", "stopping"):
+            parts.append(f"ETA {human_seconds(last_step.get('eta_s'))}")
+        if last_step.get("gpu_mem_gib") is not None:
+            parts.append(f"GPU {last_step['gpu_mem_gib']:.1f} GiB")
+    if last_progress and last_progress.get("event") == "progress" and summary.phase in (None, "cache"):
+        value, maximum = float(last_progress.get("fraction", 0.0)), 1.0
+        parts.append(html.escape(str(last_progress.get("message", ""))))
+    message = "" if summary.state in ("running", "finished") else f"<div>{html.escape(summary.message)}</div>"
+    return (f'<div id="train-status">{" · ".join(parts)}{message}'
+            f'<progress aria-label="Training progress" value="{value:g}" max="{maximum:g}" '
+            f'style="width:100%"></progress></div>')
+
+
+# --- the tab -------------------------------------------------------------------------------------------------------
+
+class TrainTab:
+    """The widgets and their handlers; one per studio (handlers read everything back from disk)."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.project = ctx.project
+        self.jobs = ctx.jobs or JobRunner(studio_home() / "jobs")
+        self.gpus = list_gpus()
+        self._followers: dict[Path, JsonLinesFollower] = {}
+        self._followers_lock = threading.Lock()
+        self.run_fields: dict[str, gr.components.Component] = {}
+        self.dataset_fields: dict[str, gr.components.Component] = {}
+
+    # reading runs
+    def run_dirs(self) -> list[Path]:
+        """Run folders, newest first."""
+        return [p for p in reversed(self.project.list_runs()) if not p.name.startswith(".")]
+
+    def events(self, run_dir: Path) -> list[dict]:
+        with self._followers_lock:
+            follower = self._followers.setdefault(run_dir, JsonLinesFollower(run_dir / METRICS_FILE))
+            return list(follower.refresh())
+
+    def summary(self, run_dir: Path) -> tuple[RunSummary, list[dict], Job | None]:
+        events = self.events(run_dir)
+        job = self.jobs.attach(run_dir)
+        return summarize_run(run_dir, events, job), events, job
+
+    def running_run(self) -> str | None:
+        job = self.jobs.current()
+        if job and job.run_dir.parent == self.project.runs_dir.resolve():
+            return job.run_dir.name
+        return None
+
+    # building
+    def build(self) -> None:
+        preset = recommended_preset(self.ctx.models.wan)
+        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.models.wan)
+        gr.Markdown("Train a motion-style LoRA on this project's clips. Pick the preset for your GPU and press "
+                    "**Train**; the settings below are optional.")
+        with gr.Row():
+            self.preset = gr.Dropdown(list(presets()), value=preset, label="Preset",
+                                      info="Chosen for this machine: " + self.ctx.device_description)
+            gpu_info = ", ".join(f"GPU {g.index}: {g.name} ({g.total_gib:.0f} GiB)" for g in self.gpus)
+            self.num_gpus = gr.Dropdown([str(n) for n in range(1, len(self.gpus) + 1)] or ["1"],
+                                        value=str(max(1, len(self.gpus))), label="GPUs", info=gpu_info,
+                                        visible=len(self.gpus) > 1)
+            self.run_name = gr.Textbox(label="Run name", placeholder="empty: run-<date>-<time>")
+        with gr.Row():
+            self.check_button = gr.Button("Check dataset")
+            self.train_button = gr.Button("Train", variant="primary")
+            self.stop_button = gr.Button("Stop", variant="stop", interactive=False)
+            self.resume_button = gr.Button("Resume", interactive=False)
+        self.message = gr.Markdown(elem_id="train-message")
+        with gr.Accordion("Advanced settings", open=False):
+            gr.Markdown("Every setting of the run and dataset TOML files (diffusion-pipe's format plus a `[studio]` "
+                        "table). Edits here rewrite the TOML below; edit the TOML directly and press *Apply TOML*.")
+            self._build_form(run_cfg, dataset_cfg)
+            with gr.Row():
+                self.run_toml = gr.Code(to_toml(run_cfg), language=None, label="run.toml", interactive=True)
+                self.dataset_toml = gr.Code(to_toml(dataset_cfg), language=None, label="dataset.toml",
+                                            interactive=True)
+            with gr.Row():
+                self.apply_button = gr.Button("Apply TOML")
+                self.import_button = gr.UploadButton("Import diffusion-pipe TOML", file_types=[".toml"],
+                                                     file_count="multiple")
+                self.export_button = gr.Button("Export TOML")
+            self.export_files = gr.File(label="Exported files", file_count="multiple", visible=False)
+        self.status = gr.HTML(status_html(None, [], None))
+        with gr.Row():
+            self.loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=260)
+            self.lr_plot = gr.LinePlot(x="step", y="lr", label="Learning rate", height=260)
+        self.plot_info = gr.Markdown(elem_id="train-plot-info")
+        self.log_tail = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
+        self.samples = gr.Gallery(label="Samples by epoch", columns=4, height=240, interactive=False)
+        with gr.Row():
+            self.run_select = gr.Dropdown([], label="Run", interactive=True, allow_custom_value=True)
+            self.lora_select = gr.Dropdown([], label="LoRA file", interactive=True, allow_custom_value=True)
+            self.open_button = gr.Button("Open in Generate")
+        self.runs_table = gr.Dataframe(headers=["Run", "Status", "Step", "Final loss", "Duration", "LoRA epochs"],
+                                       label="Runs", interactive=False, wrap=True)
+        self.view = gr.State({})  # what this page shows already, so unchanged parts are not sent again
+        self.timer = gr.Timer(REFRESH_S)
+        self._wire()
+        self.ctx.ui["train.lora"] = self.lora_select
+        self.ctx.ui["train.open_lora"] = self.open_button
+
+    def _build_form(self, run_cfg: RunConfig, dataset_cfg: DatasetConfig) -> None:
+        sections: dict[str, list] = {}
+        for target, cfg in (("run", run_cfg), ("dataset", dataset_cfg)):
+            for info in describe_fields(cfg):
+                if target == "run" and info.key in STUDIO_KEYS:
+                    continue
+                section = info.key.rsplit(".", 1)[0] if "." in info.key else ""
+                sections.setdefault(f"{target}.toml" + (f" [{section}]" if section else ""), []).append(
+                    (target, info))
+        for title, items in sections.items():
+            with gr.Accordion(title, open=False):
+                for target, info in items:
+                    fields = self.run_fields if target == "run" else self.dataset_fields
+                    fields[info.key] = _field_component(info)
+
+    def _form_values(self, run_cfg: RunConfig | None, dataset_cfg: DatasetConfig | None) -> dict:
+        out = {}
+        for cfg, fields in ((run_cfg, self.run_fields), (dataset_cfg, self.dataset_fields)):
+            if cfg is None:
+                continue
+            for info in describe_fields(cfg):
+                if info.key in fields:
+                    out[fields[info.key]] = info.value if info.type == "true/false" else _text(info.value)
+        return out
+
+    def _wire(self) -> None:
+        form = [*self.run_fields.values(), *self.dataset_fields.values()]
+        toml = [self.run_toml, self.dataset_toml]
+        self.preset.change(self.on_preset, [self.preset], [*toml, *form, self.message])
+        for target, fields in (("run", self.run_fields), ("dataset", self.dataset_fields)):
+            for key, component in fields.items():
+                component.input(partial(self.on_field, target, key), [component, *toml], [*toml, self.message])
+        self.apply_button.click(self.on_apply_toml, toml, [*form, self.message])
+        self.import_button.upload(self.on_import, [self.import_button, *toml], [*toml, *form, self.message])
+        self.export_button.click(self.on_export, [self.run_name, *toml], [self.export_files, self.message])
+        self.check_button.click(self.on_check, [*toml, self.run_select], [self.message])
+        self.train_button.click(self.on_train, [self.run_name, *toml, self.num_gpus],
+                                [self.message, self.run_select])
+        self.stop_button.click(self.on_stop, [self.run_select], [self.message])
+        self.resume_button.click(self.on_resume, [self.run_select, self.num_gpus], [self.message])
+        live = [self.status, self.loss_plot, self.lr_plot, self.plot_info, self.log_tail, self.samples,
+                self.runs_table, self.run_select, self.lora_select, self.train_button, self.stop_button,
+                self.resume_button, self.view]
+        self.timer.tick(self.on_tick, [self.run_select, self.view], live, show_progress="hidden")
+        self.run_select.input(self.on_tick, [self.run_select, gr.State({})], live, show_progress="hidden")
+
+    # handlers: settings
+    def on_preset(self, preset: str) -> dict:
+        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.models.wan)
+        return {self.run_toml: to_toml(run_cfg), self.dataset_toml: to_toml(dataset_cfg),
+                **self._form_values(run_cfg, dataset_cfg), self.message: f"Preset **{preset}**."}
+
+    def on_field(self, target: str, key: str, value, run_text: str, dataset_text: str) -> dict:
+        try:
+            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            if target == "run":
+                run_text = to_toml(apply_overrides(run_cfg, {key: value}))
+            else:
+                dataset_text = to_toml(apply_overrides(dataset_cfg, {key: value}))
+        except ConfigError as err:
+            return {self.message: f"⚠️ {err}"}
+        return {self.run_toml: run_text, self.dataset_toml: dataset_text, self.message: ""}
+
+    def on_apply_toml(self, run_text: str, dataset_text: str) -> dict:
+        try:
+            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+        except ConfigError as err:
+            return {self.message: f"⚠️ {err}"}
+        return {**self._form_values(run_cfg, dataset_cfg), self.message: "Settings read from the TOML."}
+
+    def on_import(self, files: list, run_text: str, dataset_text: str) -> dict:
+        """Take a diffusion-pipe run TOML and/or dataset TOML; the studio keeps its own run folder and clip paths
+        unless the dataset file is imported too."""
+        notes = []
+        run_cfg = dataset_cfg = None
+        for file in files or []:
+            path = Path(getattr(file, "name", file))
+            try:
+                if "directory" in _toml_keys(path):
+                    dataset_cfg = load_dataset_config(path)
+                    notes.append(f"dataset settings from `{path.name}`")
+                else:
+                    run_cfg = apply_overrides(load_run_config(path), {"output_dir": ".", "dataset": DATASET_TOML})
+                    notes.append(f"run settings from `{path.name}`")
+            except ConfigError as err:
+                return {self.message: f"⚠️ Could not import `{path.name}`: {err}"}
+        if run_cfg is not None:
+            run_text = to_toml(run_cfg)
+        if dataset_cfg is not None:
+            dataset_text = to_toml(dataset_cfg)
+        return {self.run_toml: run_text, self.dataset_toml: dataset_text,
+                **self._form_values(run_cfg, dataset_cfg),
+                self.message: "Imported " + " and ".join(notes) + "." if notes else "Nothing imported."}
+
+    def on_export(self, run_name: str, run_text: str, dataset_text: str) -> dict:
+        try:
+            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+        except ConfigError as err:
+            return {self.message: f"⚠️ {err}"}
+        folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / (run_name.strip() or "run")
+        run_path = write_run_folder(folder, run_cfg, dataset_cfg)
+        return {self.export_files: gr.File(value=[str(run_path), str(folder / DATASET_TOML)], visible=True),
+                self.message: "run.toml and dataset.toml are ready to download (a diffusion-pipe compatible pair: "
+                              "the `[studio]` table holds our extras)."}
+
+    # handlers: running
+    def _measured_rate(self, run_name: str | None) -> float | None:
+        if not run_name or not (self.project.runs_dir / run_name).is_dir():
+            return None
+        step = next((e for e in reversed(self.events(self.project.runs_dir / run_name))
+                     if e.get("event") == "step" and e.get("steps_per_s")), None)
+        return step["steps_per_s"] if step else None
+
+    def _preflight_text(self, run_cfg, dataset_cfg, measured) -> tuple[bool, str]:
+        errors, warnings, estimate = preflight(run_cfg, dataset_cfg, measured)
+        parts = []
+        if errors:
+            parts.append("**Errors (fix these first):**\n" + "\n".join(f"- ❌ {e}" for e in errors))
+        if warnings:
+            parts.append("**Warnings:**\n" + "\n".join(f"- ⚠️ {w}" for w in warnings))
+        if estimate:
+            parts.append(estimate)
+        return not errors, "\n\n".join(parts)
+
+    def on_check(self, run_text: str, dataset_text: str, selected: str | None) -> str:
+        try:
+            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+        except ConfigError as err:
+            return f"⚠️ {err}"
+        ok, text = self._preflight_text(run_cfg, dataset_cfg, self._measured_rate(selected))
+        return ("✅ Ready to train.\n\n" if ok else "") + text
+
+    def on_train(self, run_name: str, run_text: str, dataset_text: str, num_gpus: str):
+        try:
+            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            name = run_name.strip() or self.project.new_run_name()
+            run_dir = self.project.run_dir(name)
+        except (ConfigError, ValueError) as err:
+            return f"⚠️ {err}", gr.skip()
+        if (run_dir / RUN_TOML).exists():
+            return f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.", gr.skip()
+        ok, report = self._preflight_text(run_cfg, dataset_cfg, None)
+        if not ok:
+            return report, gr.skip()
+        run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
+        try:
+            self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run_dir)
+        except (GpuBusyError, JobError) as err:
+            return f"⚠️ {err}", gr.skip()
+        return f"Started **{name}**.\n\n{report}", gr.Dropdown(choices=self._run_choices(), value=name)
+
+    def on_resume(self, selected: str | None, num_gpus: str) -> str:
+        if not selected:
+            return "⚠️ Select a run to resume."
+        run_dir = self.project.run_dir(selected)
+        try:
+            self.jobs.start(selected, training_argv(run_dir / RUN_TOML, resume=True, num_gpus=int(num_gpus or 1)),
+                            cwd=REPO, run_dir=run_dir)
+        except (GpuBusyError, JobError) as err:
+            return f"⚠️ {err}"
+        return f"Resuming **{selected}** from its last saved state."
+
+    def on_stop(self, selected: str | None) -> str:
+        job = self.jobs.attach(self.project.run_dir(selected)) if selected else None
+        if job is None or not job.is_running():
+            return "Nothing to stop: the selected run is not running."
+        # The stop waits for the current step and the state save; a thread keeps the page responsive meanwhile.
+        threading.Thread(target=self.jobs.stop, args=(job, STOP_GRACE_S), name=f"stop {selected}",
+                         daemon=True).start()
+        return (f"Stopping **{selected}**: it finishes the current step and saves its state (killed after "
+                f"{STOP_GRACE_S:.0f} s if it does not).")
+
+    # handlers: live view
+    def _run_choices(self) -> list[str]:
+        return [p.name for p in self.run_dirs()]
+
+    def on_tick(self, selected: str | None, view: dict) -> list:
+        names = self._run_choices()
+        if selected not in names:
+            selected = self.running_run() or (names[0] if names else None)
+        rows, current = [], None
+        for run_dir in self.run_dirs():
+            summary, events, job = self.summary(run_dir)
+            rows.append([summary.name, summary.state, f"{summary.step or 0} / {summary.max_steps or '?'}",
+                         f"{summary.final_loss:.4g}" if summary.final_loss is not None else "",
+                         human_seconds(summary.duration_s) if summary.duration_s else "",
+                         ", ".join(str(epoch) for epoch, _ in summary.loras)])
+            if summary.name == selected:
+                current = (summary, events, job)
+        view = dict(view or {})
+        out: dict = {}
+
+        def changed(key: str, value) -> bool:
+            if view.get(key) == value:
+                return False
+            view[key] = value
+            return True
+
+        summary, events, job = current or (None, [], None)
+        epochs = _run_epochs(summary.run_dir) if summary else None
+        out["status"] = status_html(summary, events, epochs)
+        n_steps = sum(1 for e in events if e.get("event") == "step")
+        if changed("plot", (selected, n_steps)):
+            losses, rates = loss_frame(events)
+            last = losses["loss"].iloc[len(losses) // 2 - 1] if len(losses) else None
+            out["loss"], out["lr"] = losses, rates
+            out["info"] = (f"{len(losses) // 2} steps logged, last loss {last:.4g}" if last is not None
+                           else "No steps logged yet.")
+        tail = job.log_tail(12) if job else []
+        out["log"] = "\n".join(tail) if changed("log", tail) else gr.skip()
+        samples = [(str(path), f"epoch {epoch}") for epoch, path in summary.samples] if summary else []
+        out["samples"] = samples if changed("samples", samples) else gr.skip()
+        out["table"] = rows if changed("table", rows) else gr.skip()
+        out["runs"] = gr.Dropdown(choices=names, value=selected) if changed("runs", (names, selected)) else gr.skip()
+        loras = [(f"{summary.name} · epoch {epoch}", str(path)) for epoch, path in reversed(summary.loras)
+                 ] if summary else []
+        out["loras"] = (gr.Dropdown(choices=loras, value=loras[0][1] if loras else None)
+                        if changed("loras", loras) else gr.skip())
+        running = bool(job and job.is_running())
+        gpu_busy = self.jobs.gpu_holder() is not None
+        can_resume = bool(summary and not running and (summary.run_dir / "state").is_dir())
+        buttons = (not gpu_busy, running, can_resume and not gpu_busy)
+        if changed("buttons", buttons):
+            out["buttons"] = [gr.Button(interactive=b) for b in buttons]
+        else:
+            out["buttons"] = [gr.skip()] * 3
+        return [out["status"], out.get("loss", gr.skip()), out.get("lr", gr.skip()), out.get("info", gr.skip()),
+                out["log"], out["samples"], out["table"], out["runs"], out["loras"], *out["buttons"], view]
+
+
+def _run_epochs(run_dir: Path) -> int | None:
+    try:
+        return load_run_config(run_dir / RUN_TOML).epochs
+    except ConfigError:
+        return None
+
+
+def _toml_keys(path: Path) -> set[str]:
+    import tomllib
+
+    try:
+        return set(tomllib.loads(path.read_text(encoding="utf-8")))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path.name} is not a readable TOML file: {err}") from None
+
+
+def _text(value) -> str:
+    """A setting as the form shows it: TOML-style literals for numbers, lists and booleans, plain text for text."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _field_component(info) -> gr.components.Component:
+    label, help_text = info.key.rsplit(".", 1)[-1], info.help
+    if info.type == "true/false":
+        return gr.Checkbox(value=bool(info.value), label=label, info=help_text)
+    if info.choices:
+        return gr.Dropdown([_text(c) for c in info.choices], value=_text(info.value), label=label, info=help_text)
+    return gr.Textbox(value=_text(info.value), label=label, info=help_text, max_lines=1)
 
 
 def build(ctx: AppContext) -> None:
-    runs = ctx.project.list_runs()
-    gr.Markdown(f"{len(runs)} runs in `{ctx.project.runs_dir}`")
+    ctx.ui["train"] = TrainTab(ctx)
+    ctx.ui["train"].build()
+
+
+def connect(ctx: AppContext) -> None:
+    """"Open in Generate": put the chosen LoRA into the Generate tab and switch to it."""
+    tab: TrainTab = ctx.ui["train"]
+    target = ctx.ui.get("generate.lora")
+    tabs = ctx.ui.get("tabs")
+    if target is None or tabs is None:
+        tab.open_button.click(lambda: "The Generate tab does not take LoRAs in this build.", None, [tab.message])
+        return
+    tab.open_button.click(lambda path: (gr.update(value=path), gr.Tabs(selected="generate")),
+                          [tab.lora_select], [target, tabs])
