@@ -16,7 +16,8 @@ import pytest
 from engine.clips import (ClipError, analyze_motion, suggest_windows, Cut, ExportStopped, MANIFEST_NAME, clip_name, cut_clips, fitted_frames,
                           format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest, validate_cuts)
 from engine.ffmpeg import ffmpeg_exe
-from engine.video import FRAME_TIME_TOLERANCE, VideoError, frame_at, probe_video, read_frame, thumbnails
+from engine.video import (FRAME_TIME_TOLERANCE, VideoError, build_preview_proxy, frame_at, preview_proxy_path,
+                          probe_video, read_frame, thumbnails)
 
 from tests.engine.test_clips_videos import decode_all, make_indexed_video, make_scenes_video, read_index
 
@@ -271,3 +272,17 @@ def test_suggestions_find_scene_changes_and_rank_motion(workdir):
         assert a.end <= b.start or b.end <= a.start
     avoided = suggest_windows(source, 1, frames=17, fps=16, avoid=[Cut(found[0].start)])
     assert avoided[0].start != found[0].start
+
+
+def test_preview_proxy_has_one_frame_per_source_frame(workdir):
+    vfr = make_indexed_video(workdir / "vfr.mkv", "30", 75, setpts="if(lt(N\\,45)\\,N/30\\,1.5+(N-45)/10)/TB")
+    info = probe_video(vfr)
+    stops = []
+    with pytest.raises(InterruptedError):
+        build_preview_proxy(info, workdir / "cache", should_stop=lambda: stops.append(1) or True)
+    assert not list((workdir / "cache").rglob("*.mp4"))
+    proxy = build_preview_proxy(info, workdir / "cache")
+    assert proxy == preview_proxy_path(info, workdir / "cache") and probe_video(proxy).frame_count == 75
+    for t in [0.0, 0.9, 1.49, 1.5, 2.05, 3.2, 1.0]:
+        assert read_index(frame_at(info, t, max_width=160, proxy=proxy)) == info.frame_index_at(t)
+    assert build_preview_proxy(info, workdir / "cache") == proxy  # made once
