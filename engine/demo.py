@@ -9,6 +9,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from engine.clips import Cut, cut_clips
+from engine.files import atomic_write_text
 from engine.ffmpeg import write_video
 from engine.models import ModelChoice, ensure_tiny_kits
 from engine.project import Project, studio_home
@@ -17,6 +19,14 @@ DEMO_SOURCE_NAME = "demo source.mp4"  # a space on purpose: paths with spaces mu
 DEMO_SCENE_SECONDS = (8.0, 7.0, 9.0, 6.0)  # four scenes, 30 s in all
 DEMO_FPS = 24.0
 DEMO_SIZE = (640, 360)
+# Pre-cut demo clips (start second, name, hand-written "pure style" caption), so Captions/Train/Generate have material.
+DEMO_CLIPS = (
+    (1.0, "ball bounce 1", "yellow ball, bouncing fast across the frame, purple gradient background, static camera"),
+    (4.5, "ball bounce 2", "yellow ball, leaping high and falling, purple gradient background, static camera"),
+    (9.0, "stripes pan", "green diagonal stripes, slow sideways pan, pattern background"),
+    (16.0, "square spin 1", "red square, spinning fast, white sparks orbiting, dark background, static camera"),
+    (20.0, "square spin 2", "red square, spinning, sparks flying around it, dark background, static camera"),
+)
 
 
 def _scene_frame(scene: int, t: float, width: int, height: int, rng_seed: int) -> np.ndarray:
@@ -75,4 +85,11 @@ def ensure_demo_project(home: str | Path | None = None) -> tuple[Project, ModelC
     source = project.sources_dir / DEMO_SOURCE_NAME
     if not source.exists():
         write_demo_video(source)
+    if not project.list_clips():
+        settings = project.settings()
+        exported = cut_clips(source, [Cut(start, name=name) for start, name, _ in DEMO_CLIPS], project.clips_dir,
+                             frames=settings.clip_frames, fps=settings.clip_fps,
+                             size=(settings.clip_width, settings.clip_height))
+        for clip, (_, _, caption) in zip(exported, DEMO_CLIPS):
+            atomic_write_text(project.caption_path(clip.path), caption + "\n")
     return project, models

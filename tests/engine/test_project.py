@@ -51,3 +51,20 @@ def test_demo_project_has_a_source_with_motion_and_scene_changes(demo_home):
         prev = small
     assert sum(d > 40 for d in diffs) >= 3, "expected at least three hard scene cuts"
     assert sorted(diffs)[len(diffs) // 2] > 0.5, "expected real motion within scenes"
+
+
+def test_demo_project_has_captioned_clips_ready_for_training(demo_home):
+    from engine.clips import count_frames
+    from engine.demo import DEMO_CLIPS
+
+    p = Project.open(demo_home / "demo", create=False)
+    clips = p.list_clips()
+    assert len(clips) == len(DEMO_CLIPS)
+    settings = p.settings()
+    for clip in clips:
+        assert count_frames(clip) == settings.clip_frames
+        caption = p.caption_path(clip).read_text(encoding="utf-8").strip()
+        assert caption and "," in caption
+        cap = cv2.VideoCapture(str(clip))
+        assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (
+            settings.clip_width, settings.clip_height)
