@@ -1,0 +1,829 @@
+"""The Wan 2.1 I2V LoRA trainer: `python -m engine.train --config run.toml [--resume]`.
+
+Stages: validate (config, model folder, dataset report) -> cache (latents and embeddings to disk, encoders freed)
+-> train (peft LoRA on the frozen WanTransformer3DModel, flow matching) -> done. Every stage reports JSON-line events
+on stdout and in `runs/<run>/metrics.jsonl` (see CONTRACTS.md "Training events"), loss and LR also to TensorBoard.
+
+Determinism: each micro-batch draws its timestep and noise from a generator seeded by (seed, global micro-batch
+index), and the data order is a function of (seed, epoch), so a run resumed from a saved state continues exactly
+as the uninterrupted run would have; and 2 ranks with gradient accumulation k see the same micro-batches, noise and
+averaged gradient as 1 rank with 2k.
+
+Multi-GPU: under `deepspeed --num_gpus N -m engine.train ...` (or torchrun) the LoRA parameters are handed to a
+DeepSpeed engine (ZeRO stage 0: plain data parallel; the LoRA's optimizer state is too small to be worth sharding)
+that averages gradients, accumulates, clips and steps. The frozen base model stays outside DeepSpeed, so it is never
+broadcast or cast, and float8 storage / block swap keep working. Rank 0 alone writes files and events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import gc
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine.files import append_jsonl
+from engine.trainer_state import (
+    TrainingState, capture_rng_state, latest_state_dir, load_training_state, restore_rng_state, save_training_state,
+)
+
+TEXT_TOKENS = 512  # Wan's attention splits image from text context at 512 text tokens
+NUM_TRAIN_TIMESTEPS = 1000
+STATES_KEPT = 2
+
+EXIT_OK, EXIT_FAILED, EXIT_DISK_FULL = 0, 1, 3
+
+
+class TrainingError(RuntimeError):
+    """A failure to report as an "error" event: `message` says what went wrong, `hint` what to do."""
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = 2):
+        super().__init__(message)
+        self.hint, self.exit_code = hint, exit_code
+
+
+# ================================================================================= building blocks (bench uses these)
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How flow-matching noise levels t in (0, 1) are drawn: logit-normal or uniform, then optionally shifted."""
+
+    method: str = "logit_normal"
+    shift: float = 1.0
+
+    @classmethod
+    def from_run_config(cls, run_cfg) -> "TimestepSampling":
+        return cls(run_cfg.model.timestep_sample_method, float(run_cfg.studio.timestep_shift))
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n values of t (float32, on the generator's device)."""
+        if self.method == "logit_normal":
+            t = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
+        elif self.method == "uniform":
+            t = torch.rand(n, generator=generator, device=generator.device)
+        else:
+            raise ValueError(f"timestep_sample_method {self.method!r}: use 'logit_normal' or 'uniform'.")
+        if self.shift != 1.0:
+            t = t * self.shift / (1 + (self.shift - 1) * t)
+        return t
+
+
+@dataclass
+class TrainableTransformer:
+    """The LoRA-wrapped transformer, its trainable (float32) LoRA parameters and what was applied to it."""
+
+    module: torch.nn.Module
+    parameters: list[torch.nn.Parameter]
+    block_swapper: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft names without the adapter name (`blocks.0.attn1.to_q.lora_A.weight`), as save_lora takes them."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.module)
+
+
+def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: the config's model.dtype on a GPU, float32 on a CPU (no fast bf16 there)."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[run_cfg.model.dtype]
+
+
+def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
+    """The dtype the base transformer is loaded in (float8 modes load at compute dtype, then engine.accel packs)."""
+    name = run_cfg.model.transformer_dtype
+    if device.type != "cuda" or name.startswith("float8"):
+        return compute_dtype(run_cfg, device)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | torch.device) -> TrainableTransformer:
+    """Freeze `transformer`, add the run's peft LoRA, apply its low-memory/speed modes, place it on `device`.
+
+    LoRA: rank and alpha from the config on every Linear of each block; its weights are initialised from the run's
+    seed and kept in float32 whatever `adapter.dtype` says (bf16 master weights lose small AdamW updates without
+    Kahan summation). Modes via engine.accel: float8 storage/compute, block swap, activation checkpointing
+    (full / selective / CPU-offloaded), torch.compile.
+    """
+    from peft import LoraConfig
+
+    from engine.lora_io import PEFT_TARGET_MODULES
+
+    device = torch.device(device)
+    notes: list[str] = []
+    transformer.requires_grad_(False)
+    lora_config = LoraConfig(r=run_cfg.adapter.rank, lora_alpha=run_cfg.lora_alpha, lora_dropout=0.0,
+                             target_modules=PEFT_TARGET_MODULES, init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):  # LoRA init from the run's seed, global RNG untouched
+        torch.manual_seed(run_cfg.studio.seed)
+        transformer.add_adapter(lora_config)
+    parameters = [p for p in transformer.parameters() if p.requires_grad]
+    for p in parameters:
+        p.data = p.data.float()
+    if run_cfg.adapter.dtype != "float32":
+        notes.append(f"adapter.dtype={run_cfg.adapter.dtype}: LoRA weights are trained in float32 (no Kahan "
+                     f"summation here) and saved as {run_cfg.save_dtype}.")
+
+    mode = run_cfg.model.transformer_dtype
+    needs_accel = (mode.startswith("float8") or run_cfg.blocks_to_swap or run_cfg.checkpointing_mode
+                   or run_cfg.studio.compile)
+    accel = _import_accel() if needs_accel else None
+    swapper = None
+    if not run_cfg.blocks_to_swap:
+        transformer.to(device)  # before float8: packing is fast on a GPU
+    if mode.startswith("float8"):
+        dtype = compute_dtype(run_cfg, device)
+        if mode == "float8":
+            report = accel.apply_float8_storage(transformer, compute_dtype=dtype)
+        else:
+            report = accel.apply_float8_compute(transformer, compute_dtype=dtype)
+        notes.append(getattr(report, "message", "") or f"Frozen base weights stored as float8 e4m3 ({mode}), "
+                     f"computed in {str(dtype).removeprefix('torch.')}.")
+    if run_cfg.blocks_to_swap:
+        # The swapped blocks' weights go to pinned CPU memory before the rest moves, so they never sit on the GPU.
+        swapper = accel.BlockSwapper(transformer, run_cfg.blocks_to_swap, device)
+        transformer.to(device)
+        notes.append(f"Block swap: {run_cfg.blocks_to_swap} blocks live in CPU memory and stream to {device}.")
+    if run_cfg.checkpointing_mode:
+        accel.enable_checkpointing(transformer, run_cfg.checkpointing_mode)
+        notes.append(f"Activation checkpointing: {run_cfg.checkpointing_mode}.")
+    elif run_cfg.blocks_to_swap:
+        raise TrainingError("blocks_to_swap needs activation checkpointing (swapped weights are gone between "
+                            "forward and backward).", "Set activation_checkpointing = true or 'unsloth'.")
+    if run_cfg.studio.compile:
+        accel.compile_blocks(transformer)
+        notes.append("Transformer blocks compiled with torch.compile (the first step is slow).")
+    transformer.train()
+    return TrainableTransformer(transformer, parameters, swapper, notes)
+
+
+def _import_accel():
+    try:
+        import engine.accel as accel
+    except ImportError as err:
+        raise TrainingError(f"The low-memory modes need engine/accel.py, which could not be imported: {err}",
+                            "Turn off transformer_dtype float8, blocks_to_swap, activation_checkpointing and "
+                            "[studio] compile, or update the studio.") from err
+    return accel
+
+
+def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, timesteps_cfg: TimestepSampling,
+                       generator: torch.Generator, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """MSE between the model's velocity and (noise - latents) at a random t, for one batch of cached items.
+
+    x_t = (1 - t) x + t n, model input cat([x_t, mask + condition latents]) on channels, timestep t * 1000, text
+    context padded to 512 tokens, CLIP context as `encoder_hidden_states_image`. t and the noise come from
+    `generator` (its device), so a seeded generator reproduces a step exactly. Autocast to bf16 on a GPU.
+    """
+    latents = batch["latents"].float()
+    device = latents.device
+    if autocast_dtype is None:
+        autocast_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t = timesteps_cfg.sample(latents.shape[0], generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+    t_b = t.view(-1, 1, 1, 1, 1)
+    noisy = (1 - t_b) * latents + t_b * noise
+    text = batch["text_embeds"]
+    if text.shape[1] != TEXT_TOKENS:
+        raise ValueError(f"text_embeds must be padded to {TEXT_TOKENS} tokens, got {text.shape[1]}.")
+    model_input = torch.cat([noisy, batch["condition"].float()], dim=1)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        prediction = model(hidden_states=model_input, timestep=t * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=text,
+                           encoder_hidden_states_image=batch["image_embeds"], return_dict=False)[0]
+    return F.mse_loss(prediction.float(), noise - latents)
+
+
+def build_optimizer(parameters: Sequence[torch.nn.Parameter], optimizer_cfg,
+                    device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """diffusion-pipe's optimizer name -> our nearest equivalent, and a sentence saying which one was used."""
+    kind = optimizer_cfg.type.lower()
+    kwargs = dict(lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), weight_decay=optimizer_cfg.weight_decay,
+                  eps=optimizer_cfg.eps)
+    if kind in ("adamw8bit", "adamw8bitkahan"):
+        kahan = " (its Kahan summation is not available; LoRA weights stay float32 instead)" if "kahan" in kind else ""
+        if device.type == "cuda":
+            import bitsandbytes as bnb
+
+            return (bnb.optim.AdamW8bit(list(parameters), **kwargs),
+                    f"Optimizer {optimizer_cfg.type} -> bitsandbytes AdamW8bit{kahan}.")
+        return (torch.optim.AdamW(list(parameters), **kwargs),
+                f"Optimizer {optimizer_cfg.type} -> torch AdamW: bitsandbytes' 8-bit states need a CUDA GPU.")
+    if kind == "adamw_optimi":
+        return (torch.optim.AdamW(list(parameters), **kwargs),
+                "Optimizer adamw_optimi -> torch AdamW (optimi is not installed; same update rule).")
+    return torch.optim.AdamW(list(parameters), **kwargs), "Optimizer adamw -> torch AdamW."
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler {schedule!r}: use constant, linear or cosine.")
+
+
+def micro_batch_generator(seed: int, global_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for one micro-batch's t and noise: a function of (seed, global micro-batch index) only."""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{global_index}".encode()).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def stack_items(samples: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """CachedDataset.load results of one bucket -> a batch with a leading dimension, on `device`."""
+    return {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+
+
+# ======================================================================================================= world
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel ranks (from the launcher's environment variables)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "World":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start_world() -> tuple[World, torch.device]:
+    """Join the process group when launched by deepspeed/torchrun; pick this rank's device."""
+    world = World.from_env()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world.distributed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return world, device
+
+
+def all_ranks_mean(value: float, world: World, device: torch.device) -> float:
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item()) / world.world_size
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every rank if it is true on any: ranks stop together."""
+    if not world.distributed:
+        return flag
+    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        torch.distributed.barrier()
+
+
+class LocalStepper:
+    """Gradient accumulation, clipping and the optimizer step in one process."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], accumulation: int,
+                 clipping: float):
+        self.optimizer, self.parameters = optimizer, parameters
+        self.accumulation, self.clipping = accumulation, clipping
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def micro_step(self, boundary: bool) -> None:
+        if not boundary:
+            return
+        if self.clipping:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.clipping)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedStepper:
+    """The same through a DeepSpeed engine that holds only the LoRA parameters: it averages gradients over ranks."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], accumulation: int,
+                 clipping: float, micro_batch_size: int):
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(
+            model=torch.nn.ParameterList(parameters), optimizer=optimizer, dist_init_required=False,
+            config={"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": accumulation,
+                    "gradient_clipping": clipping, "zero_optimization": {"stage": 0},
+                    "steps_per_print": 2**62, "wall_clock_breakdown": False})
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1/accumulation; all-reduces (averages) at the boundary
+
+    def micro_step(self, boundary: bool) -> None:
+        self.engine.step()  # counts micro-batches itself: steps the optimizer only at the accumulation boundary
+
+
+# ====================================================================================================== events
+
+class EventLog:
+    """JSON-line events on stdout + metrics.jsonl, and TensorBoard scalars; silent on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled
+        self._tensorboard = None
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        record = {"event": event, "time": time.time(), **fields}
+        if self.enabled:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            if event == "step":
+                self._scalars(record)
+        return record
+
+    def phase(self, phase: str, message: str) -> None:
+        self.emit("phase", phase=phase, message=message)
+
+    def log(self, message: str) -> None:
+        """A note for people reading the log (e.g. which optimizer a diffusion-pipe name became)."""
+        self.emit("log", message=message)
+
+    def _scalars(self, record: dict) -> None:
+        if self._tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tb"))
+        for name in ("loss", "lr", "steps_per_s"):
+            self._tensorboard.add_scalar(f"train/{name}", record[name], record["step"])
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the trainer finishes the current step, saves its state and exits 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+# ================================================================================================ data stream
+
+class DataStream:
+    """This rank's micro-batches, epoch after epoch, in the order `batch_order` gives; positioned by a global index.
+
+    Rank r of W holds every W-th batch of the global order, so local micro-batch i is global micro-batch i*W + r.
+    """
+
+    def __init__(self, dataset, *, seed: int, batch_size: int, world: World):
+        self.dataset, self.seed, self.batch_size, self.world = dataset, seed, batch_size, world
+        self._orders: dict[int, list[list[int]]] = {}
+        self.per_epoch = len(self.order(1))
+        if self.per_epoch == 0:
+            raise TrainingError("The dataset gives no batch to this rank.",
+                                "Add clips, lower micro_batch_size_per_gpu or use fewer GPUs.")
+
+    def order(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._orders:
+            self._orders = {epoch: self.dataset.batch_order(epoch, self.seed, self.batch_size, rank=self.world.rank,
+                                                            world_size=self.world.world_size)}
+        return self._orders[epoch]
+
+    def batch(self, local_index: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of this rank's `local_index`-th micro-batch (0-based, across epochs)."""
+        epoch = local_index // self.per_epoch + 1
+        return epoch, self.order(epoch)[local_index % self.per_epoch]
+
+    def global_index(self, local_index: int) -> int:
+        return local_index * self.world.world_size + self.world.rank
+
+
+# =============================================================================================== the training run
+
+@dataclass
+class RunPaths:
+    run_dir: Path
+    state_root: Path
+    cache_dir: Path
+
+    @classmethod
+    def for_run(cls, run_cfg) -> "RunPaths":
+        from engine.project import PROJECT_FILE
+
+        run_dir = run_cfg.output_path()
+        # Inside a project (<project>/runs/<run>) the project's cache is shared by all its runs.
+        project_root = run_dir.parent.parent
+        in_project = run_dir.parent.name == "runs" and (project_root / PROJECT_FILE).exists()
+        cache_dir = project_root / "cache" if in_project else run_dir / "cache"
+        return cls(run_dir, run_dir / "state", cache_dir)
+
+
+class Trainer:
+    """One training run from a loaded config and a cached dataset; `run()` returns the process exit code."""
+
+    def __init__(self, run_cfg, dataset, *, world: World, device: torch.device, events: EventLog,
+                 should_stop: Callable[[], bool], paths: RunPaths):
+        self.cfg, self.dataset, self.world, self.device = run_cfg, dataset, world, device
+        self.events, self.should_stop, self.paths = events, should_stop, paths
+        self.seed = run_cfg.studio.seed
+        self.accumulation = run_cfg.gradient_accumulation_steps
+        self.stream = DataStream(dataset, seed=self.seed, batch_size=run_cfg.micro_batch_size_per_gpu, world=world)
+        steps_in_epochs = max(1, run_cfg.epochs * self.stream.per_epoch // self.accumulation)
+        self.max_steps = min(run_cfg.max_steps, steps_in_epochs) if run_cfg.max_steps else steps_in_epochs
+        self.timesteps = TimestepSampling.from_run_config(run_cfg)
+        self.fingerprint = dataset.fingerprint
+        self.step = 0
+        self.trainable: TrainableTransformer | None = None
+
+    # ---- setup
+    def build(self, transformer: torch.nn.Module, state: TrainingState | None) -> None:
+        self.trainable = prepare_transformer(transformer, self.cfg, self.device)
+        for note in self.trainable.notes:
+            self.events.log(note)
+        if state is not None:
+            self._load_lora(state.lora)
+        optimizer, note = build_optimizer(self.trainable.parameters, self.cfg.optimizer, self.device)
+        self.events.log(note)
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            restore_rng_state(state.rng)
+            self.step = state.step
+        self.optimizer = optimizer
+        if self.world.distributed:
+            self.stepper = DeepSpeedStepper(optimizer, self.trainable.parameters, self.accumulation,
+                                            self.cfg.gradient_clipping, self.cfg.micro_batch_size_per_gpu)
+        else:
+            self.stepper = LocalStepper(optimizer, self.trainable.parameters, self.accumulation,
+                                        self.cfg.gradient_clipping)
+
+    def _load_lora(self, lora: dict[str, torch.Tensor]) -> None:
+        named = dict(self.trainable.module.named_parameters())
+        missing = [name for name in named if named[name].requires_grad and name not in lora]
+        if missing or any(name not in named for name in lora):
+            raise TrainingError("The saved training state does not match this run's LoRA (rank or target modules "
+                                "changed).", "Resume with the settings the run started with, or start a new run.")
+        with torch.no_grad():
+            for name, tensor in lora.items():
+                named[name].copy_(tensor.to(named[name].device))
+
+    # ---- the loop
+    def run(self) -> int:
+        if self.step >= self.max_steps:
+            self.events.phase("done", f"Nothing left to do: step {self.step} of {self.max_steps}.")
+            return EXIT_OK
+        self.events.phase("train", f"Training {self.max_steps} steps from step {self.step} on "
+                                   f"{self.world.world_size} x {self.device.type}.")
+        started, start_step = time.monotonic(), self.step
+        last_state_time = time.monotonic()
+        while self.step < self.max_steps:
+            epoch_before = self._epoch_of_next_batch()
+            loss = self._train_step()
+            self.step += 1
+            elapsed = time.monotonic() - started
+            steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
+            self.events.emit("step", step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
+                             lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
+                             eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
+                             gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
+                                          if self.device.type == "cuda" else None))
+            finished_epoch = epoch_before if self._epoch_of_next_batch() > epoch_before else None
+            last = self.step >= self.max_steps
+            self._save_outputs(finished_epoch, last)
+            stop = any_rank(self.should_stop(), self.world, self.device)
+            minutes = self.cfg.checkpoint_every_n_minutes
+            due_by_time = bool(minutes) and time.monotonic() - last_state_time >= minutes * 60
+            if stop or last or due_by_time or self._state_due(finished_epoch):
+                self._save_state()
+                last_state_time = time.monotonic()
+            if stop and not last:
+                self.events.phase("stopped", f"Stopped at step {self.step} of {self.max_steps}; the state is saved: "
+                                             "resume to continue.")
+                return EXIT_OK
+        self.events.phase("done", f"Finished {self.max_steps} steps.")
+        return EXIT_OK
+
+    def _epoch_of_next_batch(self) -> int:
+        return self.stream.batch(self.step * self.accumulation)[0]
+
+    def _train_step(self) -> float:
+        factor = lr_factor(self.step, warmup_steps=self.cfg.warmup_steps, total_steps=self.max_steps,
+                           schedule=self.cfg.lr_scheduler)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optimizer.lr * factor
+        losses = []
+        for micro in range(self.accumulation):
+            local_index = self.step * self.accumulation + micro
+            _, indices = self.stream.batch(local_index)
+            batch = stack_items([self.dataset.load(self.dataset.items[i]) for i in indices], self.device)
+            generator = micro_batch_generator(self.seed, self.stream.global_index(local_index))
+            try:
+                loss = flow_matching_loss(self.trainable.module, batch, timesteps_cfg=self.timesteps,
+                                          generator=generator, autocast_dtype=compute_dtype(self.cfg, self.device))
+                self.stepper.backward(loss)
+            except torch.OutOfMemoryError as err:
+                raise TrainingError(f"CUDA out of memory at step {self.step + 1}: {str(err).splitlines()[0]}",
+                                    memory_hint(self.cfg, batch["latents"].shape)) from err
+            self.stepper.micro_step(boundary=micro == self.accumulation - 1)
+            losses.append(float(loss.detach()))
+        return all_ranks_mean(sum(losses) / len(losses), self.world, self.device)
+
+    # ---- outputs
+    def _state_due(self, finished_epoch: int | None) -> bool:
+        every = self.cfg.studio.state_every_n_steps
+        if every and self.step % every == 0:
+            return True
+        every = self.cfg.checkpoint_every_n_epochs
+        return bool(every and finished_epoch and finished_epoch % every == 0)
+
+    def _save_outputs(self, finished_epoch: int | None, last: bool) -> None:
+        every_epochs, every_steps = self.cfg.save_every_n_epochs, self.cfg.save_every_n_steps
+        if finished_epoch and (last or (every_epochs and finished_epoch % every_epochs == 0)):
+            self._save_lora(f"epoch{finished_epoch}", finished_epoch)
+        elif last:  # a run cut short by max_steps still leaves its LoRA
+            self._save_lora(f"epoch{self._epoch_of_next_batch()}", self._epoch_of_next_batch())
+        if every_steps and self.step % every_steps == 0:
+            self._save_lora(f"step{self.step}", self._epoch_of_next_batch())
+        if finished_epoch and finished_epoch in self.cfg.studio.samples.epochs:
+            self._render_sample(finished_epoch)
+
+    def _save_lora(self, folder: str, epoch: int) -> None:
+        from engine.lora_io import save_lora
+
+        if self.world.is_main:
+            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+                self.cfg.save_dtype]
+            state = {k: v.detach().to("cpu", dtype) for k, v in self.trainable.lora_state_dict().items()}
+            path = _writing(lambda: save_lora(
+                state, self.paths.run_dir / folder, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
+                metadata={"base_model": self.cfg.model.ckpt_path, "rank": self.cfg.adapter.rank,
+                          "alpha": self.cfg.lora_alpha, "steps": self.step, "epoch": epoch,
+                          "dataset_fingerprint": self.fingerprint, "seed": self.seed,
+                          "trainer": "wan-lora-studio engine.train"}), self.paths.run_dir / folder)
+            self.events.emit("save", kind="lora", epoch=epoch, step=self.step, path=str(path))
+        barrier(self.world)
+
+    def _save_state(self) -> None:
+        if self.world.is_main:
+            state = TrainingState(
+                step=self.step, epoch=self._epoch_of_next_batch(),
+                global_micro_batches=self.step * self.accumulation * self.world.world_size,
+                lora={name: p.detach().float() for name, p in self.trainable.module.named_parameters()
+                      if p.requires_grad},
+                optimizer=self.optimizer.state_dict(), rng=capture_rng_state(),
+                info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
+                      "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
+                      "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
+                      "dataset_fingerprint": self.fingerprint})
+            path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
+                            self.paths.state_root)
+            self.events.emit("save", kind="state", epoch=state.epoch, step=self.step, path=str(path))
+        barrier(self.world)
+
+    def _render_sample(self, epoch: int) -> None:
+        if self.world.is_main:
+            path = render_training_sample(self.cfg, self.dataset, self.trainable.module, self.paths.run_dir, epoch)
+            self.events.emit("sample", epoch=epoch, step=self.step, path=str(path))
+        barrier(self.world)
+
+
+def _writing(write: Callable[[], Path], where: Path) -> Path:
+    """Run a file write, turning a full disk into a TrainingError (atomic writes leave the old files intact)."""
+    try:
+        return write()
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise TrainingError(f"The disk is full: could not write {where}.",
+                                "Free some space (older epochN folders, the cache, outputs) and resume: the last "
+                                "saved state is intact.", exit_code=EXIT_DISK_FULL) from err
+        raise
+
+
+def memory_hint(run_cfg, latent_shape: Sequence[int]) -> str:
+    """Settings that would lower GPU memory, most effective first, skipping those already in use."""
+    hints = []
+    if not run_cfg.model.transformer_dtype.startswith("float8"):
+        hints.append("[model] transformer_dtype = 'float8' (halves the base weights)")
+    if run_cfg.activation_checkpointing not in (True, "unsloth"):
+        hints.append("activation_checkpointing = true")
+    if run_cfg.activation_checkpointing != "unsloth":
+        hints.append("activation_checkpointing = 'unsloth' (saved activations in CPU memory)")
+    if run_cfg.blocks_to_swap < 39:
+        hints.append(f"blocks_to_swap = {min(39, run_cfg.blocks_to_swap + 10)} (more blocks in CPU memory)")
+    if run_cfg.micro_batch_size_per_gpu > 1:
+        hints.append("micro_batch_size_per_gpu = 1 (use gradient_accumulation_steps for a larger batch)")
+    frames = (latent_shape[2] - 1) * 4 + 1
+    if frames > 33:
+        hints.append(f"fewer frames: frame_buckets = [33] in the dataset TOML (now {frames})")
+    height, width = latent_shape[3] * 8, latent_shape[4] * 8
+    if height * width > 480 * 480:
+        hints.append(f"lower resolution: resolutions = [480] or less in the dataset TOML (now {width}x{height})")
+    return "Try: " + "; ".join(hints) + "." if hints else "This batch does not fit this GPU even at the lowest settings."
+
+
+def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_dir: Path, epoch: int) -> Path:
+    """Render the configured sample with the in-memory LoRA transformer (engine.infer restores its train mode)."""
+    from engine.infer import GenerationRequest, sample_with_transformer
+
+    samples = run_cfg.studio.samples
+    first = dataset.items[0]
+    frames, height, width = first.bucket
+    image = (str(run_cfg.base_dir / Path(samples.image).expanduser()) if samples.image
+             else str(_first_frame(first.clip, run_dir / "samples" / "first_frame.png")))
+    prompt = samples.prompt or first.caption
+    request = GenerationRequest(image=image, prompt=prompt, seed=run_cfg.studio.seed, steps=samples.steps,
+                                guidance=samples.guidance_scale, frames=samples.frames, height=height, width=width)
+    return sample_with_transformer(run_cfg.model.ckpt_path, transformer, request,
+                                   run_dir / "samples" / f"epoch{epoch}.mp4")
+
+
+def _first_frame(clip: str | Path, out: Path) -> Path:
+    """The clip's first frame as a PNG (the default sample still)."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(clip))
+    ok, frame = capture.read()
+    capture.release()
+    if not ok:
+        raise TrainingError(f"Could not read the first frame of {clip} for the training sample.",
+                            "Set [studio.samples] image to a still image.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), frame)
+    return out
+
+
+# ================================================================================================ the stages
+
+def load_configs(config_path: str | Path):
+    from engine.config import ConfigError, load_dataset_config, load_run_config
+
+    try:
+        run_cfg = load_run_config(config_path)
+        dataset_cfg = load_dataset_config(run_cfg.dataset_path())
+    except ConfigError as err:
+        raise TrainingError(str(err), "Fix the named key (python -m engine.config check RUN.toml shows the "
+                                      "resolved settings).") from err
+    return run_cfg, dataset_cfg
+
+
+def validate(run_cfg, dataset_cfg, events: EventLog):
+    """Model folder and dataset report: errors stop the run, warnings are logged."""
+    from engine.dataset import scan_dataset
+    from engine.models import ModelFolderError, check_wan_folder
+
+    events.phase("validate", f"Checking the model folder and the dataset {dataset_cfg.source}.")
+    try:
+        check_wan_folder(run_cfg.model.ckpt_path)
+    except ModelFolderError as err:
+        raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V folder.") from err
+    report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.video_clip_mode)
+    for warning in report.warnings:
+        events.log(f"Dataset warning: {warning.file}: {warning.message}")
+    if report.errors:
+        listed = "; ".join(f"{e.file}: {e.message}" for e in report.errors[:10])
+        more = f" (and {len(report.errors) - 10} more)" if len(report.errors) > 10 else ""
+        raise TrainingError(f"The dataset has {len(report.errors)} error(s): {listed}{more}",
+                            "Fix these clips or captions (the Clips and Captions tabs), then start again.")
+    if not report.clips:
+        folders = ", ".join(str(d.path) for d in dataset_cfg.directory)
+        raise TrainingError(f"The dataset is empty: no clips found in {folders}.",
+                            "Add clips with captions (clip.mp4 + clip.txt) to the folder, or fix its path.")
+    return report
+
+
+def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: torch.device, events: EventLog,
+          should_stop: Callable[[], bool]):
+    """Encode what is not cached yet (each rank its share); None when stopped on request."""
+    from engine.dataset import CachingStopped, cache_dataset
+
+    events.phase("cache", f"Caching latents and embeddings in {paths.cache_dir}.")
+
+    def progress(fraction: float, message: str) -> None:
+        events.emit("progress", phase="cache", fraction=float(fraction), message=message)
+
+    try:
+        dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
+                                dtype=compute_dtype(run_cfg, device), rank=world.rank, world_size=world.world_size,
+                                video_clip_mode=run_cfg.video_clip_mode, report=report, on_progress=progress,
+                                should_stop=should_stop)
+    except CachingStopped:
+        dataset = None
+    if any_rank(dataset is None, world, device):
+        return None
+    barrier(world)  # every rank has written its share
+    missing = dataset.missing_files()
+    if missing:
+        raise TrainingError(f"{len(missing)} cache files are missing after caching, e.g. {missing[0]}.",
+                            "Check the free disk space and start again: finished files are reused.")
+    gc.collect()  # the encoders are gone: give their memory back before the transformer loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dataset
+
+
+def train(config_path: str | Path, *, resume: bool = False, should_stop: Callable[[], bool] | None = None) -> int:
+    """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
+    world, device = start_world()
+    should_stop = should_stop or (lambda: False)
+    events = EventLog(Path.cwd(), enabled=False)
+    try:
+        run_cfg, dataset_cfg = load_configs(config_path)
+        paths = RunPaths.for_run(run_cfg)
+        events = EventLog(paths.run_dir, enabled=world.is_main)
+        torch.manual_seed(run_cfg.studio.seed)
+        state = _resume_state(paths, resume, events)
+        report = validate(run_cfg, dataset_cfg, events)
+        dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, should_stop)
+        if dataset is None:
+            events.phase("stopped", "Stopped while caching; cached clips are kept and reused next time.")
+            return EXIT_OK
+        trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=should_stop,
+                          paths=paths)
+        if state is not None and state.global_micro_batches % (trainer.accumulation * world.world_size):
+            events.log("The saved state's data position does not fall on a step boundary of this GPU count; "
+                       "a few micro-batches are repeated or skipped.")
+        from engine.models import load_wan_transformer
+
+        transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
+        trainer.build(transformer, state)
+        return trainer.run()
+    except TrainingError as err:
+        events.emit("error", message=str(err), hint=err.hint)
+        events.phase("error", str(err))
+        return err.exit_code
+    except Exception as err:  # anything unforeseen still ends with an event the Train tab can show
+        events.emit("error", message=f"{type(err).__name__}: {err}", hint="See the log for the traceback.")
+        events.phase("error", str(err))
+        raise
+    finally:
+        events.close()
+        if world.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _resume_state(paths: RunPaths, resume: bool, events: EventLog) -> TrainingState | None:
+    if not resume:
+        return None
+    state_dir = latest_state_dir(paths.state_root)
+    if state_dir is None:
+        events.log(f"No saved state in {paths.state_root}: starting from step 0.")
+        return None
+    state = load_training_state(state_dir)
+    events.log(f"Resuming from {state_dir} (step {state.step}).")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="run TOML (diffusion-pipe format + [studio])")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest state in <output_dir>/state")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
+    args = parser.parse_args(argv)
+    stop = StopFlag()
+    stop.install()
+    return train(args.config, resume=args.resume, should_stop=stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
