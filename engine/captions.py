@@ -271,6 +271,17 @@ class CaptionStore:
                                              "text": suggestion.text})
         return self.read(clip).text
 
+    def accept_suggestions_where_empty(self) -> list[str]:
+        """Accept every pending suggestion whose clip has no caption yet (nothing is overwritten); return the clips."""
+        accepted = []
+        for clip, record in self._suggestion_records().items():
+            if self._pending(record) and clip in self.list_clips():
+                current = self.read(clip)
+                if current.readable and not current.text:
+                    self.resolve_suggestion(clip, "accept")
+                    accepted.append(clip)
+        return accepted
+
     # overview
     def info(self, clip: str | Path, suggestions: dict[str, dict] | None = None) -> CaptionInfo:
         name = Path(clip).name
@@ -713,14 +724,11 @@ class Captioner(Protocol):
 class CaptionerSettings:
     frames_per_clip: int = 3  # frames captioned per clip (first, middle, last for 3), merged into one suggestion
     prompt: str = ""  # optional text the captioner continues, e.g. "a video of"; empty: plain captioning
-    max_new_tokens: int = 30  # caption length limit per frame, in captioner tokens
     batch_size: int = 8  # frames per forward pass; lower it when the GPU runs out of memory
 
     def validate(self) -> None:
         if not 1 <= self.frames_per_clip <= 32:
             raise CaptionError(f"frames per clip must be 1..32, not {self.frames_per_clip}.")
-        if not 1 <= self.max_new_tokens <= 512:
-            raise CaptionError(f"max new tokens must be 1..512, not {self.max_new_tokens}.")
         if self.batch_size < 1:
             raise CaptionError(f"batch size must be at least 1, not {self.batch_size}.")
 
@@ -734,11 +742,16 @@ def default_device() -> str:
 class Blip2Captioner:
     """BLIP-2 (a local folder or hub id) loaded on first use and kept until `unload()`; fp16 on GPU, float32 on CPU."""
 
-    def __init__(self, source: str | Path, device: str | None = None, max_new_tokens: int = 30, batch_size: int = 8):
+    def __init__(self, source: str | Path, device: str | None = None, max_new_tokens: int = 30,
+                 min_new_tokens: int = 3, batch_size: int = 8):
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise CaptionError(f"caption length: need 0 <= min new tokens ({min_new_tokens}) <= max new tokens "
+                               f"({max_new_tokens}).")
         self.source = str(source)
         self.name = Path(self.source).name or self.source
         self.device = device or default_device()
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens  # caption length limit per frame, in captioner tokens
+        self.min_new_tokens = min_new_tokens  # a caption of at least a few tokens: never an empty suggestion
         self.batch_size = batch_size
         self._processor = None
         self._model = None
@@ -774,7 +787,8 @@ class Blip2Captioner:
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
             try:
                 with torch.inference_mode():
-                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                                  min_new_tokens=self.min_new_tokens, do_sample=False)
             except torch.cuda.OutOfMemoryError as err:
                 torch.cuda.empty_cache()
                 raise CaptionerOutOfMemory(
@@ -962,8 +976,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = CaptionStore(args.clips_dir)
         if args.command == "suggest":
-            settings = CaptionerSettings(frames_per_clip=args.frames, prompt=args.prompt,
-                                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            settings = CaptionerSettings(frames_per_clip=args.frames, prompt=args.prompt, batch_size=args.batch_size)
             settings.validate()
             model = args.model or _project_setting(store.clips_dir, "captioner_model") or BLIP2_HUB_ID
             captioner = Blip2Captioner(model, device=args.device,

@@ -111,6 +111,11 @@ def test_suggestions_are_separate_and_resolved_explicitly(store):
     assert store.resolve_suggestion("shot3.mp4", "accept") == "a dog"
     assert store.info("shot3.mp4").status == "edited"
     assert store.undo("shot3.mp4") == ""  # accepting is undoable like any save
+    store.add_suggestion("shot3.mp4", "a cat", model="tiny")
+    store.add_suggestion("shot 'two' é.mp4", "a bird", model="tiny")
+    store.save("shot 'two' é.mp4", "typed by hand")
+    assert store.accept_suggestions_where_empty() == ["shot3.mp4"]
+    assert store.read("shot3.mp4").text == "a cat" and store.read("shot 'two' é.mp4").text == "typed by hand"
 
 
 def test_export_import_jsonl_and_csv_round_trip(store, tmp_path):
