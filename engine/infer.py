@@ -368,6 +368,23 @@ def _decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+PROMPT_CACHE_SIZE = 4
+
+
+def _prompt_embeds(pipe, prompt: str, negative_prompt: str, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """UMT5 embeddings of the prompts, kept for the last few prompts: a sweep or a strength change re-encodes nothing."""
+    cache: OrderedDict = pipe.__dict__.setdefault("_studio_prompts", OrderedDict())
+    key = (prompt, negative_prompt if guided else None)
+    if key not in cache:
+        cache[key] = pipe.encode_prompt(prompt, negative_prompt if guided else None,
+                                        do_classifier_free_guidance=guided, max_sequence_length=512,
+                                        device=pipe._execution_device)
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
+
+
 def generate(pipe, request: GenerationRequest, *, on_progress: ProgressFn | None = None,
              should_stop: StopFn | None = None) -> Generated:
     """Render one video into memory. Raises GenerationCancelled when `should_stop()` turns true."""
@@ -389,8 +406,9 @@ def generate(pipe, request: GenerationRequest, *, on_progress: ProgressFn | None
     started = time.perf_counter()
     progress(0.0, f"step 0/{resolved.steps}")
     with torch.inference_mode():
+        positive, negative = _prompt_embeds(pipe, resolved.prompt, resolved.negative_prompt, resolved.guidance > 1)
         latents = pipe(
-            image=conditioning, prompt=resolved.prompt, negative_prompt=resolved.negative_prompt,
+            image=conditioning, prompt_embeds=positive, negative_prompt_embeds=negative,
             height=resolved.height, width=resolved.width, num_frames=resolved.frames,
             num_inference_steps=resolved.steps, guidance_scale=resolved.guidance,
             generator=torch.Generator("cpu").manual_seed(resolved.seed), output_type="latent",
