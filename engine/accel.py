@@ -284,13 +284,16 @@ class _RecomputedBlock(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         hidden_states = runner.offloader.fetch(ctx.stash) if ctx.stash is not None else saved.pop(0)
         ctx.stash = None
-        inputs = [t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], ctx.needs_input_grad[2:])]
+        # the block input always takes a gradient here, so the compiled body sees one variant for every block
+        needs = (True, *ctx.needs_input_grad[3:])
+        inputs = [t.detach().requires_grad_(need) for t, need in zip([hidden_states, *saved], needs)]
         device_type, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             x, ehs, temb, cos, sin = inputs
             out = runner.body(runner.block, x, ehs, temb, (cos, sin))
         torch.autograd.backward(out, grad_out)
-        return (None, None, *(t.grad if t.requires_grad else None for t in inputs))
+        grads = [t.grad if need else None for t, need in zip(inputs, ctx.needs_input_grad[2:])]
+        return (None, None, *grads)
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -325,6 +328,8 @@ class _BlockRunner:
         if not training or self.checkpoint is None:
             out = self.body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
         elif self.checkpoint == "selective":
+            if not hidden_states.requires_grad:  # first block: same compiled variant as the others
+                hidden_states = hidden_states.detach().requires_grad_()
             out = self.selective_body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
         else:
             cos, sin = rotary_emb
