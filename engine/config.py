@@ -192,7 +192,9 @@ class RunConfig(_Section):
                              maximum=WAN_BLOCKS - 1)
     partition_method: str = _f("parameters", "How diffusion-pipe splits pipeline stages (unused with 1 stage).")
     save_dtype: str = _f("bfloat16", "Dtype of saved LoRA files.", choices=DTYPES)
-    caching_batch_size: int = _f(1, "Clips encoded at once while caching latents (1..64).", minimum=1, maximum=64)
+    caching_batch_size: int = _f(1, "diffusion-pipe: clips encoded at once while caching (1..64). The studio "
+                                    "encodes one clip at a time, exactly as the inference pipeline does.",
+                                 minimum=1, maximum=64)
     steps_per_print: int = _f(1, "Log the loss every N steps.", minimum=1)
     video_clip_mode: str = _f("single_beginning", "Which part of a clip longer than its frame bucket is used: "
                                                   "its beginning, its middle, or several overlapping windows.",

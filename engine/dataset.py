@@ -485,6 +485,8 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
                  and not f.is_file()]
     total = max(1, len(latent_todo) + len(text_todo))
     done = 0
+    if (latent_todo or text_todo) and stop():
+        raise CachingStopped("Caching stopped before it began.")
 
     if latent_todo:
         progress(0.0, "Loading the VAE and the CLIP image encoder")
