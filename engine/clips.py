@@ -115,7 +115,7 @@ def parse_size(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 def fitted_frames(duration: float, fps: float = DEFAULT_FPS) -> int:
     """The largest 4k+1 frame count whose clip (frames / fps seconds) fits in `duration` seconds; 0 if none."""
-    whole = int(np.floor(duration * fps + 1e-6))
+    whole = int(np.floor((duration + FRAME_TIME_TOLERANCE) * fps))
     return 0 if whole < 1 else whole - (whole - 1) % 4
 
 
@@ -196,7 +196,7 @@ def validate_cuts(cuts: Sequence[Cut], duration: float, *, frames: int | None = 
         problems = []
         count = clip_frames(cut, frames, fps)
         span = count / fps
-        if cut.end is not None and (cut.end - cut.start) * fps + 1e-6 < max(count, 5 if frames is None else count):
+        if cut.end is not None and cut.end - cut.start + FRAME_TIME_TOLERANCE < max(count, 5) / fps:
             problems.append(f"too short: {cut.end - cut.start:.3f} s < {max(span, 5 / fps):.3f} s")
         if cut.start < 0 or cut.start >= duration:
             problems.append(f"out of range: starts outside 0..{duration:.3f} s")
