@@ -1,0 +1,96 @@
+"""Data-parallel training through the trainer's DeepSpeed path: 2 CPU processes (gloo) launched by torchrun.
+
+Checks dataset sharding, gradient averaging (2 ranks x accumulation k == 1 rank x 2k: same losses, same LoRA),
+single-writer outputs, and resuming a 2-rank state on 1 process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine.test_train import REPO, build_trainer, events_of, saved_lora, write_clips, write_run
+
+SETTINGS = {"max_steps": 6, "epochs": 100, "optimizer.lr": 5e-3, "studio.state_every_n_steps": 3,
+            "checkpoint_every_n_epochs": None, "save_every_n_epochs": 3, "save_dtype": "float32",
+            "gradient_clipping": 0.05}  # a low clip so clipping acts on the averaged gradient too
+
+
+@pytest.fixture(scope="module")
+def dist_project(tmp_path_factory):
+    from engine.models import ensure_tiny_kits
+    from engine.project import Project
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared machine: more threads only spin
+    models = ensure_tiny_kits(tmp_path_factory.mktemp("models"))
+    project = Project.open(tmp_path_factory.mktemp("dist") / "proj", wan_model=models.wan)
+    write_clips(project.clips_dir, count=4)
+    yield project
+    torch.set_num_threads(threads)
+
+
+def test_each_rank_gets_its_own_shard(dist_project):
+    from engine.train import DataStream, World
+
+    dataset = build_trainer(write_run(dist_project, "shards", SETTINGS)).dataset
+    whole = DataStream(dataset, seed=42, batch_size=1, world=World())
+    ranks = [DataStream(dataset, seed=42, batch_size=1, world=World(r, 2, r)) for r in range(2)]
+    assert whole.per_epoch == 4 and [r.per_epoch for r in ranks] == [2, 2]
+    for local in range(6):  # three epochs: rank r's local batch i is global batch i*2 + r, noise index too
+        for r, stream in enumerate(ranks):
+            assert stream.batch(local) == whole.batch(local * 2 + r)
+            assert stream.global_index(local) == local * 2 + r
+    first_epoch = sorted(i for stream in ranks for local in range(2) for i in stream.batch(local)[1])
+    assert first_epoch == [0, 1, 2, 3]  # disjoint shards covering the epoch
+
+
+def _torchrun(run_toml: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "engine.train", "--config", str(run_toml), *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dist_project):
+    single = write_run(dist_project, "one rank", {**SETTINGS, "gradient_accumulation_steps": 2})
+    assert build_trainer(single).run() == 0
+    double = write_run(dist_project, "two ranks", {**SETTINGS, "gradient_accumulation_steps": 1})
+    result = _torchrun(double)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Single writer: every event once, in metrics.jsonl and on stdout alike.
+    steps = events_of(double, "step")
+    assert [e["step"] for e in steps] == list(range(1, 7))
+    assert result.stdout.count('"event": "step"') == 6
+    saves = [(e["kind"], e["step"]) for e in events_of(double, "save")]
+    assert saves == [("state", 3), ("lora", 6), ("state", 6)]
+    assert [e["phase"] for e in events_of(double, "phase")] == ["validate", "cache", "train", "done"]
+    assert "2 x cpu" in events_of(double, "phase")[2]["message"]
+
+    # Gradient averaging: the same loss curve and the same LoRA as one rank accumulating both micro-batches.
+    one = {e["step"]: e["loss"] for e in events_of(single, "step")}
+    for e in steps:
+        assert e["loss"] == pytest.approx(one[e["step"]], rel=1e-4)
+    expected, got = saved_lora(single.parent / "epoch3"), saved_lora(double.parent / "epoch3")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    assert any(float(v.abs().max()) > 0 for k, v in got.items() if "lora_B" in k)
+
+    # Resume on another GPU count: the 2-rank state of step 3, continued by one process with accumulation 2.
+    moved = write_run(dist_project, "moved", {**SETTINGS, "gradient_accumulation_steps": 2})
+    shutil.copytree(double.parent / "state" / "step3", moved.parent / "state" / "step3")
+    from engine.train import train
+
+    assert train(moved, resume=True) == 0
+    assert [e["step"] for e in events_of(moved, "step")] == [4, 5, 6]
+    resumed = saved_lora(moved.parent / "epoch3")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=1e-6)
