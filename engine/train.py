@@ -484,6 +484,8 @@ class Trainer:
             self.events.log(note)
         if state is not None:
             self._load_lora(state.lora)
+        elif self.cfg.adapter.init_from_existing:
+            self._init_from_existing(self.cfg.base_dir / Path(self.cfg.adapter.init_from_existing).expanduser())
         optimizer, note = build_optimizer(self.trainable.parameters, self.cfg.optimizer, self.device)
         self.events.log(note)
         if state is not None:
@@ -507,6 +509,28 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in lora.items():
                 named[name].copy_(tensor.to(named[name].device))
+
+    def _init_from_existing(self, path: Path) -> None:
+        """Start from an earlier LoRA file (any format engine.lora_io reads), keeping its effective weights."""
+        from peft import set_peft_model_state_dict
+
+        from engine.lora_io import LoraFileError, LoraMismatchError, check_keys_match_model, load_lora
+
+        try:
+            weights = load_lora(path)
+            check_keys_match_model(weights, self.trainable.module)
+        except (LoraFileError, LoraMismatchError) as err:
+            raise TrainingError(str(err), "Fix [adapter] init_from_existing or leave it out.") from err
+        if weights.rank != self.cfg.adapter.rank:
+            raise TrainingError(f"{path} has rank {weights.rank}, this run rank {self.cfg.adapter.rank}.",
+                                f"Set [adapter] rank = {weights.rank} to continue from it.")
+        our_scale = self.cfg.lora_alpha / self.cfg.adapter.rank
+        state = {k: (v / our_scale if ".lora_B." in k else v).float()
+                 for k, v in weights.to_diffusers_peft(prefix="").items()}  # alpha/rank of the file baked in
+        result = set_peft_model_state_dict(self.trainable.module, state)
+        if getattr(result, "unexpected_keys", None):
+            raise TrainingError(f"{path}: keys not in this LoRA: {result.unexpected_keys[:3]}", "Use a Wan 2.1 LoRA.")
+        self.events.log(f"LoRA initialised from {path} ({len(weights.modules)} modules).")
 
     # ---- the loop
     def run(self) -> int:

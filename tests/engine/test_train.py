@@ -266,9 +266,13 @@ def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(train_project):
     from engine.models import load_wan_pipeline
 
     run_toml = write_run(train_project, "export", {"max_steps": 8, "epochs": 100, "optimizer.lr": 1e-2,
-                                                   "save_dtype": "float32"})
+                                                   "save_dtype": "float32", "studio.samples.epochs": [2],
+                                                   "studio.samples.frames": 5, "studio.samples.steps": 2})
     trainer = build_trainer(run_toml)
     assert trainer.run() == 0
+    sample = events_of(run_toml, "sample")  # rendered with the in-memory LoRA after epoch 2
+    assert [(e["epoch"], e["step"]) for e in sample] == [(2, 4)] and Path(sample[0]["path"]).stat().st_size > 0
+    assert trainer.trainable.module.training  # back in train mode for the steps after the sample
     lora_dir = Path([e for e in events_of(run_toml, "save") if e["kind"] == "lora"][-1]["path"]).parent
     assert lora_dir.name == "epoch4"
     state = saved_lora(lora_dir)
@@ -303,6 +307,11 @@ def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(train_project):
                     num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
 
     assert np.abs(video(1.0) - video(0.0)).max() > 1e-4
+
+    # A new run may start from this LoRA (diffusion-pipe's init_from_existing): same weights, same output.
+    again = build_trainer(write_run(train_project, "continued", {"adapter.init_from_existing": str(lora_dir)}))
+    with torch.no_grad():
+        torch.testing.assert_close(again.trainable.module.eval()(**inputs)[0], trained, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- modes, configs
