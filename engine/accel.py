@@ -309,6 +309,7 @@ class _BlockRunner:
         self.offloader: _ActivationOffloader | None = None
         self.swapper: BlockSwapper | None = None
         self.compile_options: dict | None = None
+        self.lora_outside_graph = False  # inference: LoRA strengths change without recompiling
         self.body: Callable = _run_block
         self.selective_body: Callable = _run_block_selective
         self._anchor = None
@@ -324,6 +325,8 @@ class _BlockRunner:
     def __call__(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         if self.swapper is not None:
             self.swapper.before_block(self.index, backward=False)
+        if self.lora_outside_graph and self.compile_options is not None:
+            _keep_lora_layers_eager(self.block)
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.block.parameters())
         if not training or self.checkpoint is None:
             out = self.body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
@@ -344,6 +347,18 @@ class _BlockRunner:
         if self._anchor is None or self._anchor.device != device:
             self._anchor = torch.zeros((), device=device, requires_grad=True)
         return self._anchor
+
+
+def _keep_lora_layers_eager(block: nn.Module) -> None:
+    """Run peft LoRA layers' own forward outside the compiled graph (their base layer is still compiled).
+
+    peft keeps each adapter's strength as a Python float; traced, every new strength would recompile the block.
+    LoRA layers appear whenever an adapter is loaded, so this is checked on every call (a cheap module walk).
+    """
+    for module in block.modules():
+        if hasattr(module, "lora_A") and "_accel_eager" not in module.__dict__:
+            module.forward = torch.compiler.disable(module.forward, recursive=False)
+            module.__dict__["_accel_eager"] = True
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -578,9 +593,11 @@ class FastInferenceReport:
     notes: list[str]
 
 
-def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile: bool = True) -> FastInferenceReport:
+def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile: bool = True,
+                         compile_backend: str = "inductor") -> FastInferenceReport:
     """The generation path's speed-ups: float8 matmuls for the frozen block Linears (only where the card has them;
-    elsewhere nothing changes, since float8 storage alone would slow inference) and compiled blocks (GPU only).
+    elsewhere nothing changes, since float8 storage alone would slow inference) and compiled blocks (GPU only,
+    unless a backend is named), with LoRA layers kept outside the compiled graph so strength changes cost nothing.
 
     Call before loading LoRAs (they sit beside the float8 base layers in bf16) and never fuse LoRAs afterwards.
     """
@@ -594,8 +611,27 @@ def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile
             notes.append(f"float8 matmuls on {report.converted} block linears")
         else:
             notes.append(f"float8 off: {why}")
-    compiled = compile and device.type == "cuda"
+    compiled = compile and (device.type == "cuda" or compile_backend != "inductor")
     if compiled:
-        compile_blocks(transformer)
-        notes.append("blocks compiled")
+        compile_blocks(transformer, backend=compile_backend)
+        for runner in _runners(transformer):
+            runner.lora_outside_graph = True
+        notes.append("blocks compiled (the first generation at a new size compiles them: slower)")
     return FastInferenceReport(report, compiled, notes)
+
+
+def prepare_pipeline_for_inference(pipe, device: torch.device | str | None = None, **options) -> FastInferenceReport:
+    """`apply_fast_inference` on a WanImageToVideoPipeline's transformer, on the GPU it will run on.
+
+    A transformer still on the CPU is moved to `device` first (default: the GPU when there is one), because float8
+    packing and the float8 check need the card. Options are passed on (float8=, compile=).
+    """
+    transformer = pipe.transformer
+    current = next(p.device for p in transformer.parameters())
+    target = torch.device(device) if device is not None else (
+        torch.device("cuda") if current.type == "cpu" and torch.cuda.is_available() else current)
+    if target != current:
+        transformer.to(target)
+    report = apply_fast_inference(transformer, **options)
+    pipe.__dict__["_accel_report"] = report
+    return report

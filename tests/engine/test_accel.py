@@ -236,3 +236,32 @@ def test_compiled_blocks_give_the_same_gradients(reference, mode, backend):
     loss_c, grads_c = _loss_and_grads(compiled, _batch())
     torch.testing.assert_close(loss_c, loss)
     _assert_same_grads(grads, grads_c)
+
+
+def test_fast_inference_lora_strength_changes_do_not_recompile():
+    """Compiled blocks with a LoRA loaded afterwards: same output as eager, and new strengths never recompile."""
+    from peft import LoraConfig
+    from torch._dynamo.utils import counters
+
+    eager, fast = _tiny_transformer(num_layers=2, seed=3), _tiny_transformer(num_layers=2, seed=3)
+    report = accel.apply_fast_inference(fast, compile_backend="eager")
+    assert report.compiled and report.float8 is None and "float8 off" in report.notes[0]  # CPU: no float8 matmuls
+    torch._dynamo.reset()
+    for model in (eager, fast):
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS), adapter_name="style")
+        torch.manual_seed(5)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape) * 0.3
+    with torch.no_grad():
+        fast.set_adapters(["style"], [1.0])
+        fast(**_batch(), return_dict=False)  # compiles
+        frames_before = counters["stats"]["unique_graphs"]
+        outputs = {}
+        for strength in (0.0, 0.5, 1.5):
+            for model in (eager, fast):
+                model.set_adapters(["style"], [strength])
+            outputs[strength] = fast(**_batch(), return_dict=False)[0]
+            torch.testing.assert_close(outputs[strength], eager(**_batch(), return_dict=False)[0])
+    assert counters["stats"]["unique_graphs"] == frames_before  # no new graphs for new strengths
+    assert not torch.allclose(outputs[0.0], outputs[1.5])  # the strength really changes the output
