@@ -245,6 +245,9 @@ class PipelineCache:
             self.pipe.to(device)
         self._apply_memory_modes(options, device)
         self.options = options
+        # Sidecars record the memory modes the video was made with.
+        self.pipe.__dict__["_studio_memory"] = {"cpu_offload": options.cpu_offload, "vae_tiling": options.vae_tiling,
+                                                "fast": options.fast}
         return self.pipe
 
     def _apply_memory_modes(self, options: PipelineOptions, device: torch.device) -> None:
@@ -532,16 +535,9 @@ def reproduce(sidecar: str | Path, cache: PipelineCache, out_path: str | Path | 
     source = sidecar_path(sidecar) if Path(sidecar).suffix.lower() != ".json" else Path(sidecar)
     out_path = Path(out_path) if out_path else new_output_path(source.parent, Path(data["video"]).stem + "-again")
     pipe = cache.get(options_from_sidecar(source), on_progress=on_progress)
-    _record_memory(pipe, cache.options)
     path = render_video(pipe, request_from_sidecar(source), out_path, on_progress=on_progress,
                         should_stop=should_stop, model=data["model"], extra={"reproduces": data["video"]})
     return path, read_sidecar(path)["frames_sha256"] == data.get("frames_sha256")
-
-
-def _record_memory(pipe, options: PipelineOptions | None) -> None:
-    if options is not None:
-        pipe.__dict__["_studio_memory"] = {"cpu_offload": options.cpu_offload, "vae_tiling": options.vae_tiling,
-                                           "fast": options.fast}
 
 
 def generate_with_cache(cache: PipelineCache, options: PipelineOptions, request: GenerationRequest,
@@ -549,7 +545,6 @@ def generate_with_cache(cache: PipelineCache, options: PipelineOptions, request:
                         should_stop: StopFn | None = None) -> Path:
     """Load (or reuse) the pipeline for `options` and render one video."""
     pipe = cache.get(options, on_progress=on_progress)
-    _record_memory(pipe, options)
     return render_video(pipe, request, out_path, on_progress=on_progress, should_stop=should_stop,
                         model=options.model)
 
@@ -809,7 +804,6 @@ def main(argv: list[str] | None = None) -> int:
     cache = PipelineCache()
     try:
         pipe = cache.get(options, on_progress=report)
-        _record_memory(pipe, options)
         if args.strengths or args.epochs:
             result = render_sweep(pipe, request, args.out, strengths=args.strengths, lora_files=args.epochs,
                                   model=args.model, on_progress=report)

@@ -1,13 +1,464 @@
-"""Generate tab: image-to-video outputs of the project."""
+"""Generate tab: image-to-video with the project's LoRAs at adjustable strengths, sweeps in a synchronised grid,
+an outputs gallery whose settings can be sent back to the form, and ComfyUI workflow export.
+
+Thin UI over engine.infer. The pipeline stays loaded between generations (Unload frees it); changing a LoRA or a
+strength never reloads the base model. Every video lands in the project's outputs/ with a JSON sidecar.
+"""
 
 from __future__ import annotations
 
-import gradio as gr
+import hashlib
+import html
+import shutil
+import threading
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
 
+import gradio as gr
+from gradio.context import Context
+
+from engine.infer import (
+    DEFAULT_SWEEP_STRENGTHS, STRENGTH_MAX, STRENGTH_MIN, WAN_NEGATIVE_PROMPT, GenerationCancelled, GenerationError,
+    GenerationRequest, PipelineCache, PipelineOptions, export_comfyui_workflow, fit_size, new_output_path,
+    open_image, read_sidecar, render_sweep, render_video, request_from_sidecar,
+)
+from engine.jobs import GpuBusyError
+from engine.lora_io import LoraFileError, LoraMismatchError
+from engine.models import ModelFolderError
+from engine.video import frame_at, probe_video
 from studio.context import AppContext
 
 TITLE = "Generate"
+MAX_LORAS = 3
+NO_LORA = ("(none)", "")
+PEOPLE_ERRORS = (GenerationError, LoraFileError, LoraMismatchError, ModelFolderError, GpuBusyError, OSError)
+
+
+def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """The project's LoRAs: every run's epochs (newest run first), then uploaded files."""
+    choices = [NO_LORA]
+    for run in reversed(ctx.project.list_runs()):
+        epochs = sorted(run.glob("epoch*/adapter_model.safetensors"), key=lambda p: _epoch_number(p.parent.name))
+        choices += [(f"{run.name} / {p.parent.name}", str(p)) for p in epochs]
+    uploads = _uploads_dir(ctx)
+    if uploads.is_dir():
+        choices += [(f"uploaded / {p.name}", str(p)) for p in sorted(uploads.glob("*.safetensors"))]
+    return choices
+
+
+def _epoch_number(name: str) -> int:
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _uploads_dir(ctx: AppContext) -> Path:
+    return ctx.project.root / "loras"
+
+
+def run_epochs(lora_path: str | None) -> list[tuple[str, str]]:
+    """The epochs of the run a LoRA belongs to (runs/<run>/epochN/adapter_model.safetensors), for epoch sweeps."""
+    if not lora_path:
+        return []
+    path = Path(lora_path)
+    if path.name != "adapter_model.safetensors":
+        return []
+    epochs = sorted(path.parent.parent.glob("epoch*/adapter_model.safetensors"),
+                    key=lambda p: _epoch_number(p.parent.name))
+    return [(p.parent.name, str(p)) for p in epochs]
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    except ValueError as err:
+        raise GenerationError(f"Sweep strengths must be numbers separated by commas, not {text!r}.") from err
+    if not values:
+        raise GenerationError("Give at least one sweep strength, e.g. 0, 0.5, 1.0, 1.5.")
+    bad = [v for v in values if not STRENGTH_MIN <= v <= STRENGTH_MAX]
+    if bad:
+        raise GenerationError(f"Sweep strengths {bad} are outside {STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
+    return values
+
+
+def file_url(path: Path) -> str:
+    """A URL Gradio serves (the project folder is in launch's allowed_paths)."""
+    return "/gradio_api/file=" + quote(str(path))
+
+
+def grid_html(videos: list[Path], labels: list[str], motion: list[float]) -> str:
+    """Sweep results as a grid of <video> elements (muted, looping) with their label and motion readout."""
+    cells = "".join(
+        f'<figure class="generate-cell" style="margin:0">'
+        f'<video src="{html.escape(file_url(v))}" autoplay muted loop playsinline preload="auto" '
+        f'style="width:100%;display:block"></video>'
+        f'<figcaption><b>{html.escape(label)}</b><br>motion {m:.2f} px/frame</figcaption></figure>'
+        for v, label, m in zip(videos, labels, motion))
+    columns = min(4, max(1, len(videos)))
+    return (f'<div id="generate-grid" style="display:grid;grid-template-columns:repeat({columns},1fr);gap:8px">'
+            f"{cells}</div>")
+
+
+PLAY_TOGETHER_JS = """() => {
+  const videos = document.querySelectorAll('#generate-grid video');
+  videos.forEach(v => { v.pause(); v.currentTime = 0; });
+  videos.forEach(v => v.play());
+}"""
+
+
+class GenerateTab:
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.cache = PipelineCache()
+        self.stop_requested = threading.Event()
+
+    # ------------------------------------------------------------ helpers over the engine
+
+    @property
+    def model(self) -> str:
+        return self.ctx.project.settings().wan_model or self.ctx.models.wan
+
+    @contextmanager
+    def gpu(self, description: str) -> Iterator[None]:
+        """The studio's GPU: the in-process lock and the job runner's slot (a training run holds it)."""
+        if not self.ctx.gpu_lock.acquire(blocking=False):
+            raise gr.Error("Another GPU task of this studio is running (captioning or generation); try again when "
+                           "it has finished.")
+        try:
+            with ExitStack() as stack:
+                if self.ctx.jobs is not None:
+                    try:
+                        stack.enter_context(self.ctx.jobs.gpu_slot(description))
+                    except GpuBusyError as err:
+                        raise gr.Error(str(err)) from err
+                yield
+        finally:
+            self.ctx.gpu_lock.release()
+
+    def keep_image(self, image_path: str | None) -> str:
+        """Copy the start image into outputs/inputs/ (named by content) so sidecars point at a file that stays."""
+        if not image_path:
+            raise GenerationError("No start image: upload one, or pick a frame from a clip.")
+        source = Path(image_path)
+        digest = hashlib.sha1(source.read_bytes()).hexdigest()[:16]
+        kept = self.ctx.project.outputs_dir / "inputs" / f"{digest}{source.suffix.lower() or '.png'}"
+        if not kept.exists():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, kept)
+        return str(kept)
+
+    def read_form(self, data: dict) -> tuple[GenerationRequest, PipelineOptions]:
+        """The form's values (passed by component, not by position) as a request and pipeline options."""
+        loras = [(data[path], float(data[strength])) for path, strength in self.lora_rows if data[path]]
+        seed = None if data[self.seed_mode] == "random" else int(data[self.seed] or 0)
+        request = GenerationRequest(
+            image=self.keep_image(data[self.image]), prompt=data[self.prompt] or "",
+            negative_prompt=data[self.negative_prompt] or "", seed=seed, steps=int(data[self.steps]),
+            guidance=float(data[self.guidance]), frames=int(data[self.frames]),
+            height=int(data[self.height]) or None, width=int(data[self.width]) or None, fps=float(data[self.fps]),
+            loras=loras)
+        options = PipelineOptions(model=self.model, cpu_offload=bool(data[self.cpu_offload]),
+                                  vae_tiling=bool(data[self.vae_tiling]))
+        return request, options
+
+    def outputs(self) -> list[tuple[str, str]]:
+        """Generated videos with sidecars, newest first (single videos and sweep comparisons)."""
+        videos = [p for p in self.ctx.project.outputs_dir.glob("*.mp4") if p.with_suffix(".json").exists()]
+        return [(p.name, str(p)) for p in sorted(videos, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    # ------------------------------------------------------------ layout
+
+    def build(self) -> None:
+        with gr.Row():
+            with gr.Column(scale=5):
+                self.build_inputs()
+            with gr.Column(scale=6):
+                self.build_results()
+        with gr.Accordion("Outputs", open=True):
+            self.build_gallery()
+        self.ctx.ui["generate.lora"] = self.lora_rows[0][0]  # the Train tab's "Open in Generate" fills this
+        self.wire()
+
+    def build_inputs(self) -> None:
+        self.image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"], height=260,
+                              elem_id="generate-image")
+        with gr.Accordion("Pick a frame from a project clip", open=False):
+            with gr.Row():
+                self.clip = gr.Dropdown([], label="Clip", interactive=True)
+                self.clip_time = gr.Slider(0, 10, value=0, step=1 / 16, label="Time (s)")
+            self.use_frame = gr.Button("Use this frame")
+        self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="motion and style, comma-separated phrases")
+        self.negative_prompt = gr.Textbox(label="Negative prompt", value=WAN_NEGATIVE_PROMPT, lines=2)
+        with gr.Row():
+            self.seed_mode = gr.Radio(["random", "fixed"], value="random", label="Seed mode")
+            self.seed = gr.Number(value=42, precision=0, label="Seed", info="the seed used is shown here afterwards")
+        with gr.Row():
+            self.steps = gr.Slider(1, 100, value=30, step=1, label="Steps")
+            self.guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+        with gr.Row():
+            self.frames = gr.Slider(5, 161, value=81, step=4, label="Frames", info="4k+1; 81 = 5.06 s at 16 fps")
+            self.fps = gr.Number(value=16, label="FPS", info="Wan's native rate")
+        with gr.Accordion("Size", open=False):
+            with gr.Row():
+                self.height = gr.Number(value=0, precision=0, label="Height (0 = from image)")
+                self.width = gr.Number(value=0, precision=0, label="Width (0 = from image)")
+        self.size_note = gr.Markdown("Size: from the image's aspect at 832x480 pixels.", elem_id="generate-size")
+        gr.Markdown("**LoRAs** (strength -1 to 2; stacked LoRAs each keep their own strength)")
+        self.lora_rows: list[tuple[gr.Dropdown, gr.Slider]] = []
+        for i in range(MAX_LORAS):
+            with gr.Row(visible=True):
+                choice = gr.Dropdown([NO_LORA], value="", label=f"LoRA {i + 1}", allow_custom_value=True,
+                                     interactive=True, scale=3)
+                strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, label=f"Strength {i + 1}",
+                                     scale=2)
+            self.lora_rows.append((choice, strength))
+        self.upload = gr.File(label="Add a LoRA file (.safetensors: diffusion-pipe/ComfyUI, diffusers or musubi)",
+                              file_types=[".safetensors"], type="filepath")
+        with gr.Accordion("Memory", open=False):
+            with gr.Row():
+                self.cpu_offload = gr.Checkbox(label="CPU offload (24 GB cards)", value=False)
+                self.vae_tiling = gr.Checkbox(label="VAE tiling", value=False)
+            with gr.Row():
+                self.unload = gr.Button("Unload model")
+                self.model_status = gr.Markdown("no model loaded", elem_id="generate-model-status")
+        with gr.Row():
+            self.generate = gr.Button("Generate", variant="primary")
+            self.stop = gr.Button("Stop", variant="stop")
+        with gr.Accordion("Sweep", open=True):
+            self.sweep_strengths = gr.Textbox(label="Sweep strengths (LoRA 1)",
+                                              value=", ".join(f"{s:g}" for s in DEFAULT_SWEEP_STRENGTHS))
+            self.sweep_epochs = gr.CheckboxGroup([], label="Sweep epochs (of LoRA 1's run)")
+            self.sweep = gr.Button("Run sweep")
+
+    def build_results(self) -> None:
+        self.status = gr.Markdown("", elem_id="generate-status")
+        self.video = gr.Video(label="Result", height=360, autoplay=True, loop=True)
+        self.details = gr.Markdown("", elem_id="generate-details")
+        self.grid = gr.HTML("", elem_id="generate-grid-box")
+        self.play_together = gr.Button("Play grid together", size="sm")
+        self.comparison = gr.Video(label="Comparison video (all variants side by side)", loop=True,
+                                   elem_id="generate-comparison")
+
+    def build_gallery(self) -> None:
+        with gr.Row():
+            self.output_choice = gr.Dropdown([], label="Output", interactive=True, scale=4)
+            self.refresh_outputs = gr.Button("Refresh", scale=1)
+        with gr.Row():
+            self.output_video = gr.Video(label="Output preview", height=280, loop=True)
+            self.output_details = gr.Markdown("", elem_id="generate-output-details")
+        with gr.Row():
+            self.send_back = gr.Button("Send settings to the form")
+            self.export_comfy = gr.Button("Export ComfyUI workflow")
+        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False)
+
+    # ------------------------------------------------------------ handlers
+
+    def form_inputs(self) -> set:
+        return {self.image, self.prompt, self.negative_prompt, self.seed_mode, self.seed, self.steps, self.guidance,
+                self.frames, self.height, self.width, self.fps, self.cpu_offload, self.vae_tiling,
+                *[c for row in self.lora_rows for c in row]}
+
+    def refresh(self):
+        choices = lora_choices(self.ctx)
+        clips = [p.name for p in self.ctx.project.list_clips()]
+        return ([gr.update(choices=choices) for _ in self.lora_rows]
+                + [gr.update(choices=clips, value=clips[0] if clips else None),
+                   gr.update(choices=self.outputs()), self.cache.describe()])
+
+    def on_generate(self, data: dict, progress=gr.Progress()):
+        self.stop_requested.clear()
+        try:
+            request, options = self.read_form(data)
+            with self.gpu("generating a video"):
+                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
+                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir),
+                                   on_progress=lambda f, m: progress(f, desc=m),
+                                   should_stop=self.stop_requested.is_set, model=options.model)
+        except GenerationCancelled:
+            return {self.status: "Stopped: nothing was written."}
+        except PEOPLE_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        except RuntimeError as err:
+            raise gr.Error(self.runtime_message(err)) from err
+        sidecar = read_sidecar(out)
+        return {self.video: str(out), self.details: self.describe(sidecar), self.seed: sidecar["request"]["seed"],
+                self.status: f"Wrote `{out.name}`.", self.output_choice: gr.update(choices=self.outputs()),
+                self.model_status: self.cache.describe()}
+
+    def on_sweep(self, data: dict, progress=gr.Progress()):
+        self.stop_requested.clear()
+        try:
+            request, options = self.read_form(data)
+            strengths = parse_strengths(data[self.sweep_strengths])
+            epochs = data[self.sweep_epochs] or None
+            with self.gpu("generating a sweep"):
+                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
+                result = render_sweep(pipe, request, self.ctx.project.outputs_dir, strengths=strengths,
+                                      lora_files=epochs, model=options.model,
+                                      on_progress=lambda f, m: progress(f, desc=m),
+                                      should_stop=self.stop_requested.is_set)
+        except GenerationCancelled:
+            return {self.status: "Sweep stopped: the variants finished so far are in the outputs."}
+        except PEOPLE_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        except RuntimeError as err:
+            raise gr.Error(self.runtime_message(err)) from err
+        seed = read_sidecar(result.videos[0])["request"]["seed"]
+        readout = "\n".join(f"| {label} | {m:.3f} |" for label, m in zip(result.labels, result.motion))
+        return {self.grid: grid_html(result.videos, result.labels, result.motion),
+                self.comparison: str(result.comparison), self.seed: seed,
+                self.details: f"Seed {seed} for every variant.\n\n| Variant | Motion (px/frame) |\n|---|---|\n"
+                              f"{readout}",
+                self.status: f"Sweep of {len(result.videos)} variants written; comparison `{result.comparison.name}`.",
+                self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
+
+    @staticmethod
+    def runtime_message(err: RuntimeError) -> str:
+        if "out of memory" in str(err).lower():
+            return ("The GPU ran out of memory. Turn on CPU offload and VAE tiling under Memory, or use fewer frames "
+                    "or a smaller size.")
+        return f"Generation failed: {err}"
+
+    @staticmethod
+    def describe(sidecar: dict) -> str:
+        request = sidecar["request"]
+        loras = ", ".join(f"{Path(e['path']).parent.name if Path(e['path']).name == 'adapter_model.safetensors' else Path(e['path']).name}"
+                          f" @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
+        lines = [f"**Seed** {request['seed']} · **size** {request['width']}x{request['height']} · "
+                 f"**frames** {request['frames']} · **steps** {request['steps']} · **guidance** {request['guidance']}",
+                 f"**LoRAs** {loras}",
+                 f"**Motion** {sidecar.get('motion', 0):.3f} px/frame · **time** {sidecar.get('seconds', 0):.1f} s "
+                 f"({sidecar.get('seconds_per_step', 0):.2f} s/step)"]
+        lines += [f"*{note}*" for note in sidecar.get("adjustments", [])]
+        return "\n\n".join(lines)
+
+    def on_stop(self):
+        self.stop_requested.set()
+        return "Stopping after the current step..."
+
+    def on_unload(self):
+        if not self.ctx.gpu_lock.acquire(blocking=False):
+            raise gr.Error("A generation is running; stop it first.")
+        try:
+            self.cache.unload()
+        finally:
+            self.ctx.gpu_lock.release()
+        return self.cache.describe()
+
+    def on_upload(self, path: str | None):
+        if not path:
+            return [gr.skip() for _ in self.lora_rows] + [None]
+        target = _uploads_dir(self.ctx) / Path(path).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        choices = lora_choices(self.ctx)
+        first = gr.update(choices=choices, value=str(target))
+        return [first] + [gr.update(choices=choices) for _ in self.lora_rows[1:]] + [None]
+
+    def on_lora_change(self, path: str | None):
+        epochs = run_epochs(path)
+        return gr.update(choices=epochs, value=[])
+
+    def on_clip_change(self, clip: str | None):
+        if not clip:
+            return gr.update()
+        info = probe_video(self.ctx.project.clips_dir / clip)
+        return gr.update(maximum=max(info.duration - 1 / 16, 0.0625), value=0)
+
+    def on_use_frame(self, clip: str | None, t: float):
+        if not clip:
+            raise gr.Error("Choose a clip first.")
+        from PIL import Image
+
+        frame = frame_at(self.ctx.project.clips_dir / clip, float(t))
+        path = self.ctx.project.cache_dir / "generate-frames" / f"{Path(clip).stem}-{float(t):.3f}s.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(path)
+        return str(path)
+
+    def on_size_inputs(self, image: str | None, height, width, frames, fps) -> str:
+        if not image:
+            return "Size: from the image's aspect at 832x480 pixels."
+        try:
+            size = open_image(image).size
+        except GenerationError as err:
+            return f"⚠ {err}"
+        fitted = fit_size(*size)
+        h, w = int(height or 0) or fitted[0], int(width or 0) or fitted[1]
+        seconds = int(frames) / float(fps or 16)
+        return f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps (image {size[0]}x{size[1]})."
+
+    def on_output_select(self, path: str | None):
+        if not path or not Path(path).exists():
+            return None, ""
+        data = read_sidecar(path) if "request" in _json(path) else None
+        if data is None:
+            sweep = _json(path)
+            rows = "\n".join(f"| {v['label']} | {v['video']} | {v['motion']:.3f} |" for v in sweep.get("variants", []))
+            return path, f"Sweep comparison, seed {sweep.get('seed')}\n\n| Variant | Video | Motion |\n|---|---|---|\n{rows}"
+        return path, self.describe(data)
+
+    def on_send_back(self, path: str | None):
+        if not path or "request" not in _json(path):
+            raise gr.Error("Choose a single generated video (not a sweep comparison) in Outputs first.")
+        request = request_from_sidecar(path)
+        values = {self.image: request.image, self.prompt: request.prompt, self.negative_prompt: request.negative_prompt,
+                  self.seed_mode: "fixed", self.seed: request.seed, self.steps: request.steps,
+                  self.guidance: request.guidance, self.frames: request.frames, self.height: request.height,
+                  self.width: request.width, self.fps: request.fps, self.status: f"Settings of `{Path(path).name}` loaded."}
+        choices = lora_choices(self.ctx)
+        for i, (choice, strength) in enumerate(self.lora_rows):
+            lora = request.loras[i] if i < len(request.loras) else ("", 1.0)
+            values[choice] = gr.update(choices=choices, value=lora[0])
+            values[strength] = lora[1]
+        return values
+
+    def on_export_comfy(self, path: str | None):
+        if not path or "request" not in _json(path):
+            raise gr.Error("Choose a single generated video (not a sweep comparison) in Outputs first.")
+        return str(export_comfyui_workflow(path))
+
+    # ------------------------------------------------------------ wiring
+
+    def wire(self) -> None:
+        lora_dropdowns = [row[0] for row in self.lora_rows]
+        Context.root_block.load(self.refresh, None, [*lora_dropdowns, self.clip, self.output_choice,
+                                                     self.model_status])
+        form = self.form_inputs()
+        results = [self.video, self.details, self.seed, self.status, self.output_choice, self.model_status]
+        self.generate.click(self.on_generate, form, results, concurrency_id="gpu", concurrency_limit=1)
+        self.sweep.click(self.on_sweep, form | {self.sweep_strengths, self.sweep_epochs},
+                         [self.grid, self.comparison, self.seed, self.details, self.status, self.output_choice,
+                          self.model_status], concurrency_id="gpu", concurrency_limit=1)
+        self.stop.click(self.on_stop, None, [self.status], concurrency_limit=None)
+        self.unload.click(self.on_unload, None, [self.model_status])
+        self.upload.upload(self.on_upload, [self.upload], [*lora_dropdowns, self.upload])
+        lora_dropdowns[0].change(self.on_lora_change, [lora_dropdowns[0]], [self.sweep_epochs])
+        self.clip.change(self.on_clip_change, [self.clip], [self.clip_time])
+        self.use_frame.click(self.on_use_frame, [self.clip, self.clip_time], [self.image])
+        size_inputs = [self.image, self.height, self.width, self.frames, self.fps]
+        for component in size_inputs:
+            component.change(self.on_size_inputs, size_inputs, [self.size_note])
+        self.play_together.click(None, None, None, js=PLAY_TOGETHER_JS)
+        self.refresh_outputs.click(lambda: gr.update(choices=self.outputs()), None, [self.output_choice])
+        self.output_choice.change(self.on_output_select, [self.output_choice], [self.output_video, self.output_details])
+        self.send_back.click(self.on_send_back, [self.output_choice],
+                             [self.image, self.prompt, self.negative_prompt, self.seed_mode, self.seed, self.steps,
+                              self.guidance, self.frames, self.height, self.width, self.fps, self.status,
+                              *[c for row in self.lora_rows for c in row]])
+        self.export_comfy.click(self.on_export_comfy, [self.output_choice], [self.comfy_file])
+
+
+def _json(path: str | Path) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def build(ctx: AppContext) -> None:
-    gr.Markdown(f"Outputs are written to `{ctx.project.outputs_dir}`")
+    ctx.ui["generate"] = GenerateTab(ctx)
+    ctx.ui["generate"].build()

@@ -1,0 +1,68 @@
+"""Generate tab in a real browser: a video with a LoRA from the project's runs, then a 3-strength sweep in a grid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import expect
+
+from engine.models import TINY_WAN_DIRNAME
+from tests.engine.test_lora_io import make_lora_dir
+
+
+@pytest.fixture(scope="module")
+def generate_studio(studio, tmp_path_factory):
+    """The module's studio with a run holding one LoRA epoch, and a start image on disk."""
+    url, project_root = studio
+    tiny_wan = str(project_root.parent / "models" / TINY_WAN_DIRNAME)
+    make_lora_dir(tiny_wan, project_root / "runs" / "browser-run" / "epoch1", seed=3)
+    image = tmp_path_factory.mktemp("img") / "start frame.png"
+    Image.fromarray((np.random.RandomState(1).rand(40, 64, 3) * 255).astype("uint8")).save(image)
+    return url, project_root, image
+
+
+def fill_small_settings(page, image):
+    page.locator("#generate-image input[type=file]").set_input_files(str(image))
+    page.get_by_label("Prompt", exact=True).fill("a warrior jumps, fast camera pan")
+    for name, value in (("Frames", "9"), ("Steps", "2")):
+        box = page.get_by_label(f"number input for {name}")
+        box.fill(value)
+        box.press("Enter")
+    page.get_by_role("button", name="Size ▼").click()
+    page.get_by_label("Height (0 = from image)").fill("16")
+    page.get_by_label("Width (0 = from image)").fill("32")
+    page.get_by_label("Width (0 = from image)").press("Tab")
+    expect(page.locator("#generate-size")).to_contain_text("32x16")
+
+
+def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
+    url, project_root, image = generate_studio
+    page.goto(url)
+    page.get_by_role("tab", name="Generate").click()
+    fill_small_settings(page, image)
+    page.get_by_label("LoRA 1", exact=True).click()
+    page.get_by_role("option", name="browser-run / epoch1").click()
+
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#generate-status")).to_contain_text("Wrote", timeout=180_000)
+    sidecars = [json.loads(p.read_text()) for p in (project_root / "outputs").glob("gen-*.json")]
+    assert len(sidecars) == 1
+    assert sidecars[0]["loras"][0]["strength"] == 1.0
+    assert sidecars[0]["request"]["frames"] == 9 and sidecars[0]["request"]["width"] == 32
+    expect(page.locator("#generate-details")).to_contain_text("epoch1 @ 1")
+
+    page.get_by_label("Sweep strengths (LoRA 1)").fill("0, 0.5, 1")
+    page.get_by_role("button", name="Run sweep").click()
+    expect(page.locator("#generate-status")).to_contain_text("Sweep of 3 variants", timeout=240_000)
+    grid = page.locator("#generate-grid video")
+    expect(grid).to_have_count(3)
+    expect(page.locator("#generate-grid")).to_contain_text("strength 0.5")
+    expect(page.locator("#generate-comparison video")).to_be_visible()
+    for i in range(3):  # each grid video is served
+        response = page.request.get(url.rstrip("/") + grid.nth(i).get_attribute("src"))
+        assert response.ok and len(response.body()) > 1000
+    page.get_by_role("button", name="Play grid together").click()
+    expect(page.locator("#generate-details")).to_contain_text("strength 0 (base)")
