@@ -211,14 +211,11 @@ def load_pipeline(model: str, device: torch.device, transformer=None):
     return load_wan_pipeline(model, dtype, **parts)
 
 
-def _apply_fast_path(pipe) -> None:
+def _apply_fast_path(pipe, device: torch.device) -> None:
     """The one place generation switches on engine/accel.py's speed-ups (owned by the performance work)."""
-    try:
-        from engine.accel import prepare_pipeline_for_inference
-    except ImportError as err:
-        raise GenerationError("Fast mode is not available in this version (engine.accel has no "
-                              "prepare_pipeline_for_inference). Turn fast mode off.") from err
-    prepare_pipeline_for_inference(pipe)
+    from engine.accel import prepare_pipeline_for_inference
+
+    prepare_pipeline_for_inference(pipe, device=device)
 
 
 class PipelineCache:
@@ -240,7 +237,7 @@ class PipelineCache:
                 on_progress(0.0, f"loading {options.model}")
             self.pipe = load_pipeline(options.model, device)
             if options.fast:
-                _apply_fast_path(self.pipe)
+                _apply_fast_path(self.pipe, device)
             self.device = device
             self.pipe.to(device)
         self._apply_memory_modes(options, device)

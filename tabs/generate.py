@@ -159,7 +159,7 @@ class GenerateTab:
             height=int(data[self.height]) or None, width=int(data[self.width]) or None, fps=float(data[self.fps]),
             loras=loras)
         options = PipelineOptions(model=self.model, cpu_offload=bool(data[self.cpu_offload]),
-                                  vae_tiling=bool(data[self.vae_tiling]))
+                                  vae_tiling=bool(data[self.vae_tiling]), fast=bool(data[self.fast]))
         return request, options
 
     def outputs(self) -> list[tuple[str, str]]:
@@ -219,6 +219,8 @@ class GenerateTab:
             with gr.Row():
                 self.cpu_offload = gr.Checkbox(label="CPU offload (24 GB cards)", value=False)
                 self.vae_tiling = gr.Checkbox(label="VAE tiling", value=False)
+                self.fast = gr.Checkbox(label="Fast mode (float8 matmuls + compiled blocks; GPU, reloads the model)",
+                                        value=False)
             with gr.Row():
                 self.unload = gr.Button("Unload model")
                 self.model_status = gr.Markdown("no model loaded", elem_id="generate-model-status")
@@ -256,7 +258,7 @@ class GenerateTab:
 
     def form_inputs(self) -> set:
         return {self.image, self.prompt, self.negative_prompt, self.seed_mode, self.seed, self.steps, self.guidance,
-                self.frames, self.height, self.width, self.fps, self.cpu_offload, self.vae_tiling,
+                self.frames, self.height, self.width, self.fps, self.cpu_offload, self.vae_tiling, self.fast,
                 *[c for row in self.lora_rows for c in row]}
 
     def refresh(self):
