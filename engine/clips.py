@@ -205,9 +205,9 @@ def validate_cuts(cuts: Sequence[Cut], duration: float, *, frames: int | None = 
                             f"({duration:.3f} s)")
         spans.append((cut.start, cut.start + span))
         flags.append(problems)
-    for a in range(len(cuts)):
-        for b in range(len(cuts)):
-            if a != b and spans[b][0] < spans[a][1] - FRAME_TIME_TOLERANCE and spans[a][0] < spans[b][1] - FRAME_TIME_TOLERANCE:
+    for a, (a_start, a_end) in enumerate(spans):
+        for b, (b_start, b_end) in enumerate(spans):
+            if a != b and b_start < a_end - FRAME_TIME_TOLERANCE and a_start < b_end - FRAME_TIME_TOLERANCE:
                 flags[a].append(f"overlaps cut {b + 1}")
     return flags
 
@@ -425,11 +425,6 @@ def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.
     if on_progress is not None:
         on_progress(1.0, f"{len(cuts)} clips in {out_dir}")
     return results
-
-
-def count_frames(path: str | os.PathLike) -> int:
-    """Frames in a video file (a packet count, no decoding)."""
-    return probe_video(path).frame_count
 
 
 # ---------------------------------------------------------------- suggestions

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.clips import (ClipError, analyze_motion, suggest_windows, Cut, ExportStopped, MANIFEST_NAME, clip_name, cut_clips, fitted_frames,
-                          format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest, validate_cuts)
+from engine.clips import (MANIFEST_NAME, ClipError, Cut, ExportStopped, analyze_motion, clip_name, cut_clips,
+                          fitted_frames, format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest,
+                          suggest_windows, validate_cuts)
 from engine.ffmpeg import ffmpeg_exe
 from engine.video import (FRAME_TIME_TOLERANCE, VideoError, build_preview_proxy, frame_at, preview_proxy_path,
                           probe_video, read_frame, thumbnails)

@@ -46,3 +46,20 @@ def test_scrub_mark_export_and_list(page, studio):
     info = probe_video(clip)
     assert (info.frame_count, info.width, info.height, info.fps) == (17, 224, 128, 16.0)
     assert '"first_source_frame": 85' in (project_root / "clips" / "manifest.jsonl").read_text()
+
+
+def test_suggest_and_play_selection(page, studio):
+    url, project_root = studio
+    page.goto(url)
+    expect(page.locator("#clips-info")).to_contain_text("demo source.mp4", timeout=60_000)
+    grid = page.locator("#clips-cuts [role=grid]")  # aria-rowcount: the header row + one row per cut
+    expect(grid).to_have_attribute("aria-rowcount", "2")  # the cut added by the test above, kept on disk
+    count = page.get_by_label("How many suggestions")
+    count.fill("2")
+    count.press("Tab")
+    page.get_by_role("button", name="Suggest dynamic windows").click()
+    expect(grid).to_have_attribute("aria-rowcount", "4", timeout=60_000)
+    expect(page.locator("#clips-cuts")).not_to_contain_text("overlaps")
+    page.get_by_role("button", name="Play selection").click()
+    expect(page.locator("video")).to_have_count(1, timeout=60_000)
+    assert list((project_root / "cache" / "previews").glob("selection *.mp4"))
