@@ -392,9 +392,10 @@ def _release_memory() -> None:
 
 
 @torch.no_grad()
-def encode_clip(item: DatasetItem, vae, image_processor, image_encoder, *, device, dtype) -> dict[str, torch.Tensor]:
-    """VAE latents, I2V condition and CLIP image context of one item, as WanImageToVideoPipeline computes them."""
-    frames = read_item_frames(item)
+def encode_frames(frames: np.ndarray, vae, image_processor, image_encoder, *, device,
+                  dtype) -> dict[str, torch.Tensor]:
+    """VAE latents, I2V condition and CLIP image context of RGB uint8 frames [F, H, W, 3] (F = 4k+1, sides
+    multiples of 16), as WanImageToVideoPipeline computes them."""
     pixels = frames_to_pixels(frames).to(device=device, dtype=vae.dtype)
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(device, dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(device, dtype)
@@ -499,7 +500,8 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
                     raise CachingStopped(f"Caching stopped after {done} of {total} files.")
                 progress(done / total, f"Encoding {item.clip.path.name} ({item.bucket[0]} frames, "
                                        f"{item.bucket[2]}x{item.bucket[1]})")
-                tensors = encode_clip(item, vae, image_processor, image_encoder, device=device, dtype=dtype)
+                tensors = encode_frames(read_item_frames(item), vae, image_processor, image_encoder, device=device,
+                                        dtype=dtype)
                 _save(tensors, path, {"clip": str(item.clip.path), "bucket": json.dumps(item.bucket),
                                       "start": str(item.start), "model": str(model_path)})
                 done += 1
