@@ -216,3 +216,38 @@ def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_
     assert job.status().state == "died"
     with runner.gpu_slot("generation"):
         pass
+
+
+def test_a_run_is_summarized_from_its_files(tmp_path):
+    from engine.files import append_jsonl, read_jsonl
+    from engine.jobs import run_loras, summarize_run
+
+    run_dir = tmp_path / "runs" / "r 1"
+    for epoch in (1, 2, 10):
+        (run_dir / f"epoch{epoch}").mkdir(parents=True)
+        (run_dir / f"epoch{epoch}" / "adapter_model.safetensors").write_bytes(b"x")
+    (run_dir / "epochs-notes").mkdir()  # not a LoRA folder
+    (run_dir / "samples").mkdir()
+    (run_dir / "samples" / "epoch1.mp4").write_bytes(b"x")
+    metrics = run_dir / "metrics.jsonl"
+    for t, event in enumerate([
+        {"event": "phase", "phase": "train", "message": ""},
+        {"event": "step", "step": 1, "max_steps": 4, "epoch": 1, "loss": 0.5, "lr": 1e-4},
+        {"event": "sample", "epoch": 1, "step": 1, "path": "samples/epoch1.mp4"},
+        {"event": "sample", "epoch": 2, "step": 2, "path": str(run_dir / "samples" / "gone.mp4")},
+        {"event": "step", "step": 2, "max_steps": 4, "epoch": 2, "loss": 0.25, "lr": 1e-4},
+        {"event": "phase", "phase": "stopped", "message": "saved"},
+    ]):
+        append_jsonl(metrics, {**event, "time": 100.0 + 10 * t})
+    assert [e for e, _ in run_loras(run_dir)] == [1, 2, 10]  # numeric order, not text order
+    summary = summarize_run(run_dir, read_jsonl(metrics), job=None)
+    assert (summary.name, summary.state, summary.step, summary.max_steps, summary.epoch) == ("r 1", "stopped", 2, 4, 2)
+    assert summary.final_loss == 0.25 and summary.duration_s == 50.0
+    assert summary.samples == [(1, run_dir / "samples" / "epoch1.mp4")]  # a sample file that is gone is left out
+
+    append_jsonl(metrics, {"event": "error", "message": "CUDA out of memory.", "hint": "Raise blocks_to_swap.",
+                           "time": 200.0})
+    append_jsonl(metrics, {"event": "phase", "phase": "error", "message": "CUDA out of memory.", "time": 200.0})
+    failed = summarize_run(run_dir, read_jsonl(metrics), job=None)
+    assert failed.state == "failed" and "Raise blocks_to_swap." in failed.message
+    assert summarize_run(tmp_path / "empty", [], job=None).state == "not started"
