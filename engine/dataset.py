@@ -6,7 +6,7 @@ Stages (each a function the trainer, the Train tab's pre-flight and tests call a
    diffusion-pipe does.
 2. `cache_dataset(...)` encodes each item once and stores it in the project's cache/ as safetensors:
    - latents/<key>.safetensors: normalised VAE latents of the clip, the I2V condition (4-channel first-frame mask +
-     latents of the first frame followed by black frames) and the CLIP image context of the first frame;
+     latents of the first frame followed by zero frames) and the CLIP image context of the first frame;
    - text/<key>.safetensors: UMT5 embeddings of the caption, cut to its real length and zero-padded to 512 tokens.
    Keys hash the content (clip bytes or caption text), the model and the settings, so a changed caption re-encodes
    only its text and a changed clip only its latents. Each encoder is loaded only if something is missing, used,
@@ -362,7 +362,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _model_key(model_path: str | os.PathLike, parts: tuple[str, ...]) -> str:
-    """Identity of the model components used: the folder or hub id plus their config files' contents."""
+    """Identity of the model components used: the folder or hub id, their config files' contents and their weight
+    files' sizes and times (a replaced weight file means re-encoding; hashing gigabytes would be too slow)."""
     text = str(model_path)
     folder = Path(model_path).expanduser()
     if folder.is_dir():
@@ -370,6 +371,8 @@ def _model_key(model_path: str | os.PathLike, parts: tuple[str, ...]) -> str:
         for part in parts:
             for config in sorted((folder / part).glob("*.json")):
                 text += config.read_text(encoding="utf-8", errors="replace")
+            for weights in sorted((folder / part).glob("*.safetensors")):
+                text += f"{weights.name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -404,7 +407,7 @@ def encode_frames(frames: np.ndarray, vae, image_processor, image_encoder, *, de
         return (vae.encode(video).latent_dist.mode().to(device=device, dtype=dtype) - mean) * inv_std
 
     latents = encode(pixels)
-    # Condition as the pipeline builds it: the first frame, then black frames (zeros in [-1, 1] space).
+    # Condition as the pipeline builds it: the first frame, then zeros (mid-grey in [-1, 1] pixel space).
     condition_video = torch.cat([pixels[:, :, :1], torch.zeros_like(pixels[:, :, 1:])], dim=2)
     condition = encode(condition_video)
     num_frames, (latent_h, latent_w) = pixels.shape[2], condition.shape[-2:]
