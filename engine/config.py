@@ -576,7 +576,7 @@ def describe_fields(cfg: RunConfig | DatasetConfig) -> list[FieldInfo]:
             if _is_section(value):
                 walk(value, f"{prefix}{f.name}.")
                 continue
-            if isinstance(value, list) and value and all(_is_section(v) for v in value):
+            if f.name == "directory" and isinstance(section, DatasetConfig):
                 for i, item in enumerate(value):
                     walk(item, f"{prefix}{f.name}.{i}.")
                 continue

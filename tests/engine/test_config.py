@@ -194,6 +194,7 @@ def test_describe_fields_documents_every_setting(fixtures):
     dataset = load_dataset_config(fixtures / "min_vram_dataset.toml")
     keys = [f.key for f in describe_fields(dataset)]
     assert "directory.0.num_repeats" in keys and "frame_buckets" in keys
+    assert not any(f.key.startswith("directory") for f in describe_fields(DatasetConfig()))
 
 
 def test_apply_overrides_validates_and_parses_form_text(fixtures):
