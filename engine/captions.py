@@ -756,6 +756,13 @@ class Blip2Captioner:
         self._processor = None
         self._model = None
 
+    @classmethod
+    def from_loaded(cls, processor, model, name: str, **kwargs) -> "Blip2Captioner":
+        """Wrap a processor and model built in memory (benchmarks with random weights); `name` is what reloads."""
+        captioner = cls(name, device=str(model.device), **kwargs)
+        captioner._processor, captioner._model = processor, model
+        return captioner
+
     @property
     def loaded(self) -> bool:
         return self._model is not None
