@@ -703,7 +703,8 @@ def dataset_presets() -> dict[str, dict[str, Any]]:
 
 
 def preset_configs(name: str, *, clips_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                   model_path: str | os.PathLike, dataset_file: str = "dataset.toml") -> tuple[RunConfig, DatasetConfig]:
+                   model_path: str | os.PathLike,
+                   dataset_file: str = "dataset.toml") -> tuple[RunConfig, DatasetConfig]:
     """A complete run + dataset config for a preset: train on `clips_dir`, write to `output_dir`.
 
     `dataset_file` is stored as written in the run TOML (relative = beside the run TOML, as the studio saves them).
