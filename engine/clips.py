@@ -319,14 +319,11 @@ def _sample_frames(info: VideoInfo, start: float, count: int, fps: float, vf: st
         while produced < count and previous is not None and targets[produced] < info.duration:
             yield previous  # the last frame stays on screen until the end of the video
             produced += 1
-        if produced < count:
-            log = stream.close()
-            failure.append(f"the source ended after {produced} of {count} frames"
-                           + (f" (ffmpeg: {log.strip()[-300:]})" if log else "") + ": it may be truncated.")
     finally:
         log = stream.close()
-        if log and not failure and produced < count:
-            failure.append(f"ffmpeg could not decode the source: {log[-300:]}")
+        if produced < count and not failure:
+            failure.append(f"the source ended after {produced} of {count} frames"
+                           + (f" (ffmpeg: {log.strip()[-300:]})" if log else "") + "; it may be truncated or damaged.")
 
 
 # ---------------------------------------------------------------- export

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from playwright.sync_api import expect
 
@@ -63,3 +64,44 @@ def test_suggest_and_play_selection(page, studio):
     page.get_by_role("button", name="Play selection").click()
     expect(page.locator("video")).to_have_count(1, timeout=60_000)
     assert list((project_root / "cache" / "previews").glob("selection *.mp4"))
+
+
+def test_tab_handlers_without_a_browser(tmp_path):
+    """The handlers a browser cannot reach easily: upload checks, timestamps import/export, delete, bad cells."""
+    import gradio as gr
+    import pytest
+
+    from engine.models import ModelChoice
+    from engine.project import Project
+    from studio.context import AppContext
+    from tabs.clips import ClipsTab
+    from tests.engine.test_clips_videos import make_indexed_video
+
+    project = Project.open(tmp_path / "proj é", clip_frames=9, clip_width=64, clip_height=48)
+    tab = ClipsTab(AppContext(project=project, models=ModelChoice(wan="", captioner=""), device_description="CPU"))
+    video = make_indexed_video(tmp_path / "my 'film'.mp4", "24", 96)
+    choice = tab.add_upload(str(video))
+    assert choice.value == "my 'film'.mp4" and (project.sources_dir / "my 'film'.mp4").exists()
+    not_video = tmp_path / "fake.mp4"
+    not_video.write_text("hello")
+    with pytest.raises(gr.Error, match="not a readable video|not a video"):
+        tab.add_upload(str(not_video))
+    assert not (project.sources_dir / "fake.mp4").exists()
+
+    times = tmp_path / "times.txt"
+    times.write_text("0.5\n1.0 +0.5625 second\n3.9\n", encoding="utf-8")
+    rows = tab.import_times("my 'film'.mp4", [], 9, False, str(times))
+    assert [r[1] for r in rows] == [0.5, 1.0, 3.9] and rows[1][4] == "second"
+    assert "overlaps cut 2" in rows[0][6] and "out of range" in rows[2][6] and rows[1][6] == "overlaps cut 1"
+    rows = tab.delete_cut("my 'film'.mp4", rows, 9, False, 3)
+    assert len(rows) == 2
+    assert tab.load_cuts("my 'film'.mp4")[1].name == "second"  # saved on every change
+    exported = Path(tab.export_times("my 'film'.mp4", rows))
+    assert exported.read_text(encoding="utf-8").splitlines()[1:] == ["00:00:00.500",
+                                                                     "00:00:01.000 00:00:01.562 second"]
+    with pytest.raises(gr.Error, match="Cut 1"):
+        tab.edit_table("my 'film'.mp4", [[1, "soon", None, 9, "", "", ""]], 9, False)
+    rows = tab.edit_table("my 'film'.mp4", [[1, "00:00:02.000", None, 0, "", "", ""]], 9, False)
+    assert rows[0][1:4] == [2.0, None, 9]
+    status, listed = tab.export("my 'film'.mp4", rows, 9, False, "64x48", True, progress=lambda *a, **k: None)
+    assert status.startswith("Exported 1 clip") and listed[0][0] == "my _film__000m02s000.mp4"
