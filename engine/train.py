@@ -9,10 +9,9 @@ index), and the data order is a function of (seed, epoch), so a run resumed from
 as the uninterrupted run would have; and 2 ranks with gradient accumulation k see the same micro-batches, noise and
 averaged gradient as 1 rank with 2k.
 
-Multi-GPU: under `deepspeed --num_gpus N -m engine.train ...` (or torchrun) the LoRA parameters are handed to a
-DeepSpeed engine (ZeRO stage 0: plain data parallel; the LoRA's optimizer state is too small to be worth sharding)
-that averages gradients, accumulates, clips and steps. The frozen base model stays outside DeepSpeed, so it is never
-broadcast or cast, and float8 storage / block swap keep working. Rank 0 alone writes files and events.
+Multi-GPU: `deepspeed --num_gpus N -m engine.train --config run.toml` (or torchrun) trains data-parallel through
+DeepSpeed (engine/train_parallel.py); rank 0 alone writes files and events. Building blocks the GPU benchmark shares
+live in engine/train_blocks.py, resume states in engine/trainer_state.py.
 """
 
 from __future__ import annotations
@@ -20,337 +19,52 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
-import hashlib
 import json
-import math
-import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from engine.files import append_jsonl
+from engine.train_blocks import (
+    TimestepSampling,
+    TrainableTransformer,
+    TrainingError,
+    build_optimizer,
+    compute_dtype,
+    flow_matching_loss,
+    lr_factor,
+    micro_batch_generator,
+    prepare_transformer,
+    stack_items,
+    storage_dtype,
+)
+from engine.train_parallel import (
+    DataStream,
+    DeepSpeedStepper,
+    LocalStepper,
+    World,
+    all_ranks_mean,
+    any_rank,
+    barrier,
+    start_world,
+)
 from engine.trainer_state import (
-    TrainingState, capture_rng_state, latest_state_dir, load_training_state, restore_rng_state, save_training_state,
+    TrainingState,
+    capture_rng_state,
+    latest_state_dir,
+    load_training_state,
+    restore_rng_state,
+    save_training_state,
 )
 
-TEXT_TOKENS = 512  # Wan's attention splits image from text context at 512 text tokens
-NUM_TRAIN_TIMESTEPS = 1000
-STATES_KEPT = 2
-
-EXIT_OK, EXIT_FAILED, EXIT_DISK_FULL = 0, 1, 3
-
-
-class TrainingError(RuntimeError):
-    """A failure to report as an "error" event: `message` says what went wrong, `hint` what to do."""
-
-    def __init__(self, message: str, hint: str = "", exit_code: int = 2):
-        super().__init__(message)
-        self.hint, self.exit_code = hint, exit_code
-
-
-# ================================================================================= building blocks (bench uses these)
-
-@dataclass(frozen=True)
-class TimestepSampling:
-    """How flow-matching noise levels t in (0, 1) are drawn: logit-normal or uniform, then optionally shifted."""
-
-    method: str = "logit_normal"
-    shift: float = 1.0
-
-    @classmethod
-    def from_run_config(cls, run_cfg) -> "TimestepSampling":
-        return cls(run_cfg.model.timestep_sample_method, float(run_cfg.studio.timestep_shift))
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n values of t (float32, on the generator's device)."""
-        if self.method == "logit_normal":
-            t = torch.sigmoid(torch.randn(n, generator=generator, device=generator.device))
-        elif self.method == "uniform":
-            t = torch.rand(n, generator=generator, device=generator.device)
-        else:
-            raise ValueError(f"timestep_sample_method {self.method!r}: use 'logit_normal' or 'uniform'.")
-        if self.shift != 1.0:
-            t = t * self.shift / (1 + (self.shift - 1) * t)
-        return t
-
-
-@dataclass
-class TrainableTransformer:
-    """The LoRA-wrapped transformer, its trainable (float32) LoRA parameters and what was applied to it."""
-
-    module: torch.nn.Module
-    parameters: list[torch.nn.Parameter]
-    block_swapper: Any = None
-    notes: list[str] = field(default_factory=list)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """peft names without the adapter name (`blocks.0.attn1.to_q.lora_A.weight`), as save_lora takes them."""
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.module)
-
-
-def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in: the config's model.dtype on a GPU, float32 on a CPU (no fast bf16 there)."""
-    if device.type != "cuda":
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[run_cfg.model.dtype]
-
-
-def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
-    """The dtype the base transformer is loaded in (float8 modes load at compute dtype, then engine.accel packs)."""
-    name = run_cfg.model.transformer_dtype
-    if device.type != "cuda" or name.startswith("float8"):
-        return compute_dtype(run_cfg, device)
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | torch.device) -> TrainableTransformer:
-    """Freeze `transformer`, add the run's peft LoRA, apply its low-memory/speed modes, place it on `device`.
-
-    LoRA: rank and alpha from the config on every Linear of each block; its weights are initialised from the run's
-    seed and kept in float32 whatever `adapter.dtype` says (bf16 master weights lose small AdamW updates without
-    Kahan summation). Modes via engine.accel: float8 storage/compute, block swap, activation checkpointing
-    (full / selective / CPU-offloaded), torch.compile.
-    """
-    from peft import LoraConfig
-
-    from engine.lora_io import PEFT_TARGET_MODULES
-
-    device = torch.device(device)
-    notes: list[str] = []
-    transformer.requires_grad_(False)
-    lora_config = LoraConfig(r=run_cfg.adapter.rank, lora_alpha=run_cfg.lora_alpha, lora_dropout=0.0,
-                             target_modules=PEFT_TARGET_MODULES, init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):  # LoRA init from the run's seed, global RNG untouched
-        torch.manual_seed(run_cfg.studio.seed)
-        transformer.add_adapter(lora_config)
-    parameters = [p for p in transformer.parameters() if p.requires_grad]
-    for p in parameters:
-        p.data = p.data.float()
-    if run_cfg.adapter.dtype != "float32":
-        notes.append(f"adapter.dtype={run_cfg.adapter.dtype}: LoRA weights are trained in float32 (no Kahan "
-                     f"summation here) and saved as {run_cfg.save_dtype}.")
-
-    mode = run_cfg.model.transformer_dtype
-    needs_accel = (mode.startswith("float8") or run_cfg.blocks_to_swap or run_cfg.checkpointing_mode
-                   or run_cfg.studio.compile)
-    accel = _import_accel() if needs_accel else None
-    swapper = None
-    if not run_cfg.blocks_to_swap:
-        transformer.to(device)  # before float8: packing is fast on a GPU
-    if mode.startswith("float8"):
-        dtype = compute_dtype(run_cfg, device)
-        if mode == "float8":
-            report = accel.apply_float8_storage(transformer, compute_dtype=dtype)
-        else:
-            report = accel.apply_float8_compute(transformer, compute_dtype=dtype)
-        notes.append(getattr(report, "message", "") or f"Frozen base weights stored as float8 e4m3 ({mode}), "
-                     f"computed in {str(dtype).removeprefix('torch.')}.")
-    if run_cfg.blocks_to_swap:
-        # The swapped blocks' weights go to pinned CPU memory before the rest moves, so they never sit on the GPU.
-        swapper = accel.BlockSwapper(transformer, run_cfg.blocks_to_swap, device)
-        transformer.to(device)
-        notes.append(f"Block swap: {run_cfg.blocks_to_swap} blocks live in CPU memory and stream to {device}.")
-    if run_cfg.checkpointing_mode:
-        accel.enable_checkpointing(transformer, run_cfg.checkpointing_mode)
-        notes.append(f"Activation checkpointing: {run_cfg.checkpointing_mode}.")
-    elif run_cfg.blocks_to_swap:
-        raise TrainingError("blocks_to_swap needs activation checkpointing (swapped weights are gone between "
-                            "forward and backward).", "Set activation_checkpointing = true or 'unsloth'.")
-    if run_cfg.studio.compile:
-        accel.compile_blocks(transformer)
-        notes.append("Transformer blocks compiled with torch.compile (the first step is slow).")
-    transformer.train()
-    return TrainableTransformer(transformer, parameters, swapper, notes)
-
-
-def _import_accel():
-    try:
-        import engine.accel as accel
-    except ImportError as err:
-        raise TrainingError(f"The low-memory modes need engine/accel.py, which could not be imported: {err}",
-                            "Turn off transformer_dtype float8, blocks_to_swap, activation_checkpointing and "
-                            "[studio] compile, or update the studio.") from err
-    return accel
-
-
-def flow_matching_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, timesteps_cfg: TimestepSampling,
-                       generator: torch.Generator, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """MSE between the model's velocity and (noise - latents) at a random t, for one batch of cached items.
-
-    x_t = (1 - t) x + t n, model input cat([x_t, mask + condition latents]) on channels, timestep t * 1000, text
-    context padded to 512 tokens, CLIP context as `encoder_hidden_states_image`. t and the noise come from
-    `generator` (its device), so a seeded generator reproduces a step exactly. Autocast to bf16 on a GPU.
-    """
-    latents = batch["latents"].float()
-    device = latents.device
-    if autocast_dtype is None:
-        autocast_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    t = timesteps_cfg.sample(latents.shape[0], generator).to(device)
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-    t_b = t.view(-1, 1, 1, 1, 1)
-    noisy = (1 - t_b) * latents + t_b * noise
-    text = batch["text_embeds"]
-    if text.shape[1] != TEXT_TOKENS:
-        raise ValueError(f"text_embeds must be padded to {TEXT_TOKENS} tokens, got {text.shape[1]}.")
-    model_input = torch.cat([noisy, batch["condition"].float()], dim=1)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-        prediction = model(hidden_states=model_input, timestep=t * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=text,
-                           encoder_hidden_states_image=batch["image_embeds"], return_dict=False)[0]
-    return F.mse_loss(prediction.float(), noise - latents)
-
-
-def build_optimizer(parameters: Sequence[torch.nn.Parameter], optimizer_cfg,
-                    device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """diffusion-pipe's optimizer name -> our nearest equivalent, and a sentence saying which one was used."""
-    kind = optimizer_cfg.type.lower()
-    kwargs = dict(lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), weight_decay=optimizer_cfg.weight_decay,
-                  eps=optimizer_cfg.eps)
-    if kind in ("adamw8bit", "adamw8bitkahan"):
-        kahan = " (its Kahan summation is not available; LoRA weights stay float32 instead)" if "kahan" in kind else ""
-        if device.type == "cuda":
-            import bitsandbytes as bnb
-
-            return (bnb.optim.AdamW8bit(list(parameters), **kwargs),
-                    f"Optimizer {optimizer_cfg.type} -> bitsandbytes AdamW8bit{kahan}.")
-        return (torch.optim.AdamW(list(parameters), **kwargs),
-                f"Optimizer {optimizer_cfg.type} -> torch AdamW: bitsandbytes' 8-bit states need a CUDA GPU.")
-    if kind == "adamw_optimi":
-        return (torch.optim.AdamW(list(parameters), **kwargs),
-                "Optimizer adamw_optimi -> torch AdamW (optimi is not installed; same update rule).")
-    return torch.optim.AdamW(list(parameters), **kwargs), "Optimizer adamw -> torch AdamW."
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"lr_scheduler {schedule!r}: use constant, linear or cosine.")
-
-
-def micro_batch_generator(seed: int, global_index: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for one micro-batch's t and noise: a function of (seed, global micro-batch index) only."""
-    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{global_index}".encode()).digest()[:8], "little") >> 1
-    return torch.Generator(device=device).manual_seed(mixed)
-
-
-def stack_items(samples: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """CachedDataset.load results of one bucket -> a batch with a leading dimension, on `device`."""
-    return {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
-
-
-# ======================================================================================================= world
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the data-parallel ranks (from the launcher's environment variables)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "World":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def start_world() -> tuple[World, torch.device]:
-    """Join the process group when launched by deepspeed/torchrun; pick this rank's device."""
-    world = World.from_env()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", world.local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world.distributed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return world, device
-
-
-def all_ranks_mean(value: float, world: World, device: torch.device) -> float:
-    if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item()) / world.world_size
-
-
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every rank if it is true on any: ranks stop together."""
-    if not world.distributed:
-        return flag
-    tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def barrier(world: World) -> None:
-    if world.distributed:
-        torch.distributed.barrier()
-
-
-class LocalStepper:
-    """Gradient accumulation, clipping and the optimizer step in one process."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], accumulation: int,
-                 clipping: float):
-        self.optimizer, self.parameters = optimizer, parameters
-        self.accumulation, self.clipping = accumulation, clipping
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
-
-    def micro_step(self, boundary: bool) -> None:
-        if not boundary:
-            return
-        if self.clipping:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clipping)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-class DeepSpeedStepper:
-    """The same through a DeepSpeed engine that holds only the LoRA parameters: it averages gradients over ranks."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], accumulation: int,
-                 clipping: float, micro_batch_size: int):
-        import deepspeed
-
-        self.engine, *_ = deepspeed.initialize(
-            model=torch.nn.ParameterList(parameters), optimizer=optimizer, dist_init_required=False,
-            config={"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": accumulation,
-                    "gradient_clipping": clipping, "zero_optimization": {"stage": 0},
-                    "steps_per_print": 2**62, "wall_clock_breakdown": False})
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1/accumulation; all-reduces (averages) at the boundary
-
-    def micro_step(self, boundary: bool) -> None:
-        self.engine.step()  # counts micro-batches itself: steps the optimizer only at the accumulation boundary
+STATES_KEPT = 2  # resume states kept on disk (the newest two: one may be mid-write when a run is killed)
+EXIT_OK, EXIT_DISK_FULL = 0, 3  # configuration and data errors exit 2 (TrainingError.exit_code)
 
 
 # ====================================================================================================== events
@@ -409,36 +123,6 @@ class StopFlag:
         return self.requested
 
 
-# ================================================================================================ data stream
-
-class DataStream:
-    """This rank's micro-batches, epoch after epoch, in the order `batch_order` gives; positioned by a global index.
-
-    Rank r of W holds every W-th batch of the global order, so local micro-batch i is global micro-batch i*W + r.
-    """
-
-    def __init__(self, dataset, *, seed: int, batch_size: int, world: World):
-        self.dataset, self.seed, self.batch_size, self.world = dataset, seed, batch_size, world
-        self._orders: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(self.order(1))
-        if self.per_epoch == 0:
-            raise TrainingError("The dataset gives no batch to this rank.",
-                                "Add clips, lower micro_batch_size_per_gpu or use fewer GPUs.")
-
-    def order(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._orders:
-            self._orders = {epoch: self.dataset.batch_order(epoch, self.seed, self.batch_size, rank=self.world.rank,
-                                                            world_size=self.world.world_size)}
-        return self._orders[epoch]
-
-    def batch(self, local_index: int) -> tuple[int, list[int]]:
-        """(epoch, item indices) of this rank's `local_index`-th micro-batch (0-based, across epochs)."""
-        epoch = local_index // self.per_epoch + 1
-        return epoch, self.order(epoch)[local_index % self.per_epoch]
-
-    def global_index(self, local_index: int) -> int:
-        return local_index * self.world.world_size + self.world.rank
-
 
 # =============================================================================================== the training run
 
@@ -449,7 +133,7 @@ class RunPaths:
     cache_dir: Path
 
     @classmethod
-    def for_run(cls, run_cfg) -> "RunPaths":
+    def for_run(cls, run_cfg) -> RunPaths:
         from engine.project import PROJECT_FILE
 
         run_dir = run_cfg.output_path()
@@ -494,6 +178,8 @@ class Trainer:
             self.step = state.step
         self.optimizer = optimizer
         if self.world.distributed:
+            self.events.log(f"Data parallel over {self.world.world_size} ranks through DeepSpeed (ZeRO stage 0): "
+                            "gradients averaged every step, rank 0 writes the files.")
             self.stepper = DeepSpeedStepper(optimizer, self.trainable.parameters, self.accumulation,
                                             self.cfg.gradient_clipping, self.cfg.micro_batch_size_per_gpu)
         else:
@@ -547,17 +233,19 @@ class Trainer:
             self.step += 1
             elapsed = time.monotonic() - started
             steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
-            self.events.emit("step", step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
-                             lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
-                             eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
-                             gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
-                                          if self.device.type == "cuda" else None))
+            if self.step % self.cfg.steps_per_print == 0 or self.step >= self.max_steps:
+                self.events.emit("step", step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
+                                 lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
+                                 eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
+                                 gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
+                                              if self.device.type == "cuda" else None))
             finished_epoch = epoch_before if self._epoch_of_next_batch() > epoch_before else None
             last = self.step >= self.max_steps
             self._save_outputs(finished_epoch, last)
             stop = any_rank(self.should_stop(), self.world, self.device)
             minutes = self.cfg.checkpoint_every_n_minutes
-            due_by_time = bool(minutes) and time.monotonic() - last_state_time >= minutes * 60
+            due_by_time = any_rank(bool(minutes) and time.monotonic() - last_state_time >= minutes * 60,
+                                   self.world, self.device)  # ranks' clocks differ: decide together
             if stop or last or due_by_time or self._state_due(finished_epoch):
                 self._save_state()
                 last_state_time = time.monotonic()
@@ -692,7 +380,7 @@ def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_d
 
     samples = run_cfg.studio.samples
     first = dataset.items[0]
-    frames, height, width = first.bucket
+    _, height, width = first.bucket
     image = (str(run_cfg.base_dir / Path(samples.image).expanduser()) if samples.image
              else str(_first_frame(first.clip, run_dir / "samples" / "first_frame.png")))
     prompt = samples.prompt or first.caption

@@ -335,8 +335,14 @@ def test_low_memory_modes_switched_on(train_project):
 @pytest.mark.parametrize("fixture", ["min_vram.toml", "studio_extras.toml"])
 def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_path):
     """diffusion-pipe's files load; on the tiny model (2 blocks) with its own model path, one step trains."""
-    from engine.train import TimestepSampling, build_optimizer, load_configs, prepare_transformer
-    from engine.train import flow_matching_loss, micro_batch_generator
+    from engine.train import (
+        TimestepSampling,
+        build_optimizer,
+        flow_matching_loss,
+        load_configs,
+        micro_batch_generator,
+        prepare_transformer,
+    )
 
     run_cfg, dataset_cfg = load_configs(FIXTURES / fixture)
     assert dataset_cfg.directory and run_cfg.adapter.rank in (16, 32)
