@@ -29,7 +29,6 @@ import difflib
 import io
 import json
 import re
-import shutil
 import sys
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -227,6 +226,9 @@ class CaptionStore:
         if previous is None:
             path.unlink(missing_ok=True)
             return ""
+        if "original_bytes_file" in last:  # the undone save replaced a non-UTF-8 file: put its exact bytes back
+            atomic_write_bytes(path, Path(last["original_bytes_file"]).read_bytes())
+            return self.read(clip).text
         atomic_write_text(path, previous)
         return previous
 
@@ -254,7 +256,9 @@ class CaptionStore:
                           time=record.get("time", ""))
 
     def resolve_suggestion(self, clip: str | Path, action: str) -> str:
-        """Accept (replace the caption), append (add its phrases) or ignore the pending suggestion; return the caption."""
+        """Accept (replace the caption), append (add its phrases) or ignore the pending suggestion.
+
+        Returns the caption afterwards."""
         if action not in ("accept", "append", "ignore"):
             raise ValueError(f"action must be accept, append or ignore, not {action!r}")
         suggestion = self.suggestion(clip)
@@ -273,9 +277,9 @@ class CaptionStore:
 
     def accept_suggestions_where_empty(self) -> list[str]:
         """Accept every pending suggestion whose clip has no caption yet (nothing is overwritten); return the clips."""
-        accepted = []
+        accepted, clips = [], set(self.list_clips())
         for clip, record in self._suggestion_records().items():
-            if self._pending(record) and clip in self.list_clips():
+            if self._pending(record) and clip in clips:
                 current = self.read(clip)
                 if current.readable and not current.text:
                     self.resolve_suggestion(clip, "accept")
@@ -294,8 +298,8 @@ class CaptionStore:
             status = "suggested" if suggestion else "missing"
         else:
             stack = self.undo_stack(name)
-            by_captioner = bool(stack) and stack[-1].get("source") == "captioner" and stack[-1].get("text") == current.text
-            status = "suggested" if by_captioner else "edited"
+            last = stack[-1] if stack else {}
+            status = "suggested" if last.get("source") == "captioner" and last.get("text") == current.text else "edited"
         return CaptionInfo(clip=name, status=status, text=current.text, suggestion=suggestion)
 
     def overview(self) -> list[CaptionInfo]:
@@ -788,7 +792,8 @@ class Blip2Captioner:
         self.load()
         captions: list[str] = []
         for start in range(0, len(images), self.batch_size):
-            batch = [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in images[start:start + self.batch_size]]
+            chunk = images[start:start + self.batch_size]
+            batch = [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in chunk]
             inputs = self._processor(images=batch, text=[prompt] * len(batch) if prompt else None, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)

@@ -184,7 +184,8 @@ def build(ctx: AppContext) -> None:
 
     def run_suggest(clips: list[str] | None, overwrite: bool, frames: int, prompt: str, batch_size: int,
                     progress: gr.Progress):
-        settings = CaptionerSettings(frames_per_clip=int(frames), prompt=(prompt or "").strip(), batch_size=int(batch_size))
+        settings = CaptionerSettings(frames_per_clip=int(frames), prompt=(prompt or "").strip(),
+                                     batch_size=int(batch_size))
         try:
             settings.validate()
             with gpu("captioning clips"):
@@ -276,8 +277,9 @@ def build(ctx: AppContext) -> None:
                      clip: str | None):
         try:
             with save_lock:
-                changes = find_replace_in_clips(store, find or "", replace or "", regex=regex, case_sensitive=case_sensitive,
-                                                whole_word=whole_word, dry_run=not apply)
+                changes = find_replace_in_clips(store, find or "", replace or "", regex=regex,
+                                                case_sensitive=case_sensitive, whole_word=whole_word,
+                                                dry_run=not apply)
         except CaptionError as err:
             raise gr.Error(str(err)) from err
         current = store.read(clip).text if clip and apply else gr.update()

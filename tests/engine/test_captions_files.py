@@ -37,7 +37,8 @@ def test_save_read_round_trip_unicode_atomic_and_beside_clip(store):
     path = store.clips_dir / "shot 'two' é.txt"
     assert path.read_bytes().decode("utf-8") == "a warrior — golden hair, 日本語, émigré"
     assert store.read("shot 'two' é.mp4").text == "a warrior — golden hair, 日本語, émigré"
-    assert not store.save("shot 'two' é.mp4", "a warrior — golden hair, 日本語, émigré")  # unchanged: no new record
+    # unchanged text: nothing written, no new history record
+    assert not store.save("shot 'two' é.mp4", "a warrior — golden hair, 日本語, émigré")
     assert len(store.history("shot 'two' é.mp4")) == 1
     assert not list(store.clips_dir.glob(".*.tmp*"))
     # the studio's own files stay out of the dataset folder's top level (only clips and captions there)
@@ -91,6 +92,8 @@ def test_non_utf8_caption_is_never_replaced_without_consent(store):
     backup = store.history("shot 1.mp4")[-1]["original_bytes_file"]
     assert open(backup, "rb").read() == original
     assert store.read("shot 1.mp4").text == "a new caption"
+    store.undo("shot 1.mp4")  # undo puts the exact original bytes back
+    assert path.read_bytes() == original
 
 
 def test_suggestions_are_separate_and_resolved_explicitly(store):
