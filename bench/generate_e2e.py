@@ -71,7 +71,7 @@ def random_lora(transformer, out_dir: Path, rank: int = 32) -> Path:
     state, generator = {}, torch.Generator().manual_seed(0)
     targets = set(wan_module_names().values())
     for name, module in transformer.named_modules():
-        if name.startswith("blocks.") and name.split(".", 2)[2] in targets:
+        if name.startswith("blocks.") and name.count(".") >= 2 and name.split(".", 2)[2] in targets:
             state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.01
             state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.001
     return save_lora({k: v.to(torch.bfloat16) for k, v in state.items()}, out_dir, rank=rank, alpha=rank)
