@@ -159,6 +159,7 @@ class Trainer:
         self.timesteps = TimestepSampling.from_run_config(run_cfg)
         self.fingerprint = dataset.fingerprint
         self.step = 0
+        self.position = (0, 0)  # (step, this rank's micro-batch index at that step)
         self.trainable: TrainableTransformer | None = None
 
     # ---- setup
@@ -176,6 +177,8 @@ class Trainer:
             optimizer.load_state_dict(state.optimizer)
             restore_rng_state(state.rng)
             self.step = state.step
+            # The data position is global: on another GPU count each rank starts at its share of it.
+            self.position = (state.step, state.global_micro_batches // self.world.world_size)
         self.optimizer = optimizer
         if self.world.distributed:
             self.events.log(f"Data parallel over {self.world.world_size} ranks through DeepSpeed (ZeRO stage 0): "
@@ -257,7 +260,12 @@ class Trainer:
         return EXIT_OK
 
     def _epoch_of_next_batch(self) -> int:
-        return self.stream.batch(self.step * self.accumulation)[0]
+        return self.stream.batch(self._local_index(0))[0]
+
+    def _local_index(self, micro: int) -> int:
+        """This rank's index (across epochs) of micro-batch `micro` of the current step."""
+        start_step, start_index = self.position
+        return start_index + (self.step - start_step) * self.accumulation + micro
 
     def _train_step(self) -> float:
         factor = lr_factor(self.step, warmup_steps=self.cfg.warmup_steps, total_steps=self.max_steps,
@@ -266,7 +274,7 @@ class Trainer:
             group["lr"] = self.cfg.optimizer.lr * factor
         losses = []
         for micro in range(self.accumulation):
-            local_index = self.step * self.accumulation + micro
+            local_index = self._local_index(micro)
             _, indices = self.stream.batch(local_index)
             batch = stack_items([self.dataset.load(self.dataset.items[i]) for i in indices], self.device)
             generator = micro_batch_generator(self.seed, self.stream.global_index(local_index))
@@ -320,7 +328,7 @@ class Trainer:
         if self.world.is_main:
             state = TrainingState(
                 step=self.step, epoch=self._epoch_of_next_batch(),
-                global_micro_batches=self.step * self.accumulation * self.world.world_size,
+                global_micro_batches=self._local_index(0) * self.world.world_size,
                 lora={name: p.detach().float() for name, p in self.trainable.module.named_parameters()
                       if p.requires_grad},
                 optimizer=self.optimizer.state_dict(), rng=capture_rng_state(),
@@ -484,7 +492,7 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
         paths = RunPaths.for_run(run_cfg)
         events = EventLog(paths.run_dir, enabled=world.is_main)
         torch.manual_seed(run_cfg.studio.seed)
-        state = _resume_state(paths, resume, events)
+        state = _resume_state(paths, resume, events, world)
         report = validate(run_cfg, dataset_cfg, events)
         dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, should_stop)
         if dataset is None:
@@ -492,9 +500,9 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
             return EXIT_OK
         trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=should_stop,
                           paths=paths)
-        if state is not None and state.global_micro_batches % (trainer.accumulation * world.world_size):
-            events.log("The saved state's data position does not fall on a step boundary of this GPU count; "
-                       "a few micro-batches are repeated or skipped.")
+        if state is not None and state.global_micro_batches % world.world_size:
+            events.log(f"The saved data position ({state.global_micro_batches} micro-batches) does not split evenly "
+                       f"over {world.world_size} ranks: up to {world.world_size - 1} micro-batches are repeated.")
         from engine.models import load_wan_transformer
 
         transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
@@ -514,8 +522,15 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
             torch.distributed.destroy_process_group()
 
 
-def _resume_state(paths: RunPaths, resume: bool, events: EventLog) -> TrainingState | None:
+def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:
+    """The latest saved state when resuming. A fresh start moves earlier states aside, so a later --resume can
+    never pick up a state of the earlier run (nothing is deleted)."""
     if not resume:
+        if world.is_main and latest_state_dir(paths.state_root) is not None:
+            aside = paths.state_root.with_name(f"state.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            paths.state_root.rename(aside)
+            events.log(f"Started without --resume: the earlier run's resume states were moved to {aside}.")
+        barrier(world)
         return None
     state_dir = latest_state_dir(paths.state_root)
     if state_dir is None:

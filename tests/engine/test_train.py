@@ -416,3 +416,42 @@ def test_memory_hint_skips_settings_in_use():
     hint = memory_hint(low, (1, 16, 21, 60, 104))
     assert "float8" not in hint and "blocks_to_swap" not in hint
     assert "frame_buckets = [33]" in hint and "81" in hint and "resolutions" in hint
+
+
+def test_stop_request_saves_state_and_fresh_start_keeps_old_states(train_project):
+    from engine.train import train
+
+    run_toml = write_run(train_project, "stop early", {"max_steps": 10, "epochs": 100})
+    assert train(run_toml, should_stop=lambda: True) == 0  # stop asked at once: one step, its state, "stopped"
+    assert [e["step"] for e in events_of(run_toml, "step")] == [1]
+    assert events_of(run_toml, "phase")[-1]["phase"] == "stopped"
+    assert [p.name for p in (run_toml.parent / "state").iterdir()] == ["step1"]
+    assert train(run_toml, should_stop=lambda: True) == 0  # a fresh start (no --resume) ...
+    moved = list(run_toml.parent.glob("state.before-*"))
+    assert len(moved) == 1 and (moved[0] / "step1" / "state.json").exists()  # ... moves the old state aside
+    assert train(run_toml, resume=True, should_stop=lambda: True) == 0
+    assert events_of(run_toml, "step")[-1]["step"] == 2  # resumed from the new run's step 1
+
+
+def test_optimizer_state_round_trip_without_pickles(tmp_path):
+    from engine.trainer_state import TrainingState, capture_rng_state, load_training_state, save_training_state
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99))
+    sum(p.sum() ** 2 for p in params).backward()
+    optimizer.step()
+    state = TrainingState(step=7, epoch=3, global_micro_batches=14, lora={"a": params[0].detach()},
+                          optimizer=optimizer.state_dict(), rng=capture_rng_state(), info={"seed": 1})
+    for step in (7, 8, 9):
+        state.step = step
+        saved = save_training_state(tmp_path, state, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step8", "step9"] and saved.name == "step9"
+    loaded = load_training_state(saved)
+    assert loaded.step == 9 and loaded.global_micro_batches == 14 and loaded.info == {"seed": 1}
+    restored = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-3)
+    restored.load_state_dict(loaded.optimizer)
+    original = optimizer.state_dict()
+    assert restored.state_dict()["param_groups"][0]["betas"] == (0.9, 0.99)
+    for index, values in original["state"].items():
+        for name, tensor in values.items():
+            torch.testing.assert_close(restored.state_dict()["state"][index][name], tensor)
