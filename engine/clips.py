@@ -47,7 +47,7 @@ StopFn = Callable[[], bool]
 __all__ = ["Cut", "ExportedClip", "Suggestion", "ClipError", "ExportStopped", "VideoError", "VideoInfo",
            "probe_video", "parse_size", "parse_time", "parse_timestamps", "format_timestamps", "validate_cuts",
            "clip_name", "cut_clip", "cut_clips", "read_manifest", "suggest_windows", "analyze_motion",
-           "fitted_frames", "check_frames", "frame_at", "thumbnails"]
+           "fitted_frames", "check_frames", "count_frames", "frame_at", "thumbnails"]
 
 
 class ClipError(ValueError):
@@ -422,6 +422,11 @@ def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.
     if on_progress is not None:
         on_progress(1.0, f"{len(cuts)} clips in {out_dir}")
     return results
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """Frames in a video file (a packet count, no decoding)."""
+    return probe_video(path).frame_count
 
 
 # ---------------------------------------------------------------- suggestions
