@@ -48,6 +48,10 @@ def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, crf:
             proc.stdin.close()
         except BrokenPipeError:
             pass
+        except BaseException:  # the frame source failed: stop the encoder; atomic_path discards the partial file
+            proc.kill()
+            proc.wait()
+            raise
         err = proc.stderr.read().decode("utf-8", "replace")
         if proc.wait() != 0:
             raise FFmpegError(f"encoding {path.name} failed: {err.strip()[-2000:]}")

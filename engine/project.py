@@ -26,6 +26,12 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 PROJECT_FILE = "project.json"
 
 
+def list_videos(folder: Path) -> list[Path]:
+    """Video files in a folder, sorted; hidden names (such as in-progress atomic writes) are skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
 def studio_home() -> Path:
     """Where the demo project and tiny model kits live: $WAN_STUDIO_HOME, else `workspace/` in the repository."""
     env = os.environ.get("WAN_STUDIO_HOME")
@@ -108,10 +114,10 @@ class Project:
 
     # contents
     def list_sources(self) -> list[Path]:
-        return sorted(p for p in self.sources_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        return list_videos(self.sources_dir)
 
     def list_clips(self) -> list[Path]:
-        return sorted(p for p in self.clips_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        return list_videos(self.clips_dir)
 
     def caption_path(self, clip: str | os.PathLike) -> Path:
         return Path(clip).with_suffix(".txt")
