@@ -4,15 +4,17 @@ import numpy as np
 import pytest
 
 from engine.ffmpeg import write_video
-from engine.files import append_jsonl, atomic_write_text, read_jsonl
+from engine.files import append_jsonl, atomic_path, atomic_write_text, read_jsonl
 from engine.project import Project
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     target = tmp_path / "caption é.txt"
     atomic_write_text(target, "old")
-    with pytest.raises(TypeError):
-        atomic_write_text(target, None)  # encoding fails inside the write
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise OSError(28, "No space left on device")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
