@@ -178,6 +178,11 @@ class RunConfig(_Section):
                            choices=("constant", "linear", "cosine"))
     eval_every_n_epochs: int | None = _f(None, "Evaluate on eval datasets every N epochs (diffusion-pipe; the "
                                                "studio renders samples instead).", minimum=1)
+    eval_before_first_step: bool = _f(True, "Evaluate before training starts (diffusion-pipe only).")
+    eval_micro_batch_size_per_gpu: int | None = _f(None, "Eval batch size (diffusion-pipe only).", minimum=1)
+    eval_gradient_accumulation_steps: int | None = _f(None, "Eval accumulation (diffusion-pipe only).", minimum=1)
+    disable_block_swap_for_eval: bool = _f(False, "Keep all blocks on the GPU while evaluating (diffusion-pipe "
+                                                  "only).")
     save_every_n_epochs: int | None = _f(1, "Write epochN/adapter_model.safetensors every N epochs.", minimum=1)
     save_every_n_steps: int | None = _f(None, "Also write a LoRA every N steps; unset = off.", minimum=1)
     checkpoint_every_n_epochs: int | None = _f(None, "Save the full resume state every N epochs.", minimum=1)
