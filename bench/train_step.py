@@ -171,6 +171,17 @@ def measure_rates(tokens_list: list[int]) -> dict:
                 rates[f"sdpa_{name}_{tokens}_bwd"] = 2.5 * flops / max(both - fwd, 1e-9) / 1e12
             except RuntimeError as err:
                 rates[f"sdpa_{name}_{tokens}"] = f"unavailable: {str(err)[:80]}"
+        with torch.no_grad():  # the backends must agree before their speeds mean anything
+            outs = {}
+            for name in ("flash", "cudnn"):
+                try:
+                    with sdpa_kernel([backends[name]]):
+                        outs[name] = torch.nn.functional.scaled_dot_product_attention(q, kk, v).float()
+                except RuntimeError:
+                    pass
+            if len(outs) == 2:
+                rates[f"sdpa_cudnn_vs_flash_rel_err_{tokens}"] = float(
+                    (outs["cudnn"] - outs["flash"]).norm() / outs["flash"].norm())
         del q, kk, v
     torch.cuda.empty_cache()
     return rates
