@@ -252,7 +252,7 @@ class GenerateTab:
         with gr.Row():
             self.send_back = gr.Button("Send settings to the form")
             self.export_comfy = gr.Button("Export ComfyUI workflow")
-        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False)
+        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False, elem_id="generate-comfy-file")
 
     # ------------------------------------------------------------ handlers
 

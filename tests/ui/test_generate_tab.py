@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,3 +67,38 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
         assert response.ok and len(response.body()) > 1000
     page.get_by_role("button", name="Play grid together").click()
     expect(page.locator("#generate-details")).to_contain_text("strength 0 (base)")
+
+    # the first video's settings go back into the form; its ComfyUI workflow downloads
+    first = sorted((project_root / "outputs").glob("gen-*.mp4"))[0].name
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Output", exact=True).click()
+    page.get_by_role("option", name=first).click()
+    expect(page.locator("#generate-output-details")).to_contain_text("epoch1 @ 1")
+    page.get_by_label("Prompt", exact=True).fill("something else")
+    page.get_by_role("button", name="Send settings to the form").click()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a warrior jumps, fast camera pan")
+    expect(page.get_by_label("fixed")).to_be_checked()
+    expect(page.get_by_label("Seed", exact=True)).to_have_value(str(sidecars[0]["request"]["seed"]))
+    page.get_by_role("button", name="Export ComfyUI workflow").click()
+    expect(page.locator("#generate-comfy-file").get_by_role("link")).to_have_attribute("href", re.compile(r"\.comfyui\.json$"))
+    workflow = json.loads(next((project_root / "outputs").glob("gen-*.comfyui.json")).read_text())
+    assert any(node["class_type"] == "LoraLoaderModelOnly" for node in workflow.values())
+
+
+def test_form_helpers(tmp_path):
+    from engine.infer import GenerationError
+    from tabs.generate import grid_html, parse_strengths, run_epochs
+
+    assert parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]
+    with pytest.raises(GenerationError, match="outside"):
+        parse_strengths("0, 3")
+    with pytest.raises(GenerationError, match="numbers"):
+        parse_strengths("low, high")
+    for epoch in (10, 2, 1):
+        (tmp_path / "run" / f"epoch{epoch}").mkdir(parents=True)
+        (tmp_path / "run" / f"epoch{epoch}" / "adapter_model.safetensors").write_bytes(b"x")
+    epochs = run_epochs(str(tmp_path / "run" / "epoch2" / "adapter_model.safetensors"))
+    assert [label for label, _ in epochs] == ["epoch1", "epoch2", "epoch10"]
+    assert run_epochs(str(tmp_path / "some.safetensors")) == []
+    html = grid_html([tmp_path / "a b.mp4"], ["strength 1"], [0.5])
+    assert "a%20b.mp4" in html and "autoplay muted loop" in html
