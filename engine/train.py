@@ -94,15 +94,21 @@ class EventLog:
 
     def _scalars(self, record: dict) -> None:
         if self._tensorboard is None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # scalars stay in metrics.jsonl; TensorBoard is a convenience
+                self._tensorboard = False
+                self.log("TensorBoard is not installed: metrics go to metrics.jsonl only.")
+                return
             self._tensorboard = SummaryWriter(str(self.run_dir / "tb"))
+        if self._tensorboard is False:
+            return
         for name in ("loss", "lr", "steps_per_s"):
             self._tensorboard.add_scalar(f"train/{name}", record[name], record["step"])
         self._tensorboard.flush()
 
     def close(self) -> None:
-        if self._tensorboard is not None:
+        if self._tensorboard:
             self._tensorboard.close()
 
 

@@ -119,8 +119,11 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
             report = accel.apply_float8_storage(transformer, compute_dtype=dtype)
         else:
             report = accel.apply_float8_compute(transformer, compute_dtype=dtype)
-        notes.append(getattr(report, "message", "") or f"Frozen base weights stored as float8 e4m3 ({mode}), "
-                     f"computed in {str(dtype).removeprefix('torch.')}.")
+        matmuls = "float8 matmuls (torch._scaled_mm)" if report.mode == "compute" else \
+            f"{str(dtype).removeprefix('torch.')} matmuls"
+        notes.append(report.message or f"{report.converted} frozen base Linears stored as float8 e4m3 "
+                                       f"({(report.bytes_before - report.bytes_after) / 2**30:.2f} GiB saved), "
+                                       f"{matmuls}.")
     if run_cfg.blocks_to_swap:
         # The swapped blocks' weights go to pinned CPU memory before the rest moves, so they never sit on the GPU.
         swapper = accel.BlockSwapper(transformer, run_cfg.blocks_to_swap, device)
