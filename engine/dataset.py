@@ -31,7 +31,7 @@ import torch
 
 from engine.config import DatasetConfig
 from engine.files import atomic_path
-from engine.project import VIDEO_EXTENSIONS
+from engine.project import list_videos
 from engine.video import VideoError, VideoInfo, probe_video
 
 WAN_FPS = 16.0  # Wan 2.1 is trained at 16 fps: clips are resampled to it
@@ -190,7 +190,7 @@ def scan_dataset(cfg: DatasetConfig, *, video_clip_mode: str = "single_beginning
         if not folder.is_dir():
             report.errors.append(DatasetIssue(folder, "clip folder not found: fix the [[directory]] path."))
             continue
-        videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        videos = list_videos(folder)
         if not videos:
             report.errors.append(DatasetIssue(folder, "no video clips (.mp4, .mkv, .mov, .webm, .avi) in this "
                                                       "folder: export clips in the Clips tab first."))
