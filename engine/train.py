@@ -290,7 +290,7 @@ class Trainer:
                 self.stepper.backward(loss)
             except torch.OutOfMemoryError as err:
                 raise TrainingError(f"CUDA out of memory at step {self.step + 1}: {str(err).splitlines()[0]}",
-                                    memory_hint(self.cfg, batch["latents"].shape)) from err
+                                    memory_hint(self.cfg, self.dataset.items[indices[0]].bucket)) from err
             self.stepper.micro_step(boundary=micro == self.accumulation - 1)
             losses.append(float(loss.detach()))
         return all_ranks_mean(sum(losses) / len(losses), self.world, self.device)
@@ -366,8 +366,9 @@ def _writing(write: Callable[[], Path], where: Path) -> Path:
         raise
 
 
-def memory_hint(run_cfg, latent_shape: Sequence[int]) -> str:
-    """Settings that would lower GPU memory, most effective first, skipping those already in use."""
+def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
+    """Settings that would lower GPU memory for a (frames, height, width) bucket, most effective first, skipping
+    those already in use."""
     hints = []
     if not run_cfg.model.transformer_dtype.startswith("float8"):
         hints.append("[model] transformer_dtype = 'float8' (halves the base weights)")
@@ -379,10 +380,9 @@ def memory_hint(run_cfg, latent_shape: Sequence[int]) -> str:
         hints.append(f"blocks_to_swap = {min(39, run_cfg.blocks_to_swap + 10)} (more blocks in CPU memory)")
     if run_cfg.micro_batch_size_per_gpu > 1:
         hints.append("micro_batch_size_per_gpu = 1 (use gradient_accumulation_steps for a larger batch)")
-    frames = (latent_shape[2] - 1) * 4 + 1
+    frames, height, width = bucket
     if frames > 33:
         hints.append(f"fewer frames: frame_buckets = [33] in the dataset TOML (now {frames})")
-    height, width = latent_shape[3] * 8, latent_shape[4] * 8
     if height * width > 480 * 480:
         hints.append(f"lower resolution: resolutions = [480] or less in the dataset TOML (now {width}x{height})")
     return "Try: " + "; ".join(hints) + "." if hints else "This batch does not fit this GPU even at the lowest settings."
@@ -512,7 +512,11 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
         from engine.models import load_wan_transformer
 
         transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
-        trainer.build(transformer, state)
+        try:
+            trainer.build(transformer, state)
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(f"CUDA out of memory while placing the model on {device}: {str(err).splitlines()[0]}",
+                                memory_hint(run_cfg, dataset.items[0].bucket)) from err
         return trainer.run()
     except TrainingError as err:
         events.emit("error", message=str(err), hint=err.hint)

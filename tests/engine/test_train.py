@@ -413,7 +413,7 @@ def test_memory_hint_skips_settings_in_use():
 
     low = apply_overrides(RunConfig(), {"model.transformer_dtype": "float8", "activation_checkpointing": "unsloth",
                                         "blocks_to_swap": 39})
-    hint = memory_hint(low, (1, 16, 21, 60, 104))
+    hint = memory_hint(low, (81, 480, 832))
     assert "float8" not in hint and "blocks_to_swap" not in hint
     assert "frame_buckets = [33]" in hint and "81" in hint and "resolutions" in hint
 
