@@ -503,6 +503,24 @@ def save_style_rules(rules: StyleRules, path: str | Path) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def parse_replacement_lines(text: str) -> dict[str, str]:
+    """A replacement table typed one entry per line, `Name = generic description` (blank and # lines skipped)."""
+    table: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, description = line.partition("=")
+        if not sep or not name.strip():
+            raise CaptionError(f"Replacement line {number} ({line!r}): write it as 'Name = generic description'.")
+        table[" ".join(name.split())] = description.strip()
+    return table
+
+
+def format_replacement_lines(table: dict[str, str]) -> str:
+    return "\n".join(f"{name} = {description}" for name, description in table.items())
+
+
 def _word_pattern(words: Iterable[str]) -> re.Pattern | None:
     """One case-insensitive alternation of whole words/phrases, longest first so overlapping names match fully."""
     parts = []

@@ -19,8 +19,8 @@ from gradio.context import Context
 from engine.captions import (
     Blip2Captioner, CaptionChange, CaptionError, CaptionerOutOfMemory, CaptionerSettings, CaptionStore,
     StyleRules, TokenCounter, apply_style_to_clips, default_device, export_captions, find_banned_words,
-    find_replace_in_clips, import_captions, load_style_rules, preview_style, save_style_rules, suggest_captions,
-    word_diff,
+    find_replace_in_clips, format_replacement_lines, import_captions, load_style_rules, parse_replacement_lines,
+    preview_style, save_style_rules, suggest_captions, word_diff,
 )
 from engine.jobs import GpuBusyError
 from engine.models import ModelFolderError
@@ -117,14 +117,13 @@ def build(ctx: AppContext) -> None:
             notes.append("**Banned words:** " + ", ".join(banned))
         return " · ".join(notes)
 
-    def rules_from_ui(trigger: str, replacements, banned: str, normalize: bool) -> StyleRules:
-        rows = replacements.values.tolist() if hasattr(replacements, "values") else (replacements or [])
-        table = {str(r[0]).strip(): str(r[1]).strip() for r in rows if len(r) >= 2 and str(r[0] or "").strip()}
+    def rules_from_ui(trigger: str, replacements: str, banned: str, normalize: bool) -> StyleRules:
         words = [w.strip() for w in (banned or "").replace("\n", ",").split(",") if w.strip()]
-        rules = StyleRules(trigger=(trigger or "").strip(), replacements=table, banned_words=words, normalize=normalize,
-                           category_order=base_rules.category_order, category_words=base_rules.category_words,
-                           token_limit=base_rules.token_limit)
         try:
+            table = parse_replacement_lines(replacements or "")
+            rules = StyleRules(trigger=(trigger or "").strip(), replacements=table, banned_words=words,
+                               normalize=bool(normalize), category_order=base_rules.category_order,
+                               category_words=base_rules.category_words, token_limit=base_rules.token_limit)
             rules.validate()
         except CaptionError as err:
             raise gr.Error(str(err)) from err
@@ -356,10 +355,10 @@ def build(ctx: AppContext) -> None:
             trigger = gr.Textbox(base_rules.trigger, label="Trigger word or prefix (put first)")
             banned = gr.Textbox(", ".join(base_rules.banned_words), label="Banned words (comma-separated)")
             normalize = gr.Checkbox(base_rules.normalize, label="Normalise: trim, dedupe, order phrases")
-        replacements = gr.Dataframe(
-            value=[[k, v] for k, v in base_rules.replacements.items()] or [["", ""]],
-            headers=["Name", "Generic description"], interactive=True, type="array",
-            label="Replacement table (whole words, any case, longest name first)", row_count=1,
+        replacements = gr.Textbox(
+            format_replacement_lines(base_rules.replacements), lines=4, max_lines=20,
+            label="Replacement table", info="One 'Name = generic description' per line; whole words, any case.",
+            placeholder="Goku = a warrior with spiky black hair\nSon Goku = a warrior with spiky black hair",
         )
         with gr.Row():
             style_scope = gr.Radio(["This clip", "All clips"], value="All clips", label="Apply to")

@@ -6,8 +6,8 @@ import pytest
 
 from engine.captions import (
     CaptionError, StyleRules, add_trigger, apply_replacements, apply_style, find_banned_words, find_replace,
-    format_word_diff, load_style_rules, merge_captions, normalize_caption, preview_style, save_style_rules,
-    split_phrases, word_diff,
+    format_replacement_lines, format_word_diff, load_style_rules, merge_captions, normalize_caption,
+    parse_replacement_lines, preview_style, save_style_rules, split_phrases, word_diff,
 )
 
 NAMES = {"Son Goku": "a warrior with spiky black hair", "Goku": "a warrior", "Dr. Gero": "an old scientist",
@@ -126,3 +126,12 @@ def test_rules_file_errors_name_the_problem(tmp_path):
         load_style_rules(tmp_path / "broken.toml")
     with pytest.raises(CaptionError, match="not found"):
         load_style_rules(tmp_path / "missing.toml")
+
+
+def test_replacement_lines_round_trip_and_errors():
+    text = "# names from the film\nSon  Goku = a warrior with spiky black hair\n\nZoë = a woman = tall\n"
+    table = parse_replacement_lines(text)
+    assert table == {"Son Goku": "a warrior with spiky black hair", "Zoë": "a woman = tall"}
+    assert parse_replacement_lines(format_replacement_lines(table)) == table
+    with pytest.raises(CaptionError, match="line 2"):
+        parse_replacement_lines("Goku = a warrior\nVegeta a prince")

@@ -63,3 +63,28 @@ def test_suggest_fills_a_suggestion_and_accept_saves_it(page, captions_studio):
     expect(page.get_by_label("Caption", exact=True)).to_have_value(pending.text)
     expect(suggestion).to_have_value("")
     assert (clips_dir / "captions test A.txt").read_text(encoding="utf-8") == pending.text
+
+
+def test_style_tools_preview_apply_and_undo(page, captions_studio):
+    url, clips_dir = captions_studio
+    clip = CLIPS[1]
+    store = CaptionStore(clips_dir)
+    store.save(clip, "Goku leaps over a river, wide shot, GOKU")
+    open_captions(page, url, clip)
+    page.get_by_text("Pure-style tools").click()
+    page.get_by_label("Trigger word or prefix (put first)").fill("sks")
+    page.get_by_role("textbox", name=re.compile("^Replacement table")).fill("Goku = a warrior with golden hair")
+    page.get_by_label("This clip").check()
+    page.get_by_role("button", name="Preview", exact=True).first.click()
+    diff = page.locator("table.caption-diff")
+    expect(diff).to_contain_text("a warrior with golden hair")
+    expect(diff.locator("del").first).to_contain_text("Goku")
+    assert store.read(clip).text == "Goku leaps over a river, wide shot, GOKU"  # a preview changes nothing
+
+    page.get_by_role("button", name="Apply", exact=True).click()
+    expected = "sks, a warrior with golden hair, a warrior with golden hair leaps over a river, wide shot"
+    expect(page.get_by_label("Caption", exact=True)).to_have_value(expected)
+    assert store.read(clip).text == expected
+    page.get_by_role("button", name="Undo", exact=True).click()
+    expect(page.get_by_label("Caption", exact=True)).to_have_value("Goku leaps over a river, wide shot, GOKU")
+    assert store.read(clip).text == "Goku leaps over a river, wide shot, GOKU"
