@@ -131,8 +131,9 @@ def build(ctx: AppContext) -> None:
 
     def load_clip(clip: str | None, trigger, replacements, banned, normalize):
         """Everything the editor shows for one clip, read from disk."""
-        if not clip:
-            return None, gr.update(value="", interactive=False), "No clip selected.", "", gr.update(visible=False)
+        if not clip or clip not in store.list_clips():
+            message = "No clip selected." if not clip else f"{clip} is no longer in {store.clips_dir}."
+            return None, gr.update(value="", interactive=False), message, "", gr.update(visible=False)
         current = store.read(clip)
         suggestion = store.suggestion(clip)
         notes = caption_notes(current.text, rules_from_ui(trigger, replacements, banned, normalize))
@@ -219,7 +220,12 @@ def build(ctx: AppContext) -> None:
         return "Stopping after the current batch..."
 
     def unload():
-        return "Captioner unloaded; its memory is free." if captioner.unload() else "The captioner is not loaded."
+        if not ctx.gpu_lock.acquire(blocking=False):  # never pull the model from under a running suggestion
+            raise gr.Error("A GPU task is running (captioning or generation); stop it first, then unload.")
+        try:
+            return "Captioner unloaded; its memory is free." if captioner.unload() else "The captioner is not loaded."
+        finally:
+            ctx.gpu_lock.release()
 
     def resolve(action: str):
         def handler(clip: str | None, *rule_inputs):
