@@ -149,7 +149,8 @@ def main() -> int:
 
     # 2. our path without a LoRA, 3. with a rank-32 LoRA at strength 1
     lora = random_lora(pipe.transformer, work / "lora" / "epoch1")
-    for label, loras in (("engine.infer, no LoRA", []), ("engine.infer, rank-32 LoRA at strength 1", [(str(lora), 1.0)])):
+    variants = (("engine.infer, no LoRA", []), ("engine.infer, rank-32 LoRA at strength 1", [(str(lora), 1.0)]))
+    for label, loras in variants:
         clock = StepClock()
         torch.cuda.reset_peak_memory_stats()
         path = render_video(pipe, GenerationRequest(**{**request.__dict__, "loras": loras}),

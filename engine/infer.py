@@ -372,7 +372,7 @@ PROMPT_CACHE_SIZE = 4
 
 
 def _prompt_embeds(pipe, prompt: str, negative_prompt: str, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """UMT5 embeddings of the prompts, kept for the last few prompts: a sweep or a strength change re-encodes nothing."""
+    """UMT5 embeddings of the prompts, kept for the last few prompts: sweeps and strength changes re-encode nothing."""
     cache: OrderedDict = pipe.__dict__.setdefault("_studio_prompts", OrderedDict())
     key = (prompt, negative_prompt if guided else None)
     if key not in cache:
@@ -577,12 +577,12 @@ def plan_sweep(request: GenerationRequest, strengths: Sequence[float] | None = N
                 seen_zero = True
                 label = "strength 0 (base)"
             else:
-                label = f"{_lora_label(file)} @ {strength:g}" if len(files) > 1 else f"strength {strength:g}"
+                label = f"{lora_label(file)} @ {strength:g}" if len(files) > 1 else f"strength {strength:g}"
             variants.append((label, replace(request, loras=[(file, strength), *rest])))
     return variants
 
 
-def _lora_label(path: str | Path) -> str:
+def lora_label(path: str | Path) -> str:
     """A short name: the epoch folder for a run's adapter_model.safetensors, else the file's stem."""
     path = Path(path)
     return path.parent.name if path.name == "adapter_model.safetensors" else path.stem

@@ -125,7 +125,7 @@ class LoraWeights:
         return 1 + max(int(name.split(".")[1]) for name in self.modules)
 
     def to_diffusers_peft(self, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
-        """Names for diffusers' `load_lora_weights` (which assumes lora_alpha = rank), so alpha/rank is baked into lora_B."""
+        """Names for diffusers' `load_lora_weights` (it assumes lora_alpha = rank): alpha/rank is baked into lora_B."""
         out = {}
         for name, m in self.modules.items():
             out[f"{prefix}{name}.lora_A.weight"] = m.down
@@ -149,12 +149,11 @@ class LoraWeights:
                 out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.down, m.up
                 if write_alpha:  # ComfyUI and diffusers both read `.alpha` beside lora_A/lora_B
                     out[f"{base}.alpha"] = alpha
-            elif fmt == "comfy-down-up":
-                base = f"diffusion_model.{original}"
-                out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"], out[f"{base}.alpha"] = m.down, m.up, alpha
-            else:  # musubi
-                base = "lora_unet_" + original.replace(".", "_")
-                out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"], out[f"{base}.alpha"] = m.down, m.up, alpha
+            else:  # comfy-down-up or musubi: lora_down/lora_up with an alpha for every module
+                base = f"diffusion_model.{original}" if fmt == "comfy-down-up" else (
+                    "lora_unet_" + original.replace(".", "_"))
+                out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = m.down, m.up
+                out[f"{base}.alpha"] = alpha
         return out
 
 

@@ -21,8 +21,8 @@ from gradio.context import Context
 
 from engine.infer import (
     DEFAULT_SWEEP_STRENGTHS, STRENGTH_MAX, STRENGTH_MIN, WAN_NEGATIVE_PROMPT, GenerationCancelled, GenerationError,
-    GenerationRequest, PipelineCache, PipelineOptions, export_comfyui_workflow, fit_size, new_output_path,
-    open_image, read_sidecar, render_sweep, render_video, request_from_sidecar,
+    GenerationRequest, PipelineCache, PipelineOptions, export_comfyui_workflow, fit_size, lora_label,
+    new_output_path, open_image, read_sidecar, render_sweep, render_video, request_from_sidecar,
 )
 from engine.jobs import GpuBusyError
 from engine.lora_io import LoraFileError, LoraMismatchError
@@ -252,7 +252,8 @@ class GenerateTab:
         with gr.Row():
             self.send_back = gr.Button("Send settings to the form")
             self.export_comfy = gr.Button("Export ComfyUI workflow")
-        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False, elem_id="generate-comfy-file")
+        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False,
+                                  elem_id="generate-comfy-file")
 
     # ------------------------------------------------------------ handlers
 
@@ -325,10 +326,10 @@ class GenerateTab:
     @staticmethod
     def describe(sidecar: dict) -> str:
         request = sidecar["request"]
-        loras = ", ".join(f"{Path(e['path']).parent.name if Path(e['path']).name == 'adapter_model.safetensors' else Path(e['path']).name}"
-                          f" @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
+        loras = ", ".join(f"{lora_label(e['path'])} @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
         lines = [f"**Seed** {request['seed']} · **size** {request['width']}x{request['height']} · "
-                 f"**frames** {request['frames']} · **steps** {request['steps']} · **guidance** {request['guidance']}",
+                 f"**frames** {request['frames']} · **steps** {request['steps']} · "
+                 f"**guidance** {request['guidance']}",
                  f"**LoRAs** {loras}",
                  f"**Motion** {sidecar.get('motion', 0):.3f} px/frame · **time** {sidecar.get('seconds', 0):.1f} s "
                  f"({sidecar.get('seconds_per_step', 0):.2f} s/step)"]
@@ -389,17 +390,18 @@ class GenerateTab:
         fitted = fit_size(*size)
         h, w = int(height or 0) or fitted[0], int(width or 0) or fitted[1]
         seconds = int(frames) / float(fps or 16)
-        return f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps (image {size[0]}x{size[1]})."
+        return (f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps "
+                f"(image {size[0]}x{size[1]}).")
 
     def on_output_select(self, path: str | None):
         if not path or not Path(path).exists():
             return None, ""
-        data = read_sidecar(path) if "request" in _json(path) else None
-        if data is None:
-            sweep = _json(path)
-            rows = "\n".join(f"| {v['label']} | {v['video']} | {v['motion']:.3f} |" for v in sweep.get("variants", []))
-            return path, f"Sweep comparison, seed {sweep.get('seed')}\n\n| Variant | Video | Motion |\n|---|---|---|\n{rows}"
-        return path, self.describe(data)
+        data = _json(path)
+        if "request" in data:
+            return path, self.describe(data)
+        rows = "\n".join(f"| {v['label']} | {v['video']} | {v['motion']:.3f} |" for v in data.get("variants", []))
+        return path, (f"Sweep comparison, seed {data.get('seed')}\n\n| Variant | Video | Motion |\n|---|---|---|\n"
+                      f"{rows}")
 
     def on_send_back(self, path: str | None):
         if not path or "request" not in _json(path):
@@ -408,7 +410,8 @@ class GenerateTab:
         values = {self.image: request.image, self.prompt: request.prompt, self.negative_prompt: request.negative_prompt,
                   self.seed_mode: "fixed", self.seed: request.seed, self.steps: request.steps,
                   self.guidance: request.guidance, self.frames: request.frames, self.height: request.height,
-                  self.width: request.width, self.fps: request.fps, self.status: f"Settings of `{Path(path).name}` loaded."}
+                  self.width: request.width, self.fps: request.fps,
+                  self.status: f"Settings of `{Path(path).name}` loaded."}
         choices = lora_choices(self.ctx)
         for i, (choice, strength) in enumerate(self.lora_rows):
             lora = request.loras[i] if i < len(request.loras) else ("", 1.0)

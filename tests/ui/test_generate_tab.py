@@ -80,7 +80,8 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
     expect(page.get_by_label("fixed")).to_be_checked()
     expect(page.get_by_label("Seed", exact=True)).to_have_value(str(sidecars[0]["request"]["seed"]))
     page.get_by_role("button", name="Export ComfyUI workflow").click()
-    expect(page.locator("#generate-comfy-file").get_by_role("link")).to_have_attribute("href", re.compile(r"\.comfyui\.json$"))
+    download = page.locator("#generate-comfy-file").get_by_role("link")
+    expect(download).to_have_attribute("href", re.compile(r"\.comfyui\.json$"))
     workflow = json.loads(next((project_root / "outputs").glob("gen-*.comfyui.json")).read_text())
     assert any(node["class_type"] == "LoraLoaderModelOnly" for node in workflow.values())
 
