@@ -1,0 +1,69 @@
+"""The trainer end to end on a CUDA GPU with the tiny kit (skipped without one): bf16 autocast, bitsandbytes'
+8-bit AdamW through a stop and resume, and the low-memory modes on the GPU.
+
+    python -m pytest -q tests/engine/test_train_gpu.py      # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.engine.test_train import events_of, saved_lora, write_clips, write_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+GPU = {"model.dtype": "bfloat16", "model.transformer_dtype": "bfloat16", "epochs": 100, "optimizer.lr": 2e-3,
+       "checkpoint_every_n_epochs": None, "save_every_n_epochs": 100, "save_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def gpu_project(tmp_path_factory):
+    from engine.models import ensure_tiny_kits
+    from engine.project import Project
+
+    models = ensure_tiny_kits(tmp_path_factory.mktemp("models"))
+    project = Project.open(tmp_path_factory.mktemp("gpu") / "proj", wan_model=models.wan)
+    write_clips(project.clips_dir)
+    return project
+
+
+def _final(run_toml):
+    return saved_lora(sorted(run_toml.parent.glob("epoch*"), key=lambda p: int(p.name[5:]))[-1])
+
+
+def test_8bit_adamw_stop_and_resume_on_gpu(gpu_project):
+    from engine.train import train
+
+    settings = {**GPU, "max_steps": 6, "optimizer.type": "adamw8bit", "studio.state_every_n_steps": 2}
+    straight = write_run(gpu_project, "straight", settings)
+    assert train(straight) == 0
+    notes = " ".join(e["message"] for e in events_of(straight, "log"))
+    assert "bitsandbytes AdamW8bit" in notes
+    steps = events_of(straight, "step")
+    assert all(e["gpu_mem_gib"] > 0 and np.isfinite(e["loss"]) for e in steps)
+
+    stopped = write_run(gpu_project, "stopped", settings)
+    assert train(stopped, should_stop=lambda: len(events_of(stopped, "step")) >= 3) == 0
+    assert events_of(stopped, "phase")[-1]["phase"] == "stopped"
+    assert train(stopped, resume=True) == 0
+    expected, got = _final(straight), _final(stopped)
+    for key in expected:  # the 8-bit optimizer state survives the safetensors round trip exactly
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-5)
+
+
+def test_low_memory_modes_on_gpu(gpu_project):
+    from engine.train import train
+
+    for name, extra in {
+        "lowmem": {"model.transformer_dtype": "float8", "blocks_to_swap": 1, "activation_checkpointing": "unsloth",
+                   "optimizer.type": "AdamW8bitKahan"},
+        "selective": {"activation_checkpointing": "selective"},
+        "fp8 matmuls": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": True},
+    }.items():
+        run_toml = write_run(gpu_project, name, {**GPU, "max_steps": 3, **extra})
+        assert train(run_toml) == 0, events_of(run_toml, "error")
+        losses = [e["loss"] for e in events_of(run_toml, "step")]
+        assert len(losses) == 3 and all(np.isfinite(losses))
+        assert any(float(v.abs().max()) > 0 for k, v in _final(run_toml).items() if "lora_B" in k)
