@@ -313,7 +313,8 @@ def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[dict]:
             registry[key] = name
             _remember_format(pipe, name, weights.source_format, weights.rank)
         registry.move_to_end(key)
-        active.append((registry[key], float(strength)))
+        if strength != 0:  # a LoRA at 0 is left out: the base output exactly, without its extra matmuls
+            active.append((registry[key], float(strength)))
         info = pipe.__dict__["_studio_adapter_info"][registry[key]]
         applied.append({"path": str(path), "strength": float(strength), "sha256": file_sha256(path), **info})
     _evict_adapters(pipe, registry, keep={name for name, _ in active})
@@ -707,22 +708,26 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
     is alike in settings, not identical in pixels."""
     nodes: dict[str, dict] = {}
 
-    def add(class_type: str, **inputs) -> str:
+    def add(class_type: str, title: str | None = None, **inputs) -> str:
         node_id = str(len(nodes) + 1)
         nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            nodes[node_id]["_meta"] = {"title": title}
         return node_id
 
     unet = add("UNETLoader", unet_name=files.diffusion_model, weight_dtype="default")
     model = [unet, 0]
     for path, strength in request.loras:
-        model = [add("LoraLoaderModelOnly", model=model, lora_name=comfy_lora_name(path),
-                     strength_model=float(strength)), 0]
+        name = comfy_lora_name(path)
+        model = [add("LoraLoaderModelOnly", title=f"LoRA: copy {path} to models/loras/{name}", model=model,
+                     lora_name=name, strength_model=float(strength)), 0]
     model = [add("ModelSamplingSD3", model=model, shift=files.flow_shift), 0]
     clip = add("CLIPLoader", clip_name=files.text_encoder, type="wan", device="default")
     positive = add("CLIPTextEncode", clip=[clip, 0], text=request.prompt)
     negative = add("CLIPTextEncode", clip=[clip, 0], text=request.negative_prompt)
     vae = add("VAELoader", vae_name=files.vae)
-    image = add("LoadImage", image=Path(request.image).name)
+    image = add("LoadImage", title=f"Start image: copy {request.image} to ComfyUI's input folder",
+                image=Path(request.image).name)
     vision = add("CLIPVisionLoader", clip_name=files.clip_vision)
     vision_out = add("CLIPVisionEncode", clip_vision=[vision, 0], image=[image, 0], crop="none")
     i2v = add("WanImageToVideo", positive=[positive, 0], negative=[negative, 0], vae=[vae, 0],

@@ -204,6 +204,8 @@ def test_comfyui_workflow_loads_the_same_model_and_lora(pipe, image_path, lora_f
     by_type = {node["class_type"]: node["inputs"] for node in workflow.values()}
     assert by_type["LoraLoaderModelOnly"]["strength_model"] == 0.75
     assert by_type["LoraLoaderModelOnly"]["lora_name"] == "run-a_epoch1.safetensors"
+    lora_node = next(node for node in workflow.values() if node["class_type"] == "LoraLoaderModelOnly")
+    assert str(lora_file.resolve()) in lora_node["_meta"]["title"]  # says which file to copy where
     assert by_type["CLIPLoader"]["type"] == "wan"
     assert by_type["WanImageToVideo"]["length"] == 9 and by_type["KSampler"]["seed"] == 7
     assert {"UNETLoader", "CLIPVisionLoader", "CLIPVisionEncode", "VAELoader", "LoadImage", "VAEDecode",
