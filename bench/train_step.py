@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict] = {
                   "studio.compile": True, "optimizer.type": "adamw"},
     "ours-fp8": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
                  "studio.compile": True, "optimizer.type": "adamw"},
+    "ours-fp8-bf16-backward": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
+                               "studio.compile": True, "optimizer.type": "adamw", "bench.float8_backward": False},
     "ours-bf16-full": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": True,
                        "studio.compile": True, "optimizer.type": "adamw"},
     "ours-eager": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective",
@@ -247,6 +249,7 @@ def make_batch(frames: int, device, tiny: bool, dtype=torch.bfloat16) -> dict[st
 def run_config(overrides: dict, tiny: bool):
     from engine.config import RunConfig, apply_overrides
 
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("bench.")}  # bench-only switches
     cfg = apply_overrides(RunConfig(output_dir="bench-run", dataset="dataset.toml"),
                           {"adapter.rank": 4 if tiny else LORA_RANK, **overrides})
     if tiny:  # no inductor on the CPU box: the compiled path is exercised by the accel tests
@@ -264,6 +267,13 @@ def prepare_ours(transformer, overrides: dict, device, tiny: bool):
     optimizer, note = build_optimizer(trainable.parameters, cfg.optimizer, torch.device(device))
     stepper = LocalStepper(optimizer, trainable.parameters, 1, cfg.gradient_clipping)
     notes = [*trainable.notes, note]
+    if "bench.float8_backward" in overrides:
+        from engine.accel import Float8Linear
+
+        for module in trainable.module.modules():
+            if isinstance(module, Float8Linear):
+                module.float8_backward = overrides["bench.float8_backward"]
+        notes.append(f"float8 backward: {overrides['bench.float8_backward']}")
     swapped = cfg.blocks_to_swap
     swapper = trainable.block_swapper
     return trainable.module, stepper, TimestepSampling.from_run_config(cfg), notes, swapped, swapper
@@ -355,6 +365,56 @@ def run_one(variant: str, frames: int, *, steps: int, warmup: int, tiny: bool, c
     return outcome
 
 
+# ---------------------------------------------------------------------------------------------- float8 parity
+
+def gradient_parity(frames: int, tiny: bool) -> dict:
+    """Loss and LoRA gradients of one step on the same batch and noise: bf16 base weights vs float8 matmuls with the
+    backward in bf16 vs in float8 (the model is converted in place, after peft, as the trainer does)."""
+    from engine.accel import Float8Linear, apply_float8_compute
+    from engine.train import flow_matching_loss, micro_batch_generator
+
+    device = "cpu" if tiny else "cuda"
+    if tiny:
+        transformer = _tiny_transformer(device)
+    else:
+        from engine.models import build_wan_14b_transformer
+
+        transformer = build_wan_14b_transformer("cuda", torch.bfloat16)
+    model, _, timesteps, _, _, _ = prepare_ours(
+        transformer, {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective",
+                      "studio.compile": False}, device, tiny)
+    gen = torch.Generator().manual_seed(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give it values so every LoRA matrix gets a gradient
+            p.data = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device, p.dtype)
+    batch = make_batch(frames, device, tiny, dtype=torch.float32 if tiny else torch.bfloat16)
+
+    def loss_and_grad():
+        for p in params:
+            p.grad = None
+        loss = flow_matching_loss(model, batch, timesteps_cfg=timesteps, generator=micro_batch_generator(0, 0, device))
+        loss.backward()
+        return float(loss), torch.cat([p.grad.float().flatten() for p in params]).cpu()
+
+    loss_ref, grad_ref = loss_and_grad()
+    out = {"frames": frames, "loss_bf16": loss_ref}
+    apply_float8_compute(model, require_float8_device=not tiny,
+                         compute_dtype=torch.float32 if tiny else torch.bfloat16)
+    for float8_backward in (False, True):
+        for module in model.modules():
+            if isinstance(module, Float8Linear):
+                module.float8_backward = float8_backward
+        loss, grad = loss_and_grad()
+        key = "float8_fwd_bwd" if float8_backward else "float8_fwd"
+        out[f"loss_{key}"] = loss
+        out[f"loss_rel_diff_{key}"] = abs(loss - loss_ref) / abs(loss_ref)
+        out[f"grad_rel_err_{key}"] = float((grad - grad_ref).norm() / grad_ref.norm())
+        out[f"grad_cosine_{key}"] = float(torch.nn.functional.cosine_similarity(grad, grad_ref, dim=0))
+    print("gradient parity:", json.dumps(out), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 def _child(args) -> int:
@@ -376,11 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rates", action="store_true", help="skip measuring the card's matmul/SDPA rates")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     parser.add_argument("--budget-s", type=float, default=None, help="skip remaining runs after this many seconds")
+    parser.add_argument("--parity-frames", type=int, default=0,
+                        help="also compare loss and LoRA gradients: bf16 vs float8 matmuls, at this frame count")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.blocks_to_swap is not None:
         VARIANTS["low-memory-24g"]["blocks_to_swap"] = args.blocks_to_swap
+    if args.one == "parity":
+        out = gradient_parity(args.frames[0], args.tiny)
+        Path(args.json).write_text(json.dumps(out))
+        return 0
     if args.one:
         return _child(args)
 
@@ -416,9 +482,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results.append(json.loads(json_path.read_text()))
             print(f"   ({time.perf_counter() - t0:.0f} s wall)", flush=True)
-    summary = {"rates": rates, "results": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    parity = None
+    if args.parity_frames:
+        json_path = args.out / "train_parity.json"
+        cmd = [sys.executable, __file__, "--one", "parity", "--frames", str(args.parity_frames), "--json",
+               str(json_path)] + (["--tiny"] if args.tiny else [])
+        if subprocess.run(cmd, cwd=ROOT).returncode == 0:
+            parity = json.loads(json_path.read_text())
+    summary = {"rates": rates, "results": results, "parity": parity, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (args.out / "train_step.json").write_text(json.dumps(summary, indent=1))
     print_table(results, rates, args.tiny)
+    if parity:
+        print(f"\nfloat8 parity at {parity['frames']} frames (one step, same batch and noise, vs bf16 weights):")
+        for key in ("float8_fwd", "float8_fwd_bwd"):
+            print(f"  {key}: loss rel diff {parity[f'loss_rel_diff_{key}']:.2e}, LoRA grad rel err "
+                  f"{parity[f'grad_rel_err_{key}']:.3f}, cosine {parity[f'grad_cosine_{key}']:.4f}")
     return 0
 
 

@@ -85,17 +85,25 @@ class _Float8StorageLinear(torch.autograd.Function):
         return grad_in.to(ctx.input_dtype), None, None, None, None
 
 
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 rows and their float32 scales [rows, 1] (an activation or gradient before a scaled matmul)."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
+    return (x / x_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8_DTYPE), x_scale
+
+
 class _Float8ScaledMatmulLinear(torch.autograd.Function):
-    """Forward in float8 (activations quantised per row, weights per output row); backward in bf16 for accuracy."""
+    """float8 matmuls: activations quantised per row, weights per output row.
+
+    Backward (input gradient only) runs in float8 too when `float8_backward`: the weight's row scales are folded
+    into the gradient's columns, the gradient is quantised per row, and the weight is used transposed (a 1-byte
+    copy per call, cheaper than storing both layouts). Otherwise backward dequantises to bf16.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight8, scale, bias, compute_dtype):
+    def forward(ctx, x, weight8, scale, bias, compute_dtype, float8_backward):
         ctx.save_for_backward(weight8, scale)
-        ctx.compute_dtype, ctx.input_dtype = compute_dtype, x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        x32 = x2.float()
-        x_scale = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
-        x8 = (x32 / x_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8_DTYPE)
+        ctx.compute_dtype, ctx.input_dtype, ctx.float8_backward = compute_dtype, x.dtype, float8_backward
+        x8, x_scale = _quantize_rows(x.reshape(-1, x.shape[-1]).float())
         out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=compute_dtype)
         if bias is not None:
             out = out + bias
@@ -104,10 +112,16 @@ class _Float8ScaledMatmulLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         weight8, scale = ctx.saved_tensors
-        grad_in = grad_out.to(ctx.compute_dtype) @ _dequantize(weight8, scale, ctx.compute_dtype)
-        return grad_in.to(ctx.input_dtype), None, None, None, None
+        if not ctx.float8_backward:
+            grad_in = grad_out.to(ctx.compute_dtype) @ _dequantize(weight8, scale, ctx.compute_dtype)
+            return grad_in.to(ctx.input_dtype), None, None, None, None, None
+        g8, g_scale = _quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale[None, :])
+        ones = torch.ones(1, weight8.shape[1], device=weight8.device, dtype=torch.float32)
+        grad_in = torch._scaled_mm(g8, weight8.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
+                                   out_dtype=ctx.compute_dtype)
+        return grad_in.reshape(*grad_out.shape[:-1], weight8.shape[1]).to(ctx.input_dtype), None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -117,7 +131,7 @@ class Float8Linear(nn.Linear):
     beside it should take (peft reads it instead of the float8 weight's dtype).
     """
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, scaled_mm: bool):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, scaled_mm: bool, float8_backward: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight8, scale = quantize_rowwise(linear.weight)
@@ -127,13 +141,17 @@ class Float8Linear(nn.Linear):
             linear.bias.detach().to(compute_dtype), requires_grad=False)
         self.compute_dtype = compute_dtype
         self.scaled_mm = scaled_mm
+        self.float8_backward = float8_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _Float8ScaledMatmulLinear if self.scaled_mm else _Float8StorageLinear
-        return fn.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
+        if self.scaled_mm:
+            return _Float8ScaledMatmulLinear.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype,
+                                                   self.float8_backward)
+        return _Float8StorageLinear.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
 
     def extra_repr(self) -> str:
-        mode = "float8 matmul" if self.scaled_mm else "float8 storage"
+        mode = ("float8 matmul" + (" (and backward)" if self.float8_backward else "")) if self.scaled_mm else \
+            "float8 storage"
         return f"in_features={self.in_features}, out_features={self.out_features}, {mode}, compute={self.compute_dtype}"
 
 
@@ -162,14 +180,18 @@ def _frozen_block_linears(transformer: nn.Module) -> list[tuple[nn.Module, str, 
     return found
 
 
-def _convert_to_float8(transformer: nn.Module, compute_dtype: torch.dtype, scaled_mm: bool) -> tuple[int, int, int]:
+def _convert_to_float8(transformer: nn.Module, compute_dtype: torch.dtype, scaled_mm: bool,
+                       float8_backward: bool = False) -> tuple[int, int, int]:
     count = before = after = 0
-    for parent, attr, linear in _frozen_block_linears(transformer):
+    found = _frozen_block_linears(transformer)
+    while found:  # drop each bf16 weight as soon as its float8 copy exists
+        parent, attr, linear = found.pop(0)
         use_mm = scaled_mm and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-        new = Float8Linear(linear, compute_dtype, use_mm)
+        new = Float8Linear(linear, compute_dtype, use_mm, float8_backward and use_mm)
         before += linear.weight.numel() * linear.weight.element_size()
         after += new.weight.numel() + new.weight_scale.numel() * 4
         setattr(parent, attr, new)
+        del linear
         count += 1
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -187,9 +209,11 @@ def apply_float8_storage(transformer: nn.Module, compute_dtype: torch.dtype = to
 
 
 def apply_float8_compute(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, *,
-                         require_float8_device: bool = True) -> Float8Report:
+                         float8_backward: bool = True, require_float8_device: bool = True) -> Float8Report:
     """float8 weights and float8 matmuls (`torch._scaled_mm`, row-wise scales) for the blocks' frozen Linears.
 
+    `float8_backward`: the input gradient (what flows to the LoRA of earlier layers) is computed in float8 too;
+    False keeps that matmul in bf16.
     Only where the card has float8 matmuls (Ada/Hopper); elsewhere falls back to float8 storage with bf16 matmuls and
     says so in the report's message (and the log). `require_float8_device=False` runs `_scaled_mm` wherever
     PyTorch provides it (the CPU tests use this to check the arithmetic).
@@ -201,7 +225,8 @@ def apply_float8_compute(transformer: nn.Module, compute_dtype: torch.dtype = to
         report.message = f"float8 matmuls unavailable ({why}) Using float8 storage with {compute_dtype} matmuls."
         log.warning(report.message)
         return report
-    count, before, after = _convert_to_float8(transformer, compute_dtype, scaled_mm=True)
+    count, before, after = _convert_to_float8(transformer, compute_dtype, scaled_mm=True,
+                                              float8_backward=float8_backward)
     return Float8Report(count, "compute", before, after)
 
 

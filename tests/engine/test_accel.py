@@ -127,13 +127,16 @@ def test_float8_before_peft_gives_lora_the_compute_dtype():
     assert torch.isfinite(out).all()
 
 
-def test_float8_compute_matches_storage_on_cpu(reference):
+@pytest.mark.parametrize("float8_backward", [False, True])
+def test_float8_compute_matches_storage_on_cpu(reference, float8_backward):
     model, loss, grads = reference
     storage, compute = copy.deepcopy(model), copy.deepcopy(model)
     accel.apply_float8_storage(storage, compute_dtype=torch.float32)
-    report = accel.apply_float8_compute(compute, compute_dtype=torch.float32, require_float8_device=False)
+    report = accel.apply_float8_compute(compute, compute_dtype=torch.float32, float8_backward=float8_backward,
+                                        require_float8_device=False)
     assert report.mode == "compute"
-    assert all(m.scaled_mm for m in compute.modules() if isinstance(m, accel.Float8Linear))
+    assert all(m.scaled_mm and m.float8_backward == float8_backward
+               for m in compute.modules() if isinstance(m, accel.Float8Linear))
     loss_s, grads_s = _loss_and_grads(storage, _batch())
     loss_c, grads_c = _loss_and_grads(compute, _batch())
     assert abs(loss_c - loss_s) / loss_s < 0.02
