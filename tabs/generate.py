@@ -214,7 +214,7 @@ class GenerateTab:
                                      scale=2)
             self.lora_rows.append((choice, strength))
         self.upload = gr.File(label="Add a LoRA file (.safetensors: diffusion-pipe/ComfyUI, diffusers or musubi)",
-                              file_types=[".safetensors"], type="filepath")
+                              file_types=[".safetensors"], type="filepath", height=130)
         with gr.Accordion("Memory", open=False):
             with gr.Row():
                 self.cpu_offload = gr.Checkbox(label="CPU offload (24 GB cards)", value=False)
@@ -224,9 +224,6 @@ class GenerateTab:
             with gr.Row():
                 self.unload = gr.Button("Unload model")
                 self.model_status = gr.Markdown("no model loaded", elem_id="generate-model-status")
-        with gr.Row():
-            self.generate = gr.Button("Generate", variant="primary")
-            self.stop = gr.Button("Stop", variant="stop")
         with gr.Accordion("Sweep", open=True):
             self.sweep_strengths = gr.Textbox(label="Sweep strengths (LoRA 1)",
                                               value=", ".join(f"{s:g}" for s in DEFAULT_SWEEP_STRENGTHS))
@@ -234,6 +231,9 @@ class GenerateTab:
             self.sweep = gr.Button("Run sweep")
 
     def build_results(self) -> None:
+        with gr.Row():
+            self.generate = gr.Button("Generate", variant="primary")
+            self.stop = gr.Button("Stop", variant="stop")
         self.status = gr.Markdown("", elem_id="generate-status")
         self.video = gr.Video(label="Result", height=360, autoplay=True, loop=True)
         self.details = gr.Markdown("", elem_id="generate-details")
@@ -252,7 +252,7 @@ class GenerateTab:
         with gr.Row():
             self.send_back = gr.Button("Send settings to the form")
             self.export_comfy = gr.Button("Export ComfyUI workflow")
-        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False,
+        self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False, height=90,
                                   elem_id="generate-comfy-file")
 
     # ------------------------------------------------------------ handlers
