@@ -7,6 +7,7 @@ image encoders are shrunk to one or two layers of the real widths (4096 and 1280
 not change the per-step figures. Prints a Markdown table.
 
     python bench/generate_e2e.py [--steps 3] [--frames 81] [--height 480 --width 832] [--out DIR]
+    python bench/generate_e2e.py --modes   # memory modes and fast mode on the tiny kit through PipelineCache
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine.infer  # noqa: E402
-from engine.infer import GenerationRequest, apply_loras, render_video  # noqa: E402
+from engine.infer import (  # noqa: E402
+    GenerationRequest, PipelineCache, PipelineOptions, apply_loras, generate_with_cache, read_sidecar, render_video,
+)
 from engine.lora_io import save_lora  # noqa: E402
 from engine.models import build_wan_14b_transformer, load_wan_tokenizer, make_tiny_wan  # noqa: E402
 
@@ -98,6 +101,39 @@ class StepClock:
         return end - start
 
 
+def check_modes(work: Path, out: Path) -> None:
+    """PipelineCache on the GPU with the tiny kit: plain, CPU offload + VAE tiling, plain again, fast mode."""
+    from PIL import Image
+
+    from engine.models import load_wan_transformer
+
+    model = str(make_tiny_wan(work / "tiny-wan"))
+    image = work / "small.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype("uint8")).save(image)
+    lora = random_lora(load_wan_transformer(model, torch.float32), work / "tiny-lora" / "epoch1", rank=4)
+    request = GenerationRequest(image=str(image), prompt="a warrior jumps", seed=3, steps=3, frames=9, height=32,
+                                width=48, loras=[(str(lora), 1.0)])
+    cache = PipelineCache()
+    hashes = {}
+    for name, options in (
+        ("plain", PipelineOptions(model=model)),
+        ("cpu offload + vae tiling", PipelineOptions(model=model, cpu_offload=True, vae_tiling=True)),
+        ("plain again", PipelineOptions(model=model)),
+        ("fast", PipelineOptions(model=model, fast=True)),
+    ):
+        try:
+            begin = time.perf_counter()
+            path = generate_with_cache(cache, options, request, out / f"modes-{name.replace(' ', '_')}.mp4")
+            sidecar = read_sidecar(path)
+            hashes[name] = sidecar["frames_sha256"]
+            print(f"{name}: ok in {time.perf_counter() - begin:.1f} s, device {sidecar['device']}, "
+                  f"dtype {sidecar['dtype']}, offload {sidecar['cpu_offload']}, fast {sidecar['fast']}, "
+                  f"same frames as plain: {hashes[name] == hashes.get('plain')}", flush=True)
+        except Exception as err:  # report every mode, not just the first failure
+            print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
+    cache.unload()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -105,6 +141,7 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--modes", action="store_true", help="check memory and fast modes on the tiny kit only")
     args = parser.parse_args()
     try:
         import imageio_ffmpeg  # noqa: F401
@@ -114,6 +151,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gen-e2e-"))
     out = args.out or work / "out"
     out.mkdir(parents=True, exist_ok=True)
+    if args.modes:
+        check_modes(work, out)
+        return 0
     from PIL import Image
 
     image = work / "start.png"

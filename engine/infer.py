@@ -243,7 +243,7 @@ class PipelineCache:
         self._apply_memory_modes(options, device)
         self.options = options
         # Sidecars record the memory modes the video was made with.
-        self.pipe.__dict__["_studio_memory"] = {"cpu_offload": options.cpu_offload, "vae_tiling": options.vae_tiling,
+        self.pipe.__dict__["_studio_memory"] = {"cpu_offload": self._offloaded, "vae_tiling": options.vae_tiling,
                                                 "fast": options.fast}
         return self.pipe
 
