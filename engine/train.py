@@ -63,7 +63,7 @@ from engine.trainer_state import (
     save_training_state,
 )
 
-STATES_KEPT = 2  # resume states kept on disk (the newest two: one may be mid-write when a run is killed)
+STATES_KEPT = 2  # resume states kept on disk: the newest two, should the newest be damaged on disk
 EXIT_OK, EXIT_DISK_FULL = 0, 3  # configuration and data errors exit 2 (TrainingError.exit_code)
 
 
@@ -72,14 +72,16 @@ EXIT_OK, EXIT_DISK_FULL = 0, 3  # configuration and data errors exit 2 (Training
 class EventLog:
     """JSON-line events on stdout + metrics.jsonl, and TensorBoard scalars; silent on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(self, run_dir: Path | None, enabled: bool):
+        self.run_dir, self.enabled = run_dir, enabled  # no run_dir (config unreadable): stdout only
         self._tensorboard = None
 
     def emit(self, event: str, **fields: Any) -> dict:
         record = {"event": event, "time": time.time(), **fields}
         if self.enabled:
             print(json.dumps(record, ensure_ascii=False), flush=True)
+            if self.run_dir is None:
+                return record
             append_jsonl(self.run_dir / "metrics.jsonl", record)
             if event == "step":
                 self._scalars(record)
@@ -492,7 +494,7 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
     """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
     world, device = start_world()
     should_stop = should_stop or (lambda: False)
-    events = EventLog(Path.cwd(), enabled=False)
+    events = EventLog(None, enabled=world.is_main)
     try:
         run_cfg, dataset_cfg = load_configs(config_path)
         paths = RunPaths.for_run(run_cfg)

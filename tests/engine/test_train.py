@@ -374,6 +374,12 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
     assert "not found" in error["message"] and "ckpt_path" in error["hint"]
     assert events_of(missing_model, "phase")[-1]["phase"] == "error"
 
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text(missing_model.read_text(encoding="utf-8") + "\nmystery_option = 3\n", encoding="utf-8")
+    assert train_module.train(bad_key) == 2  # the config is unreadable: the error still reaches stdout
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert printed[-2]["event"] == "error" and "mystery_option" in printed[-2]["message"]
+
     empty = Project.open(tmp_path / "empty", wan_model=train_project.settings().wan_model)
     empty_run = write_run(empty, "run")
     assert train_module.train(empty_run) == 2
