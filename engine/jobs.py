@@ -263,7 +263,8 @@ class Job:
                              started=record.started, log_tail=tail)
         code, ended = exit_info["returncode"], exit_info.get("ended")
         common = dict(returncode=code, started=record.started, ended=ended, log_tail=tail)
-        if code == 0:
+        stop_signals = (signal.SIGINT, signal.SIGTERM)
+        if code == 0 or (record.stop_requested and -code in stop_signals):  # a child without a stop handler dies
             if record.stop_requested:
                 return JobStatus("stopped", f"{record.name} stopped; Resume continues from its last saved state.",
                                  **common)
@@ -478,8 +479,8 @@ def summarize_run(run_dir: str | os.PathLike, events: list[dict], job: Job | Non
     if job is not None:
         status = job.status(tail_lines=0)
         state, message = status.state, status.message
-        if state == "finished" and last_phase == "error":
-            state = "failed"
+        if state in ("finished", "stopped", "failed") and last_phase in _PHASE_STATES:
+            state = _PHASE_STATES[last_phase]  # the trainer's own last word: e.g. "done" although a stop came late
     else:
         state = _PHASE_STATES.get(last_phase, "incomplete" if events else "not started")
         message = f"{run_dir.name}: {state}"

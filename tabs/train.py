@@ -20,6 +20,7 @@ import pandas as pd
 from engine.config import (PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, ConfigError, DatasetConfig,
                            RunConfig, apply_overrides, describe_fields, load_dataset_config, load_run_config,
                            preset_configs, presets, save_dataset_config, save_run_config, to_toml)
+from engine.dataset import scan_dataset
 from engine.hardware import list_gpus
 from engine.project import studio_home
 from engine.jobs import (DATASET_TOML, METRICS_FILE, RUN_TOML, GpuBusyError, Job, JobError, JobRunner,
@@ -30,6 +31,8 @@ TITLE = "Train"
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_S = 600.0  # a 14B step plus saving the resume state can take minutes on a 24 GB card
 REFRESH_S = 1.0
+LOG_LINES = 12
+SETTINGS_QUEUE = "train-settings"  # settings edits and Train run one at a time, in the order they were made
 PLOT_POINTS = 2000  # plots thin longer curves to this many points
 EMA_WEIGHT = 0.9  # smoothing of the loss curve (TensorBoard's default)
 STUDIO_KEYS = ("output_dir", "dataset")  # set by the studio: a run writes into its own folder, dataset.toml beside
@@ -63,7 +66,10 @@ def configs_from_text(run_text: str, dataset_text: str) -> tuple[RunConfig, Data
         run_path, dataset_path = Path(folder) / RUN_TOML, Path(folder) / DATASET_TOML
         run_path.write_text(run_text, encoding="utf-8")
         dataset_path.write_text(dataset_text, encoding="utf-8")
-        return load_run_config(run_path), load_dataset_config(dataset_path)
+        try:
+            return load_run_config(run_path), load_dataset_config(dataset_path)
+        except ConfigError as err:  # name the file as the person sees it, not the scratch copy
+            raise ConfigError(str(err).replace(f"{folder}/", "")) from None
 
 
 def write_run_folder(run_dir: Path, run: RunConfig, dataset: DatasetConfig) -> Path:
@@ -104,19 +110,10 @@ def human_seconds(seconds: float | None) -> str:
 def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: float | None = None
               ) -> tuple[list[str], list[str], str]:
     """The dataset report (errors block a run, warnings don't) and an estimate of steps, time and disk use."""
-    try:
-        from engine.dataset import scan_dataset
-    except ImportError:
-        return [], ["The dataset check (engine.dataset) is not installed in this build; the trainer checks the "
-                    "clips itself when it starts."], ""
-    report = scan_dataset(dataset)
-    errors = [f"{Path(str(item.file)).name}: {item.message}" for item in report.errors]
-    warnings = [f"{Path(str(item.file)).name}: {item.message}" for item in report.warnings]
-    repeats = {str(dataset.directory_path(d)): d.num_repeats for d in dataset.directory}
-    samples = 0
-    for clip in report.clips:
-        clip_path = Path(str(getattr(clip, "path", clip)))
-        samples += repeats.get(str(clip_path.parent.resolve()), 1)
+    report = scan_dataset(dataset, video_clip_mode=run.video_clip_mode)
+    errors = [str(issue) for issue in report.errors]
+    warnings = [str(issue) for issue in report.warnings]
+    samples = sum(report.bucket_counts().values())
     batch = run.micro_batch_size_per_gpu * run.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(samples / batch)) if samples else 0
     total = steps_per_epoch * run.epochs
@@ -262,22 +259,27 @@ class TrainTab:
                         "table). Edits here rewrite the TOML below; edit the TOML directly and press *Apply TOML*.")
             self._build_form(run_cfg, dataset_cfg)
             with gr.Row():
-                self.run_toml = gr.Code(to_toml(run_cfg), language=None, label="run.toml", interactive=True)
+                self.run_toml = gr.Code(to_toml(run_cfg), language=None, label="run.toml", interactive=True,
+                                    elem_id="train-run-toml")
                 self.dataset_toml = gr.Code(to_toml(dataset_cfg), language=None, label="dataset.toml",
-                                            interactive=True)
+                                            interactive=True, elem_id="train-dataset-toml")
             with gr.Row():
                 self.apply_button = gr.Button("Apply TOML")
                 self.import_button = gr.UploadButton("Import diffusion-pipe TOML", file_types=[".toml"],
                                                      file_count="multiple")
                 self.export_button = gr.Button("Export TOML")
             self.export_files = gr.File(label="Exported files", file_count="multiple", visible=False)
+        # The settings being edited, kept on the server: form fields, the TOML editors and Train all go through it
+        # one event at a time (SETTINGS_QUEUE), so a quick edit followed by a click is never lost to a stale copy.
+        self.draft = gr.State({"run": to_toml(run_cfg), "dataset": to_toml(dataset_cfg)})
         self.status = gr.HTML(status_html(None, [], None))
         with gr.Row():
             self.loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=260)
             self.lr_plot = gr.LinePlot(x="step", y="lr", label="Learning rate", height=260)
         self.plot_info = gr.Markdown(elem_id="train-plot-info")
         self.log_tail = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
-        self.samples = gr.Gallery(label="Samples by epoch", columns=4, height=240, interactive=False)
+        self.samples = gr.Gallery(label="Samples by epoch", columns=4, height=240, interactive=False,
+                                  elem_id="train-samples")
         with gr.Row():
             self.run_select = gr.Dropdown([], label="Run", interactive=True, allow_custom_value=True)
             self.lora_select = gr.Dropdown([], label="LoRA file", interactive=True, allow_custom_value=True)
@@ -297,7 +299,7 @@ class TrainTab:
                 if target == "run" and info.key in STUDIO_KEYS:
                     continue
                 section = info.key.rsplit(".", 1)[0] if "." in info.key else ""
-                sections.setdefault(f"{target}.toml" + (f" [{section}]" if section else ""), []).append(
+                sections.setdefault(f"{target}.toml " + (f"[{section}]" if section else "(top level)"), []).append(
                     (target, info))
         for title, items in sections.items():
             with gr.Accordion(title, open=False):
@@ -317,17 +319,24 @@ class TrainTab:
 
     def _wire(self) -> None:
         form = [*self.run_fields.values(), *self.dataset_fields.values()]
-        toml = [self.run_toml, self.dataset_toml]
-        self.preset.change(self.on_preset, [self.preset], [*toml, *form, self.message])
+        toml, draft = [self.run_toml, self.dataset_toml], self.draft
+        serial = dict(concurrency_id=SETTINGS_QUEUE, concurrency_limit=1)
+        self.preset.input(self.on_preset, [self.preset], [draft, *toml, *form, self.message], **serial)
         for target, fields in (("run", self.run_fields), ("dataset", self.dataset_fields)):
             for key, component in fields.items():
-                component.input(partial(self.on_field, target, key), [component, *toml], [*toml, self.message])
-        self.apply_button.click(self.on_apply_toml, toml, [*form, self.message])
-        self.import_button.upload(self.on_import, [self.import_button, *toml], [*toml, *form, self.message])
-        self.export_button.click(self.on_export, [self.run_name, *toml], [self.export_files, self.message])
-        self.check_button.click(self.on_check, [*toml, self.run_select], [self.message])
-        self.train_button.click(self.on_train, [self.run_name, *toml, self.num_gpus],
-                                [self.message, self.run_select])
+                # every keystroke is applied, in order (each reads the draft the previous one wrote)
+                component.input(partial(self.on_field, target, key), [component, draft],
+                                [draft, *toml, self.message], trigger_mode="multiple", **serial)
+        for name, editor in (("run", self.run_toml), ("dataset", self.dataset_toml)):
+            editor.input(partial(self.on_toml_edit, name), [editor, draft], [draft], trigger_mode="multiple",
+                         **serial)
+        self.apply_button.click(self.on_apply_toml, [draft], [*form, self.message], **serial)
+        self.import_button.upload(self.on_import, [self.import_button, draft], [draft, *toml, *form, self.message],
+                                  **serial)
+        self.export_button.click(self.on_export, [self.run_name, draft], [self.export_files, self.message], **serial)
+        self.check_button.click(self.on_check, [draft, self.run_select], [self.message], **serial)
+        self.train_button.click(self.on_train, [self.run_name, draft, self.num_gpus], [self.message, self.run_select],
+                                **serial)
         self.stop_button.click(self.on_stop, [self.run_select], [self.message])
         self.resume_button.click(self.on_resume, [self.run_select, self.num_gpus], [self.message])
         live = [self.status, self.loss_plot, self.lr_plot, self.plot_info, self.log_tail, self.samples,
@@ -337,12 +346,17 @@ class TrainTab:
         self.run_select.input(self.on_tick, [self.run_select, gr.State({})], live, show_progress="hidden")
 
     # handlers: settings
+    def _show_draft(self, run_text: str, dataset_text: str) -> dict:
+        return {self.draft: {"run": run_text, "dataset": dataset_text}, self.run_toml: run_text,
+                self.dataset_toml: dataset_text}
+
     def on_preset(self, preset: str) -> dict:
         run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.models.wan)
-        return {self.run_toml: to_toml(run_cfg), self.dataset_toml: to_toml(dataset_cfg),
-                **self._form_values(run_cfg, dataset_cfg), self.message: f"Preset **{preset}**."}
+        return {**self._show_draft(to_toml(run_cfg), to_toml(dataset_cfg)), **self._form_values(run_cfg, dataset_cfg),
+                self.message: f"Preset **{preset}**."}
 
-    def on_field(self, target: str, key: str, value, run_text: str, dataset_text: str) -> dict:
+    def on_field(self, target: str, key: str, value, draft: dict) -> dict:
+        run_text, dataset_text = draft["run"], draft["dataset"]
         try:
             run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
             if target == "run":
@@ -351,19 +365,23 @@ class TrainTab:
                 dataset_text = to_toml(apply_overrides(dataset_cfg, {key: value}))
         except ConfigError as err:
             return {self.message: f"⚠️ {err}"}
-        return {self.run_toml: run_text, self.dataset_toml: dataset_text, self.message: ""}
+        return {**self._show_draft(run_text, dataset_text), self.message: ""}
 
-    def on_apply_toml(self, run_text: str, dataset_text: str) -> dict:
+    def on_toml_edit(self, name: str, text: str, draft: dict) -> dict:
+        return {**draft, name: text}
+
+    def on_apply_toml(self, draft: dict) -> dict:
         try:
-            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
             return {self.message: f"⚠️ {err}"}
         return {**self._form_values(run_cfg, dataset_cfg), self.message: "Settings read from the TOML."}
 
-    def on_import(self, files: list, run_text: str, dataset_text: str) -> dict:
+    def on_import(self, files: list, draft: dict) -> dict:
         """Take a diffusion-pipe run TOML and/or dataset TOML; the studio keeps its own run folder and clip paths
         unless the dataset file is imported too."""
         notes = []
+        run_text, dataset_text = draft["run"], draft["dataset"]
         run_cfg = dataset_cfg = None
         for file in files or []:
             path = Path(getattr(file, "name", file))
@@ -380,13 +398,12 @@ class TrainTab:
             run_text = to_toml(run_cfg)
         if dataset_cfg is not None:
             dataset_text = to_toml(dataset_cfg)
-        return {self.run_toml: run_text, self.dataset_toml: dataset_text,
-                **self._form_values(run_cfg, dataset_cfg),
+        return {**self._show_draft(run_text, dataset_text), **self._form_values(run_cfg, dataset_cfg),
                 self.message: "Imported " + " and ".join(notes) + "." if notes else "Nothing imported."}
 
-    def on_export(self, run_name: str, run_text: str, dataset_text: str) -> dict:
+    def on_export(self, run_name: str, draft: dict) -> dict:
         try:
-            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
             return {self.message: f"⚠️ {err}"}
         folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / (run_name.strip() or "run")
@@ -414,17 +431,17 @@ class TrainTab:
             parts.append(estimate)
         return not errors, "\n\n".join(parts)
 
-    def on_check(self, run_text: str, dataset_text: str, selected: str | None) -> str:
+    def on_check(self, draft: dict, selected: str | None) -> str:
         try:
-            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
             return f"⚠️ {err}"
         ok, text = self._preflight_text(run_cfg, dataset_cfg, self._measured_rate(selected))
         return ("✅ Ready to train.\n\n" if ok else "") + text
 
-    def on_train(self, run_name: str, run_text: str, dataset_text: str, num_gpus: str):
+    def on_train(self, run_name: str, draft: dict, num_gpus: str):
         try:
-            run_cfg, dataset_cfg = configs_from_text(run_text, dataset_text)
+            run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
             name = run_name.strip() or self.project.new_run_name()
             run_dir = self.project.run_dir(name)
         except (ConfigError, ValueError) as err:
@@ -498,7 +515,7 @@ class TrainTab:
             out["loss"], out["lr"] = losses, rates
             out["info"] = (f"{len(losses) // 2} steps logged, last loss {last:.4g}" if last is not None
                            else "No steps logged yet.")
-        tail = job.log_tail(12) if job else []
+        tail = readable_log(job.log_tail(400) if job else [json.dumps(e) for e in events], LOG_LINES)
         out["log"] = "\n".join(tail) if changed("log", tail) else gr.skip()
         samples = [(str(path), f"epoch {epoch}") for epoch, path in summary.samples] if summary else []
         out["samples"] = samples if changed("samples", samples) else gr.skip()
@@ -510,7 +527,8 @@ class TrainTab:
                         if changed("loras", loras) else gr.skip())
         running = bool(job and job.is_running())
         gpu_busy = self.jobs.gpu_holder() is not None
-        can_resume = bool(summary and not running and (summary.run_dir / "state").is_dir())
+        can_resume = bool(summary and summary.state not in ("finished", "running", "stopping")
+                          and (summary.run_dir / "state").is_dir())
         buttons = (not gpu_busy, running, can_resume and not gpu_busy)
         if changed("buttons", buttons):
             out["buttons"] = [gr.Button(interactive=b) for b in buttons]
@@ -518,6 +536,23 @@ class TrainTab:
             out["buttons"] = [gr.skip()] * 3
         return [out["status"], out.get("loss", gr.skip()), out.get("lr", gr.skip()), out.get("info", gr.skip()),
                 out["log"], out["samples"], out["table"], out["runs"], out["loras"], *out["buttons"], view]
+
+
+def readable_log(lines: list[str], keep: int) -> list[str]:
+    """The log for people: events as short sentences, step and progress events left out (the status line and the
+    plots show those), plain output (warnings, tracebacks) as it is."""
+    out = []
+    for line in lines:
+        try:
+            event = json.loads(line) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict) or "event" not in event:
+            out.append(line)
+        elif event["event"] not in ("step", "progress"):
+            words = [str(event[k]) for k in ("phase", "kind", "message", "path", "hint") if event.get(k)]
+            out.append(f"[{event['event']}] " + " ".join(words))
+    return out[-keep:]
 
 
 def _run_epochs(run_dir: Path) -> int | None:
@@ -544,7 +579,7 @@ def _text(value) -> str:
 
 
 def _field_component(info) -> gr.components.Component:
-    label, help_text = info.key.rsplit(".", 1)[-1], info.help
+    label, help_text = info.key, info.help  # the dotted TOML key: unique, and what a diffusion-pipe user knows
     if info.type == "true/false":
         return gr.Checkbox(value=bool(info.value), label=label, info=help_text)
     if info.choices:

@@ -1,0 +1,204 @@
+"""Train tab: in a real browser on the demo project with the tiny model and the real trainer (one click trains, the
+loss plot gains points, Stop stops, Resume continues from the saved step, LoRA files and a sample appear); and the
+tab's computations (loss curves, pre-flight estimate, TOML round trip) without a browser."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+TRAINER_MISSING = importlib.util.find_spec("engine.train") is None
+CAPTION = "a bright ball bouncing, fast motion, gradient background"
+
+
+def ensure_demo_clips(project_root: Path) -> list[Path]:
+    """The demo project's captioned clips (two are made here for a demo project built before it had clips)."""
+    import cv2
+
+    from engine.demo import demo_frames
+    from engine.ffmpeg import write_video
+    from engine.project import Project
+
+    project = Project.open(project_root)
+    if project.list_clips():
+        return project.list_clips()
+    settings = project.settings()
+    frames = [cv2.resize(f, (settings.clip_width, settings.clip_height))
+              for f in itertools.islice(demo_frames(fps=16), 0, 300)]
+    for i, start in enumerate((0, 150)):
+        clip = project.clips_dir / f"demo clip {i}.mp4"
+        write_video(frames[start:start + settings.clip_frames], clip, fps=16)
+        project.caption_path(clip).write_text(CAPTION, encoding="utf-8")
+    return project.list_clips()
+
+
+def setting(page, key: str):
+    """A field of the generated settings form: its accessible name is the TOML key followed by its help."""
+    return page.get_by_role("textbox", name=re.compile(rf"^{re.escape(key)} "))
+
+
+def type_setting(page, key: str, text: str) -> None:
+    """Type into a settings field as a person does (the form updates the TOML on each keystroke)."""
+    field = setting(page, key)
+    field.fill("")
+    field.press_sequentially(text)
+
+
+def steps_logged(page) -> int:
+    """Points in the loss plot, as the line under it counts them."""
+    match = re.search(r"(\d+) steps logged", page.locator("#train-plot-info").inner_text(timeout=60_000))
+    return int(match.group(1)) if match else 0
+
+
+def wait_until(predicate, timeout: float, what: str, page=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    log = page.get_by_role("textbox", name="Log", exact=True).input_value() if page is not None else ""
+    raise AssertionError(f"timed out waiting for {what}; log tail:\n{log}")
+
+
+@pytest.fixture
+def stop_jobs_afterwards(studio):
+    """Training jobs outlive the studio by design; a test must not leave one behind, even when it fails."""
+    yield
+    from engine.jobs import JobRunner
+
+    runner = JobRunner(studio[1].parent / "jobs")
+    job = runner.current()
+    if job is not None:
+        runner.stop(job, grace_s=30)
+
+
+@pytest.mark.skipif(TRAINER_MISSING, reason="engine.train (the trainer) is not in this build yet")
+def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
+    url, root = studio
+    clips = ensure_demo_clips(root)
+    run_dir = root / "runs" / "browser run"
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    expect(page.get_by_label("Preset")).to_have_value("CPU demo (tiny model)")  # chosen for a tiny model on a CPU
+
+    # Many epochs (the test stops the run itself), a LoRA and a state every 5 epochs and a sample after the first,
+    # set through the generated form.
+    page.get_by_text("Advanced settings").click()
+    page.get_by_role("button", name="run.toml (top level)").click()
+    type_setting(page, "epochs", "10000")
+    type_setting(page, "save_every_n_epochs", "5")
+    type_setting(page, "checkpoint_every_n_epochs", "5")
+    page.get_by_role("button", name="run.toml [studio.samples]").click()
+    type_setting(page, "studio.samples.epochs", "[1]")
+    expect(page.locator("#train-run-toml")).to_contain_text("epochs = 10000")
+    expect(page.locator("#train-run-toml")).to_contain_text("checkpoint_every_n_epochs = 5")
+    expect(page.locator("#train-run-toml")).to_contain_text("1,")
+    page.get_by_label("Run name").fill("browser run")
+
+    page.get_by_role("button", name="Train").click()
+    expect(page.locator("#train-message")).to_contain_text("Started browser run", timeout=60_000)
+    first = wait_until(lambda: steps_logged(page), 600, "the first training step", page)
+    wait_until(lambda: steps_logged(page) > first, 120, "the loss plot to gain points", page)
+    status = page.locator("#train-status")
+    expect(status).to_contain_text("browser run: running")
+
+    stop = page.get_by_role("button", name="Stop")
+    stop.click()
+    expect(status).to_contain_text("browser run: stopped", timeout=120_000)
+    saved = max(int(p.name.removeprefix("step")) for p in (run_dir / "state").glob("step*"))
+    record = json.loads((run_dir / "job.json").read_text())
+    assert record["stop_requested"] and not record["killed"]  # it stopped on its own, within the grace period
+
+    resume = page.get_by_role("button", name="Resume")
+    expect(resume).to_be_enabled(timeout=15_000)
+    resume.click()
+    expect(page.locator("#train-message")).to_contain_text("Resuming browser run")
+    log = page.get_by_role("textbox", name="Log", exact=True)
+    expect(log).to_have_value(re.compile(rf"Resuming from .*\(step {saved}\)"), timeout=300_000)
+    wait_until(lambda: steps_logged(page) > saved, 300, "steps after the resume", page)
+    # LoRA files (every 5 epochs) and the sample of epoch 1 show up while it trains.
+    expect(page.get_by_label("LoRA file")).to_have_value(re.compile(r"browser run · epoch \d+"), timeout=300_000)
+    expect(page.locator("#train-samples video")).to_have_count(1, timeout=300_000)
+    stop.click()
+    expect(status).to_contain_text("browser run: stopped", timeout=120_000)
+
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = max(i for i, e in enumerate(events) if "Resuming from" in e.get("message", ""))
+    steps_after = [e["step"] for e in events[resumed_at:] if e["event"] == "step"]
+    assert steps_after[0] == saved + 1, f"resume started at step {steps_after[0]}, saved state was step {saved}"
+    assert steps_after == list(range(saved + 1, saved + 1 + len(steps_after)))
+    samples = [e for e in events if e["event"] == "sample"]
+    assert [e["epoch"] for e in samples] == [1] and Path(samples[0]["path"]).stat().st_size > 0
+    loras = sorted(run_dir.glob("epoch*/adapter_model.safetensors"))
+    assert loras and all(p.stat().st_size > 0 for p in loras)
+    epochs = sorted(int(p.parent.name.removeprefix("epoch")) for p in loras)
+    assert all(epoch % 5 == 0 for epoch in epochs)
+    expect(page.get_by_label("LoRA file")).to_have_value(f"browser run · epoch {epochs[-1]}")
+    table = page.get_by_label("Runs")
+    expect(table).to_contain_text("stopped")
+    expect(table).to_contain_text(", ".join(map(str, epochs)))
+    assert len(clips) >= 2
+
+
+# --- the tab's computations, without a browser ---------------------------------------------------------------------
+
+def test_loss_curves_keep_the_last_value_of_a_repeated_step_and_smooth_from_the_first():
+    from tabs.train import loss_frame
+
+    events = [{"event": "step", "step": s, "loss": loss, "lr": 1e-3 * s}
+              for s, loss in [(1, 1.0), (2, 3.0), (3, 9.0), (2, 2.0), (3, 1.0)]]  # resumed after step 1
+    events.append({"event": "phase", "phase": "train"})
+    losses, rates = loss_frame(events)
+    raw = losses[losses.curve == "raw"]
+    smoothed = losses[losses.curve == "smoothed"]
+    assert list(raw.step) == [1, 2, 3] and list(raw.loss) == [1.0, 2.0, 1.0]
+    assert smoothed.loss.iloc[0] == 1.0  # bias-corrected EMA starts at the first loss
+    assert 1.0 < smoothed.loss.iloc[1] < 2.0
+    assert list(rates.lr) == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert loss_frame([])[0].empty
+
+
+def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_path):
+    from engine.config import ConfigError, PRESET_CPU_DEMO, load_run_config, to_toml
+    from engine.project import Project
+    from tabs.train import configs_from_text, draft_configs, preflight, recommended_preset, write_run_folder
+
+    project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
+    clips = ensure_demo_clips(project.root)
+    model = project.settings().wan_model
+    assert recommended_preset(model) == PRESET_CPU_DEMO  # a tiny model trains on the CPU preset on any machine
+    run, dataset = draft_configs(PRESET_CPU_DEMO, project.clips_dir, model)
+    run2, dataset2 = configs_from_text(to_toml(run), to_toml(dataset))
+    assert to_toml(run2) == to_toml(run) and to_toml(dataset2) == to_toml(dataset)
+    with pytest.raises(ConfigError, match=r"'epochs' in run.toml must be"):  # names the file, not a scratch copy
+        configs_from_text(to_toml(run).replace(f"epochs = {run.epochs}", 'epochs = "many"'), to_toml(dataset))
+
+    errors, warnings, estimate = preflight(run, dataset, measured_steps_per_s=2.0)
+    assert errors == []
+    steps_per_epoch = len(clips)  # one 17-frame bucket per clip, batch 1
+    assert f"{steps_per_epoch} steps per epoch" in estimate
+    assert f"{steps_per_epoch * run.epochs} steps" in estimate
+    assert "Time per epoch" in estimate and "each LoRA" in estimate
+
+    run_toml = write_run_folder(project.run_dir("a run"), run, dataset)
+    loaded = load_run_config(run_toml)
+    assert loaded.output_path() == project.run_dir("a run")
+    assert loaded.dataset_path() == project.run_dir("a run") / "dataset.toml"
+
+    caption = clips[0].with_suffix(".txt")
+    text = caption.read_text()
+    caption.unlink()
+    try:
+        errors, _, _ = preflight(run, dataset)
+        assert any(clips[0].name in e and "caption" in e for e in errors)  # a missing caption blocks the run
+    finally:
+        caption.write_text(text)
