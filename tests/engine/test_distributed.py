@@ -1,7 +1,7 @@
 """Data-parallel training through the trainer's DeepSpeed path: 2 CPU processes (gloo) launched by torchrun.
 
-Checks dataset sharding, gradient averaging (2 ranks x accumulation k == 1 rank x 2k: same losses, same LoRA),
-single-writer outputs, and resuming a 2-rank state on 1 process.
+Checks caching split across ranks, dataset sharding, gradient averaging (2 ranks x accumulation k == 1 rank x 2k:
+same losses, same LoRA), single-writer outputs, and resuming a 2-rank state on 1 process.
 """
 
 from __future__ import annotations
@@ -36,21 +36,6 @@ def dist_project(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def test_each_rank_gets_its_own_shard(dist_project):
-    from engine.train import DataStream, World
-
-    dataset = build_trainer(write_run(dist_project, "shards", SETTINGS)).dataset
-    whole = DataStream(dataset, seed=42, batch_size=1, world=World())
-    ranks = [DataStream(dataset, seed=42, batch_size=1, world=World(r, 2, r)) for r in range(2)]
-    assert whole.per_epoch == 4 and [r.per_epoch for r in ranks] == [2, 2]
-    for local in range(6):  # three epochs: rank r's local batch i is global batch i*2 + r, noise index too
-        for r, stream in enumerate(ranks):
-            assert stream.batch(local) == whole.batch(local * 2 + r)
-            assert stream.global_index(local) == local * 2 + r
-    first_epoch = sorted(i for stream in ranks for local in range(2) for i in stream.batch(local)[1])
-    assert first_epoch == [0, 1, 2, 3]  # disjoint shards covering the epoch
-
-
 def _torchrun(run_toml: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
     return subprocess.run(
@@ -60,11 +45,14 @@ def _torchrun(run_toml: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dist_project):
+    double = write_run(dist_project, "two ranks", {**SETTINGS, "gradient_accumulation_steps": 1})
+    result = _torchrun(double)  # first in this module: the cache is empty, the ranks split the encoding
+    assert result.returncode == 0, result.stderr[-3000:]
+    cached = [e["message"] for e in events_of(double, "progress")][-1]
+    assert "4 items (3 files encoded" in cached  # rank 0's share of 4 clip latents + 2 captions
+    assert len(list((dist_project.cache_dir / "latents").iterdir())) == 4
     single = write_run(dist_project, "one rank", {**SETTINGS, "gradient_accumulation_steps": 2})
     assert build_trainer(single).run() == 0
-    double = write_run(dist_project, "two ranks", {**SETTINGS, "gradient_accumulation_steps": 1})
-    result = _torchrun(double)
-    assert result.returncode == 0, result.stderr[-3000:]
 
     # Single writer: every event once, in metrics.jsonl and on stdout alike.
     steps = events_of(double, "step")
@@ -94,3 +82,18 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dist_project):
     resumed = saved_lora(moved.parent / "epoch3")
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_each_rank_gets_its_own_shard(dist_project):
+    from engine.train import DataStream, World
+
+    dataset = build_trainer(write_run(dist_project, "shards", SETTINGS)).dataset
+    whole = DataStream(dataset, seed=42, batch_size=1, world=World())
+    ranks = [DataStream(dataset, seed=42, batch_size=1, world=World(r, 2, r)) for r in range(2)]
+    assert whole.per_epoch == 4 and [r.per_epoch for r in ranks] == [2, 2]
+    for local in range(6):  # three epochs: rank r's local batch i is global batch i*2 + r, noise index too
+        for r, stream in enumerate(ranks):
+            assert stream.batch(local) == whole.batch(local * 2 + r)
+            assert stream.global_index(local) == local * 2 + r
+    first_epoch = sorted(i for stream in ranks for local in range(2) for i in stream.batch(local)[1])
+    assert first_epoch == [0, 1, 2, 3]  # disjoint shards covering the epoch

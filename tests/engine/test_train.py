@@ -44,11 +44,11 @@ def write_clips(clips_dir: Path, count: int = 2, frames: int = 17, size: int = 6
         video = []
         for f in range(frames):
             if c % 2 == 0:
-                cx, cy = 8 + (f * 3) % (size - 16), size // 2
+                cx, cy = 8 + (f * 3 + c * 7) % (size - 16), size // 2  # each clip its own phase
                 img = np.stack([40 + 0 * xx, 30 + yy, 120 + 0 * xx], -1).astype(np.uint8)
                 img[(xx - cx) ** 2 + (yy - cy) ** 2 < 49] = (250, 200, 40)
             else:
-                stripes = ((xx + yy + f * 2) // 8) % 2
+                stripes = ((xx + yy + f * 2 + c * 3) // 8) % 2
                 img = np.stack([60 + 150 * stripes, 90 + 0 * xx, 200 - 120 * stripes], -1).astype(np.uint8)
             video.append(img)
         write_video(video, clips_dir / f"clip {c}.mp4", fps=16)
