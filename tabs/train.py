@@ -593,12 +593,17 @@ def build(ctx: AppContext) -> None:
 
 
 def connect(ctx: AppContext) -> None:
-    """"Open in Generate": put the chosen LoRA into the Generate tab and switch to it."""
+    """"Open in Generate": put the chosen LoRA into the Generate tab's first LoRA slot and switch to that tab."""
     tab: TrainTab = ctx.ui["train"]
-    target = ctx.ui.get("generate.lora")
-    tabs = ctx.ui.get("tabs")
+    target, tabs = ctx.ui.get("generate.lora"), ctx.ui.get("tabs")
     if target is None or tabs is None:
         tab.open_button.click(lambda: "The Generate tab does not take LoRAs in this build.", None, [tab.message])
         return
-    tab.open_button.click(lambda path: (gr.update(value=path), gr.Tabs(selected="generate")),
-                          [tab.lora_select], [target, tabs])
+    from tabs.generate import lora_choices
+
+    def open_in_generate(path: str | None):
+        if not path:
+            return gr.skip(), gr.skip(), "⚠️ Choose a LoRA file first."
+        return gr.Dropdown(choices=lora_choices(ctx), value=path), gr.Tabs(selected="generate"), ""
+
+    tab.open_button.click(open_in_generate, [tab.lora_select], [target, tabs, tab.message])

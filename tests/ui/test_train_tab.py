@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from tests.ui.conftest import running_studio
+
 TRAINER_MISSING = importlib.util.find_spec("engine.train") is None
 CAPTION = "a bright ball bouncing, fast motion, gradient background"
 
@@ -110,10 +112,22 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     wait_until(lambda: steps_logged(page) > first, 120, "the loss plot to gain points", page)
     status = page.locator("#train-status")
     expect(status).to_contain_text("browser run: running")
+    page.reload()  # the page holds nothing: it finds the run again from its files
+    page.get_by_role("tab", name="Train").click()
+    expect(status).to_contain_text("browser run: running")
 
+    # A restarted studio (a second studio process on the same home, which never started the job) re-attaches to the
+    # run and stops it.
+    with running_studio(root.parent) as second_url:
+        other = page.context.new_page()
+        other.goto(second_url)
+        other.get_by_role("tab", name="Train").click()
+        expect(other.locator("#train-status")).to_contain_text("browser run: running", timeout=30_000)
+        other.get_by_role("button", name="Stop").click()
+        expect(other.locator("#train-status")).to_contain_text("browser run: stopped", timeout=120_000)
+        other.close()
+    expect(status).to_contain_text("browser run: stopped")
     stop = page.get_by_role("button", name="Stop")
-    stop.click()
-    expect(status).to_contain_text("browser run: stopped", timeout=120_000)
     saved = max(int(p.name.removeprefix("step")) for p in (run_dir / "state").glob("step*"))
     record = json.loads((run_dir / "job.json").read_text())
     assert record["stop_requested"] and not record["killed"]  # it stopped on its own, within the grace period
@@ -146,6 +160,10 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     table = page.get_by_label("Runs")
     expect(table).to_contain_text("stopped")
     expect(table).to_contain_text(", ".join(map(str, epochs)))
+
+    page.get_by_role("button", name="Open in Generate").click()
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_label("LoRA 1", exact=True)).to_have_value(f"browser run / epoch{epochs[-1]}")
     assert len(clips) >= 2
 
 
