@@ -435,12 +435,28 @@ def load_configs(config_path: str | Path):
     return run_cfg, dataset_cfg
 
 
+def unused_settings(run_cfg) -> list[str]:
+    """diffusion-pipe settings a file may set that this trainer does not act on, each with what happens instead."""
+    notes = []
+    if run_cfg.eval_every_n_epochs:
+        notes.append("eval_every_n_epochs is not used: set [studio.samples] epochs to watch the LoRA instead.")
+    if run_cfg.monitoring.enable_wandb:
+        notes.append("[monitoring] enable_wandb is not used: metrics go to metrics.jsonl and TensorBoard (tb/).")
+    if run_cfg.is_explicit("partition_method"):
+        notes.append("partition_method is not used: the studio trains data-parallel, without pipeline stages.")
+    if run_cfg.caching_batch_size != 1:
+        notes.append("caching_batch_size is not used: clips are cached one at a time.")
+    return notes
+
+
 def validate(run_cfg, dataset_cfg, events: EventLog):
     """Model folder and dataset report: errors stop the run, warnings are logged."""
     from engine.dataset import scan_dataset
     from engine.models import ModelFolderError, check_wan_folder
 
     events.phase("validate", f"Checking the model folder and the dataset {dataset_cfg.source}.")
+    for note in unused_settings(run_cfg):
+        events.log(note)
     try:
         check_wan_folder(run_cfg.model.ckpt_path)
     except ModelFolderError as err:

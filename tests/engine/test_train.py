@@ -344,8 +344,12 @@ def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_pat
         prepare_transformer,
     )
 
+    from engine.train import unused_settings
+
     run_cfg, dataset_cfg = load_configs(FIXTURES / fixture)
     assert dataset_cfg.directory and run_cfg.adapter.rank in (16, 32)
+    unused = " ".join(unused_settings(run_cfg))  # keys we read but do not act on are named, not dropped silently
+    assert ("eval_every_n_epochs" in unused and "partition_method" in unused) == (fixture == "min_vram.toml")
     _, note = build_optimizer([torch.nn.Parameter(torch.zeros(2))], run_cfg.optimizer, torch.device("cpu"))
     assert run_cfg.optimizer.type in note
     run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": train_project.settings().wan_model,
