@@ -92,6 +92,9 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
     from engine.lora_io import PEFT_TARGET_MODULES
 
     device = torch.device(device)
+    if run_cfg.blocks_to_swap and not run_cfg.checkpointing_mode:
+        raise TrainingError("blocks_to_swap needs activation checkpointing (swapped weights are gone between "
+                            "forward and backward).", "Set activation_checkpointing = true or 'unsloth'.")
     notes: list[str] = []
     transformer.requires_grad_(False)
     lora_config = LoraConfig(r=run_cfg.adapter.rank, lora_alpha=run_cfg.lora_alpha, lora_dropout=0.0,
@@ -132,9 +135,6 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
     if run_cfg.checkpointing_mode:
         accel.enable_checkpointing(transformer, run_cfg.checkpointing_mode)
         notes.append(f"Activation checkpointing: {run_cfg.checkpointing_mode}.")
-    elif run_cfg.blocks_to_swap:
-        raise TrainingError("blocks_to_swap needs activation checkpointing (swapped weights are gone between "
-                            "forward and backward).", "Set activation_checkpointing = true or 'unsloth'.")
     if run_cfg.studio.compile:
         accel.compile_blocks(transformer)
         notes.append("Transformer blocks compiled with torch.compile (the first step is slow).")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from engine.train_blocks import TrainingError
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ def start_world() -> tuple[World, torch.device]:
     if world.distributed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        # Ranks wait for each other while one caches its share, saves, or renders a sample: allow hours, not minutes.
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return world, device
 
 
