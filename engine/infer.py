@@ -225,7 +225,8 @@ class PipelineCache:
         self.pipe = None
         self.options: PipelineOptions | None = None
         self.device: torch.device | None = None
-        self._offloaded = False
+        self._offloaded = False  # diffusers' model CPU offload hooks are on
+        self._placed = False  # every component sits on self.device
 
     def get(self, options: PipelineOptions, on_progress: ProgressFn | None = None):
         device = torch.device(options.device) if options.device else default_device()
@@ -239,7 +240,6 @@ class PipelineCache:
             if options.fast:
                 _apply_fast_path(self.pipe, device)
             self.device = device
-            self.pipe.to(device)
         self._apply_memory_modes(options, device)
         self.options = options
         # Sidecars record the memory modes the video was made with.
@@ -254,11 +254,12 @@ class PipelineCache:
             self.pipe.vae.disable_tiling()
         want_offload = options.cpu_offload and device.type != "cpu"  # on a CPU there is nothing to offload to
         if want_offload and not self._offloaded:
-            self.pipe.enable_model_cpu_offload(device=device)
-        elif self._offloaded and not want_offload:
-            self.pipe.remove_all_hooks()
+            self.pipe.enable_model_cpu_offload(device=device)  # from CPU memory: a 24 GB card never holds it all
+        elif not want_offload and (self._offloaded or not self._placed):
+            if self._offloaded:
+                self.pipe.remove_all_hooks()
             self.pipe.to(device)
-        self._offloaded = want_offload
+        self._offloaded, self._placed = want_offload, not want_offload
 
     def describe(self) -> str:
         if self.pipe is None:
@@ -273,7 +274,7 @@ class PipelineCache:
             if self._offloaded:
                 self.pipe.remove_all_hooks()
             self.pipe = None
-        self.options, self.device, self._offloaded = None, None, False
+        self.options, self.device, self._offloaded, self._placed = None, None, False, False
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
