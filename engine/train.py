@@ -70,15 +70,18 @@ EXIT_OK, EXIT_DISK_FULL = 0, 3  # configuration and data errors exit 2 (Training
 # ====================================================================================================== events
 
 class EventLog:
-    """JSON-line events on stdout + metrics.jsonl, and TensorBoard scalars; silent on ranks other than 0."""
+    """JSON-line events on stdout + metrics.jsonl, and TensorBoard scalars. Only rank 0 writes, except errors: a
+    rank that fails says so itself (tagged with its rank), since rank 0 may not know why the others stopped."""
 
-    def __init__(self, run_dir: Path | None, enabled: bool):
-        self.run_dir, self.enabled = run_dir, enabled  # no run_dir (config unreadable): stdout only
+    def __init__(self, run_dir: Path | None, world: World):
+        self.run_dir, self.world = run_dir, world  # no run_dir (config unreadable): stdout only
         self._tensorboard = None
 
     def emit(self, event: str, **fields: Any) -> dict:
         record = {"event": event, "time": time.time(), **fields}
-        if self.enabled:
+        if event == "error" and self.world.distributed:
+            record["rank"] = self.world.rank
+        if self.world.is_main or event == "error":
             print(json.dumps(record, ensure_ascii=False), flush=True)
             if self.run_dir is None:
                 return record
@@ -510,11 +513,11 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
     """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
     world, device = start_world()
     should_stop = should_stop or (lambda: False)
-    events = EventLog(None, enabled=world.is_main)
+    events = EventLog(None, world)
     try:
         run_cfg, dataset_cfg = load_configs(config_path)
         paths = RunPaths.for_run(run_cfg)
-        events = EventLog(paths.run_dir, enabled=world.is_main)
+        events = EventLog(paths.run_dir, world)
         torch.manual_seed(run_cfg.studio.seed)
         state = _resume_state(paths, resume, events, world)
         report = validate(run_cfg, dataset_cfg, events)

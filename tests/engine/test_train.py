@@ -109,13 +109,13 @@ def train_project(tmp_path_factory):
 def build_trainer(run_toml: Path):
     """A Trainer on the cached dataset, in this process (as engine.train.train builds it)."""
     from engine.models import load_wan_transformer
-    from engine.train import EventLog, RunPaths, Trainer, cache, load_configs, storage_dtype, validate
+    from engine.train import EventLog, RunPaths, Trainer, World, cache, load_configs, storage_dtype, validate
 
     run_cfg, dataset_cfg = load_configs(run_toml)
     paths = RunPaths.for_run(run_cfg)
-    events = EventLog(paths.run_dir, enabled=True)
+    world, device = World(), torch.device("cpu")
+    events = EventLog(paths.run_dir, world)
     report = validate(run_cfg, dataset_cfg, events)
-    world, device = __import__("engine.train", fromlist=["World"]).World(), torch.device("cpu")
     dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, lambda: False)
     trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=lambda: False,
                       paths=paths)
