@@ -390,7 +390,9 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
         hints.append(f"fewer frames: frame_buckets = [33] in the dataset TOML (now {frames})")
     if height * width > 480 * 480:
         hints.append(f"lower resolution: resolutions = [480] or less in the dataset TOML (now {width}x{height})")
-    return "Try: " + "; ".join(hints) + "." if hints else "This batch does not fit this GPU even at the lowest settings."
+    if not hints:
+        return "This batch does not fit this GPU even at the lowest settings: use a GPU with more memory."
+    return "Try: " + "; ".join(hints) + "."
 
 
 def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_dir: Path, epoch: int) -> Path:
