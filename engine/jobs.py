@@ -317,7 +317,7 @@ class JobRunner:
 
     @contextmanager
     def gpu_slot(self, description: str, wait: bool = False) -> Iterator[None]:
-        """Hold the studio's GPU for in-process work; raises GpuBusyError (or with `wait`, blocks) while a job has it."""
+        """Hold the studio's GPU for in-process work; while a job has it, raise GpuBusyError (or block, with `wait`)."""
         fd = self._try_lock(wait=wait)
         if fd is None:
             raise GpuBusyError(self.busy_message())

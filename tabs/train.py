@@ -7,10 +7,12 @@ page reload or a studio restart picks a running or finished run up where it is.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import tempfile
 import threading
+import tomllib
 from functools import partial
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from engine.config import (PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEM
                            preset_configs, presets, save_dataset_config, save_run_config, to_toml)
 from engine.dataset import scan_dataset
 from engine.hardware import list_gpus
-from engine.project import studio_home
 from engine.jobs import (DATASET_TOML, METRICS_FILE, RUN_TOML, GpuBusyError, Job, JobError, JobRunner,
                          JsonLinesFollower, RunSummary, summarize_run, training_argv)
+from engine.project import studio_home
 from studio.context import AppContext
 
 TITLE = "Train"
@@ -119,20 +121,22 @@ def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: floa
     total = steps_per_epoch * run.epochs
     if run.max_steps:
         total = min(total, run.max_steps)
+    limit = f", max_steps {run.max_steps}" if run.max_steps else ""
     lines = [f"**{len(report.clips)} clips**, {samples} samples per epoch: **{steps_per_epoch} steps per epoch**, "
-             f"**{total} steps** in all ({run.epochs} epochs{', max_steps ' + str(run.max_steps) if run.max_steps else ''})."]
+             f"**{total} steps** in all ({run.epochs} epochs{limit})."]
     if measured_steps_per_s:
-        lines.append(f"Time per epoch ≈ {human_seconds(steps_per_epoch / measured_steps_per_s)} at the measured "
-                     f"{measured_steps_per_s:.3g} steps/s; whole run ≈ {human_seconds(total / measured_steps_per_s)}.")
+        epoch_s, total_s = steps_per_epoch / measured_steps_per_s, total / measured_steps_per_s
+        lines.append(f"Time per epoch ≈ {human_seconds(epoch_s)} at the measured {measured_steps_per_s:.3g} steps/s; "
+                     f"whole run ≈ {human_seconds(total_s)}.")
     else:
         lines.append("Time per epoch: shown once the first steps are measured.")
-    lora = lora_size_bytes(run.model.ckpt_path, run.adapter.rank,
-                           4 if run.save_dtype == "float32" else 2)
+    value_bytes = 4 if run.save_dtype == "float32" else 2
+    lora = lora_size_bytes(run.model.ckpt_path, run.adapter.rank, value_bytes)
     if lora and run.save_every_n_epochs:
         saves = max(1, run.epochs // run.save_every_n_epochs)
+        state = lora // value_bytes * 4 * 3  # LoRA weights and Adam's two moments, in float32
         lines.append(f"Disk: each LoRA ≈ {human_bytes(lora)}, {saves} saved ≈ {human_bytes(saves * lora)}; each "
-                     f"resume state ≈ {human_bytes(lora * 6 if run.save_dtype != 'float32' else lora * 3)} "
-                     "(LoRA in float32 and optimizer moments).")
+                     f"resume state ≈ {human_bytes(state)} (LoRA and optimizer moments in float32).")
     return errors, warnings, "\n\n".join(lines)
 
 
@@ -168,8 +172,6 @@ def status_html(summary: RunSummary | None, events: list[dict], epochs: int | No
     """One status line with a progress bar: phase, epoch, step, steps/s, ETA, time per epoch, GPU memory."""
     if summary is None:
         return '<div id="train-status">No runs yet: press <b>Train</b>.</div>'
-    import html
-
     last_step = next((e for e in reversed(events) if e.get("event") == "step"), None)
     last_progress = next((e for e in reversed(events) if e.get("event") in ("progress", "phase")), None)
     parts = [f"<b>{html.escape(summary.name)}</b>: {html.escape(summary.state)}"]
@@ -256,7 +258,8 @@ class TrainTab:
         self.message = gr.Markdown(elem_id="train-message")
         with gr.Accordion("Advanced settings", open=False):
             gr.Markdown("Every setting of the run and dataset TOML files (diffusion-pipe's format plus a `[studio]` "
-                        "table). Edits here rewrite the TOML below; edit the TOML directly and press *Apply TOML*.")
+                        "table). Edits in the form rewrite the TOML below; edits in the TOML are used as typed "
+                        "(*Apply TOML* shows them in the form).")
             self._build_form(run_cfg, dataset_cfg)
             with gr.Row():
                 self.run_toml = gr.Code(to_toml(run_cfg), language=None, label="run.toml", interactive=True,
@@ -380,7 +383,7 @@ class TrainTab:
     def on_import(self, files: list, draft: dict) -> dict:
         """Take a diffusion-pipe run TOML and/or dataset TOML; the studio keeps its own run folder and clip paths
         unless the dataset file is imported too."""
-        notes = []
+        notes, remarks = [], []
         run_text, dataset_text = draft["run"], draft["dataset"]
         run_cfg = dataset_cfg = None
         for file in files or []:
@@ -392,6 +395,10 @@ class TrainTab:
                 else:
                     run_cfg = apply_overrides(load_run_config(path), {"output_dir": ".", "dataset": DATASET_TOML})
                     notes.append(f"run settings from `{path.name}`")
+                    model = run_cfg.model.ckpt_path
+                    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+                        run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": self.ctx.models.wan})
+                        remarks.append(f"The file's model `{model}` is not on this machine: using this studio's model.")
             except ConfigError as err:
                 return {self.message: f"⚠️ Could not import `{path.name}`: {err}"}
         if run_cfg is not None:
@@ -399,7 +406,7 @@ class TrainTab:
         if dataset_cfg is not None:
             dataset_text = to_toml(dataset_cfg)
         return {**self._show_draft(run_text, dataset_text), **self._form_values(run_cfg, dataset_cfg),
-                self.message: "Imported " + " and ".join(notes) + "." if notes else "Nothing imported."}
+                self.message: " ".join([f"Imported {' and '.join(notes)}." if notes else "Nothing imported.", *remarks])}
 
     def on_export(self, run_name: str, draft: dict) -> dict:
         try:
@@ -408,7 +415,7 @@ class TrainTab:
             return {self.message: f"⚠️ {err}"}
         folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / (run_name.strip() or "run")
         run_path = write_run_folder(folder, run_cfg, dataset_cfg)
-        return {self.export_files: gr.File(value=[str(run_path), str(folder / DATASET_TOML)], visible=True),
+        return {self.export_files: gr.update(value=[str(run_path), str(folder / DATASET_TOML)], visible=True),
                 self.message: "run.toml and dataset.toml are ready to download (a diffusion-pipe compatible pair: "
                               "the `[studio]` table holds our extras)."}
 
@@ -447,7 +454,8 @@ class TrainTab:
         except (ConfigError, ValueError) as err:
             return f"⚠️ {err}", gr.skip()
         if (run_dir / RUN_TOML).exists():
-            return f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.", gr.skip()
+            return (f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.",
+                    gr.skip())
         ok, report = self._preflight_text(run_cfg, dataset_cfg, None)
         if not ok:
             return report, gr.skip()
@@ -563,8 +571,6 @@ def _run_epochs(run_dir: Path) -> int | None:
 
 
 def _toml_keys(path: Path) -> set[str]:
-    import tomllib
-
     try:
         return set(tomllib.loads(path.read_text(encoding="utf-8")))
     except (OSError, tomllib.TOMLDecodeError) as err:

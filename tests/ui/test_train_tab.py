@@ -220,3 +220,42 @@ def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_pa
         assert any(clips[0].name in e and "caption" in e for e in errors)  # a missing caption blocks the run
     finally:
         caption.write_text(text)
+
+
+def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
+    """The tab's handlers, on a studio built in-process (no browser): import the min-VRAM example, export a pair."""
+    from engine.config import load_dataset_config, load_run_config
+    from engine.jobs import JobRunner
+    from engine.models import ModelChoice
+    from engine.project import Project
+    from studio.app import build
+    from studio.context import AppContext
+
+    project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))
+    settings = project.settings()
+    ctx = AppContext(project=project, models=ModelChoice(settings.wan_model, settings.captioner_model),
+                     device_description="CPU", jobs=JobRunner(tmp_path / "jobs"))
+    build(ctx)
+    tab = ctx.ui["train"]
+    draft = tab.draft.value
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "min_vram.toml"
+    out = tab.on_import([str(fixture)], draft)
+    assert "Imported run settings from `min_vram.toml`" in out[tab.message]
+    assert "not on this machine" in out[tab.message]  # /models/Wan2.1-... is replaced by the studio's model
+    imported = out[tab.draft]
+    assert "blocks_to_swap = 32" in imported["run"] and 'type = "AdamW8bitKahan"' in imported["run"]
+    assert imported["dataset"] == draft["dataset"]  # the dataset file was not imported: ours stays
+    assert out[tab.run_fields["blocks_to_swap"]] == "32"  # the form shows the imported values
+    assert out[tab.run_fields["activation_checkpointing"]] == "unsloth"
+
+    exported = tab.on_export("my run", imported)[tab.export_files]
+    run_toml, dataset_toml = map(Path, exported["value"])
+    run = load_run_config(run_toml)
+    assert run.blocks_to_swap == 32 and run.model.ckpt_path == settings.wan_model
+    assert run.dataset_path() == dataset_toml.resolve()
+    assert load_dataset_config(dataset_toml).directory_path(load_dataset_config(dataset_toml).directory[0]) == (
+        project.clips_dir)
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('epochs = "many"\n')
+    assert "Could not import `bad.toml`" in tab.on_import([str(bad)], draft)[tab.message]
