@@ -67,3 +67,31 @@ def test_low_memory_modes_on_gpu(gpu_project):
         losses = [e["loss"] for e in events_of(run_toml, "step")]
         assert len(losses) == 3 and all(np.isfinite(losses))
         assert any(float(v.abs().max()) > 0 for k, v in _final(run_toml).items() if "lora_B" in k)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_under_the_deepspeed_launcher_equal_one_gpu(gpu_project):
+    """`deepspeed --num_gpus 2 --module engine.train` (NCCL) == one GPU with twice the gradient accumulation."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.train import train
+    from tests.engine.test_train import REPO
+
+    settings = {**GPU, "max_steps": 4, "optimizer.type": "adamw8bit", "gradient_clipping": 0.05}
+    single = write_run(gpu_project, "one gpu", {**settings, "gradient_accumulation_steps": 2})
+    assert train(single) == 0
+    double = write_run(gpu_project, "two gpus", {**settings, "gradient_accumulation_steps": 1})
+    result = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533",
+         "--module", "engine.train", "--config", str(double)],
+        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert [e["step"] for e in events_of(double, "step")] == [1, 2, 3, 4]  # one writer
+    one = {e["step"]: e["loss"] for e in events_of(single, "step")}
+    for e in events_of(double, "step"):
+        assert e["loss"] == pytest.approx(one[e["step"]], rel=2e-3)
+    expected, got = _final(single), _final(double)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=2e-3, atol=2e-5)
