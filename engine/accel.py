@@ -284,11 +284,25 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_self_attention)
 
 
-def _run_block_selective(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
-    from torch.utils.checkpoint import checkpoint
+def _run_block_ordered(block: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    with _attention_order():
+        return _run_block(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
-    return checkpoint(_run_block, block, hidden_states, encoder_hidden_states, temb, rotary_emb,
-                      use_reentrant=False, context_fn=_selective_context)
+
+def _selective(body: Callable) -> Callable:
+    def run(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(body, block, hidden_states, encoder_hidden_states, temb, rotary_emb,
+                          use_reentrant=False, context_fn=_selective_context)
+    return run
+
+
+# Compiled, the attention backend is fixed when the graph (recompute included) is traced inside the runner's
+# context. Eager, the recompute runs later in backward and must choose the same backend as the forward did, or the
+# saved attention results are not found: so the body enters the context itself.
+_run_block_selective = _selective(_run_block)
+_run_block_selective_eager = _selective(_run_block_ordered)
 
 
 class _RecomputedBlock(torch.autograd.Function):
@@ -345,13 +359,13 @@ class _BlockRunner:
         self.compile_options: dict | None = None
         self.lora_outside_graph = False  # inference: LoRA strengths change without recompiling
         self.body: Callable = _run_block
-        self.selective_body: Callable = _run_block_selective
+        self.selective_body: Callable = _run_block_selective_eager
         self._anchor = None
 
     def rebuild(self) -> None:
         """Recompile (or not) after a change of checkpoint mode or compile options."""
         if self.compile_options is None:
-            self.body, self.selective_body = _run_block, _run_block_selective
+            self.body, self.selective_body = _run_block, _run_block_selective_eager
         else:
             self.body = _compiled(_run_block, self.compile_options)
             self.selective_body = _compiled(_run_block_selective, self.compile_options)
