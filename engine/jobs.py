@@ -504,8 +504,34 @@ def summarize_run(run_dir: str | os.PathLike, events: list[dict], job: Job | Non
 
 # --- the supervisor --------------------------------------------------------------------------------------------
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _become_subreaper() -> bool:
+    """Have orphaned descendants (e.g. the workers of a launcher that died first) re-parented to this process."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_descendants() -> None:
+    """Block until every descendant has exited (they are all our children or our children's descendants)."""
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
 def _supervise(argv: list[str] | None = None) -> int:
-    """Run a job's command, record how it exited, and keep the inherited GPU lock open until then."""
+    """Run a job's command, record how it exited, and keep the inherited GPU lock open until then.
+
+    The job ends when the command and everything it started have exited: a launcher (DeepSpeed, torchrun) that
+    dies on the stop signal first must not end the job while its workers still save their state.
+    """
     parser = argparse.ArgumentParser(prog="python -m engine.jobs", description="job supervisor (started by JobRunner)")
     parser.add_argument("--exit-file", required=True)
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -517,6 +543,7 @@ def _supervise(argv: list[str] | None = None) -> int:
     # is used so the child starts with default signal handling.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    _become_subreaper()
     try:
         child = subprocess.Popen(command)
     except OSError as err:
@@ -524,6 +551,7 @@ def _supervise(argv: list[str] | None = None) -> int:
         returncode = 127
     else:
         returncode = child.wait()
+    _reap_descendants()
     atomic_write_json(args.exit_file, {"returncode": returncode, "ended": time.time()})
     return returncode if returncode >= 0 else 128 - returncode
 

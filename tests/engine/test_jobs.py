@@ -251,3 +251,19 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
     failed = summarize_run(run_dir, read_jsonl(metrics), job=None)
     assert failed.state == "failed" and "Raise blocks_to_swap." in failed.message
     assert summarize_run(tmp_path / "empty", [], job=None).state == "not started"
+
+
+def test_the_job_lasts_until_the_workers_of_a_dead_launcher_have_saved(runner, fake_child, tmp_path):
+    """Like `deepspeed`/`torchrun` on Ctrl-C: the launcher dies at once, its worker finishes its step and saves."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        subprocess.Popen({fake_child("graceful")!r})
+        time.sleep(3600)  # dies of the SIGINT (KeyboardInterrupt) while the worker goes on
+    """))
+    job = runner.start("launched", [sys.executable, str(launcher)], cwd=tmp_path, run_dir=tmp_path / "run")
+    wait_for_event(job, lambda e: e.get("step") == 2)
+    status = runner.stop(job, grace_s=20)
+    assert status.state == "stopped", status
+    events, _ = job.read_events()
+    assert events[-1]["event"] == "phase" and events[-1]["phase"] == "stopped"  # the worker was not killed
