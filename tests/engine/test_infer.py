@@ -232,16 +232,20 @@ def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path
     assert read_sidecar(out)["lora_source"].startswith("in-memory")
 
 
-def test_cli_sweep(tiny_models, image_path, lora_file, tmp_path, capsys):
+def test_cli_sweep_over_epochs(tiny_models, image_path, lora_file, tmp_path, capsys):
     from engine.infer import main
 
+    epoch2 = make_lora_dir(tiny_models.wan, lora_file.parent.parent / "epoch2", seed=5)
     code = main(["--model", tiny_models.wan, "--image", str(image_path), "--prompt", "a warrior jumps",
-                 "--lora", str(lora_file), "--strengths", "0,1", "--frames", "9", "--steps", "2", "--seed", "3",
-                 "--height", "16", "--width", "32", "--device", "cpu", "--comfyui", "--out", str(tmp_path)])
+                 "--epochs", str(lora_file), str(epoch2), "--strengths", "0,1", "--frames", "9", "--steps", "2",
+                 "--seed", "3", "--height", "16", "--width", "32", "--device", "cpu", "--comfyui",
+                 "--out", str(tmp_path)])
     assert code == 0
-    videos = sorted(tmp_path.glob("sweep-*-0[12]-*.mp4"))
-    assert len(videos) == 2 and all(v.with_suffix(".json").exists() for v in videos)
-    assert len(list(tmp_path.glob("*.comfyui.json"))) == 2
+    videos = sorted(tmp_path.glob("sweep-*-0[1-9]-*.mp4"))
+    assert [read_sidecar(v)["label"] for v in videos] == ["strength 0 (base)", "epoch1 @ 1", "epoch2 @ 1"]
+    assert len({read_sidecar(v)["frames_sha256"] for v in videos}) == 3
+    assert len(list(tmp_path.glob("*.comfyui.json"))) == 3
+    assert "epoch2 @ 1" in capsys.readouterr().out
     assert main(["--model", tiny_models.wan, "--image", str(tmp_path / "nope.png"), "--prompt", "x",
                  "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "Image not found" in capsys.readouterr().err
