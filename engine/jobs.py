@@ -242,7 +242,9 @@ class Job:
                 text = f.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return []
-        return [line for line in text.splitlines() if line.strip()][-lines:]
+        # progress bars redraw a line with carriage returns: keep what the line finally showed
+        shown = (line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n"))
+        return [line for line in shown if line.strip()][-lines:]
 
     def status(self, tail_lines: int = 20) -> JobStatus:
         record = self.record

@@ -516,6 +516,9 @@ class TrainTab:
         summary, events, job = current or (None, [], None)
         epochs = _run_epochs(summary.run_dir) if summary else None
         out["status"] = status_html(summary, events, epochs)
+        holder = self.jobs.gpu_holder()
+        if holder and (summary is None or holder.get("run_dir") != str(summary.run_dir)):
+            out["status"] += f'<div id="train-gpu-busy">⏳ {html.escape(holder["description"])} is using the GPU.</div>'
         n_steps = sum(1 for e in events if e.get("event") == "step")
         if changed("plot", (selected, n_steps)):
             losses, rates = loss_frame(events)
@@ -534,7 +537,7 @@ class TrainTab:
         out["loras"] = (gr.Dropdown(choices=loras, value=loras[0][1] if loras else None)
                         if changed("loras", loras) else gr.skip())
         running = bool(job and job.is_running())
-        gpu_busy = self.jobs.gpu_holder() is not None
+        gpu_busy = holder is not None
         can_resume = bool(summary and summary.state not in ("finished", "running", "stopping")
                           and (summary.run_dir / "state").is_dir())
         buttons = (not gpu_busy, running, can_resume and not gpu_busy)

@@ -31,6 +31,7 @@ FAKE_CHILD = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "stubborn" else on_sigint)
     emit(event="phase", phase="train", message="training")
     print("plain log line, not an event", flush=True)
+    print("loading 0%\\rloading 50%\\rloading 100%", flush=True)  # a progress bar redrawing its line
     step = 0
     while steps == 0 or step < steps:
         step += 1
@@ -83,6 +84,7 @@ def test_events_stream_in_order_and_the_job_finishes(runner, fake_child, tmp_pat
     status = job.status()
     assert status.state == "finished" and status.returncode == 0
     assert "plain log line, not an event" in job.log_tail()
+    assert "loading 100%" in job.log_tail() and not any("loading 50%" in line for line in job.log_tail())
     record = json.loads((tmp_path / "runs" / "a b" / "job.json").read_text())
     assert record["argv"] == fake_child("graceful", 5) and record["pid"] == job.record.pid
 
