@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 import tempfile
 import threading
 import tomllib
@@ -250,6 +251,10 @@ class TrainTab:
                                         value=str(max(1, len(self.gpus))), label="GPUs", info=gpu_info,
                                         visible=len(self.gpus) > 1)
             self.run_name = gr.Textbox(label="Run name", placeholder="empty: run-<date>-<time>")
+            self.sample_image = gr.Image(label="Sample start image", type="filepath", sources=["upload", "clipboard"],
+                                         height=120, elem_id="train-sample-image")
+        gr.Markdown("Samples while training start from this still (empty: the first frame of the first clip), at the "
+                    "epochs in *studio.samples.epochs* under Advanced settings.")
         with gr.Row():
             self.check_button = gr.Button("Check dataset")
             self.train_button = gr.Button("Train", variant="primary")
@@ -338,8 +343,8 @@ class TrainTab:
                                   **serial)
         self.export_button.click(self.on_export, [self.run_name, draft], [self.export_files, self.message], **serial)
         self.check_button.click(self.on_check, [draft, self.run_select], [self.message], **serial)
-        self.train_button.click(self.on_train, [self.run_name, draft, self.num_gpus], [self.message, self.run_select],
-                                **serial)
+        self.train_button.click(self.on_train, [self.run_name, draft, self.num_gpus, self.sample_image],
+                                [self.message, self.run_select], **serial)
         self.stop_button.click(self.on_stop, [self.run_select], [self.message])
         self.resume_button.click(self.on_resume, [self.run_select, self.num_gpus], [self.message])
         live = [self.status, self.loss_plot, self.lr_plot, self.plot_info, self.log_tail, self.samples,
@@ -406,7 +411,8 @@ class TrainTab:
         if dataset_cfg is not None:
             dataset_text = to_toml(dataset_cfg)
         return {**self._show_draft(run_text, dataset_text), **self._form_values(run_cfg, dataset_cfg),
-                self.message: " ".join([f"Imported {' and '.join(notes)}." if notes else "Nothing imported.", *remarks])}
+                self.message: " ".join([f"Imported {' and '.join(notes)}." if notes else "Nothing imported.",
+                                        *remarks])}
 
     def on_export(self, run_name: str, draft: dict) -> dict:
         try:
@@ -446,23 +452,31 @@ class TrainTab:
         ok, text = self._preflight_text(run_cfg, dataset_cfg, self._measured_rate(selected))
         return ("✅ Ready to train.\n\n" if ok else "") + text
 
-    def on_train(self, run_name: str, draft: dict, num_gpus: str):
+    def on_train(self, run_name: str, draft: dict, num_gpus: str, sample_image: str | None):
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
             name = run_name.strip() or self.project.new_run_name()
             run_dir = self.project.run_dir(name)
         except (ConfigError, ValueError) as err:
             return f"⚠️ {err}", gr.skip()
-        if (run_dir / RUN_TOML).exists():
+        if run_dir.exists():
             return (f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.",
                     gr.skip())
+        if self.jobs.gpu_holder():
+            return f"⚠️ {self.jobs.busy_message()}", gr.skip()
         ok, report = self._preflight_text(run_cfg, dataset_cfg, None)
         if not ok:
             return report, gr.skip()
-        run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
         try:
+            if sample_image:  # kept with the run, so a resume or a later look finds the same still
+                still = run_dir / f"sample start{Path(sample_image).suffix.lower()}"
+                run_dir.mkdir(parents=True)
+                shutil.copyfile(sample_image, still)
+                run_cfg = apply_overrides(run_cfg, {"studio.samples.image": str(still)})
+            run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
             self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run_dir)
-        except (GpuBusyError, JobError) as err:
+        except (GpuBusyError, JobError, OSError) as err:
+            shutil.rmtree(run_dir, ignore_errors=True)  # created just now: leave no half-made run behind
             return f"⚠️ {err}", gr.skip()
         return f"Started **{name}**.\n\n{report}", gr.Dropdown(choices=self._run_choices(), value=name)
 
@@ -518,7 +532,8 @@ class TrainTab:
         out["status"] = status_html(summary, events, epochs)
         holder = self.jobs.gpu_holder()
         if holder and (summary is None or holder.get("run_dir") != str(summary.run_dir)):
-            out["status"] += f'<div id="train-gpu-busy">⏳ {html.escape(holder["description"])} is using the GPU.</div>'
+            busy = html.escape(holder["description"])
+            out["status"] += f'<div id="train-gpu-busy">⏳ {busy} is using the GPU.</div>'
         n_steps = sum(1 for e in events if e.get("event") == "step")
         if changed("plot", (selected, n_steps)):
             losses, rates = loss_frame(events)

@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.sync_api import expect
 
@@ -94,7 +95,7 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
 
     # Many epochs (the test stops the run itself), a LoRA and a state every 5 epochs and a sample after the first,
     # set through the generated form.
-    page.get_by_text("Advanced settings").click()
+    page.get_by_role("button", name="Advanced settings").click()
     page.get_by_role("button", name="run.toml (top level)").click()
     type_setting(page, "epochs", "10000")
     type_setting(page, "save_every_n_epochs", "5")
@@ -105,6 +106,12 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     expect(page.locator("#train-run-toml")).to_contain_text("checkpoint_every_n_epochs = 5")
     expect(page.locator("#train-run-toml")).to_contain_text("1,")
     page.get_by_label("Run name").fill("browser run")
+    still = root.parent / "my still.png"
+    import cv2
+
+    cv2.imwrite(str(still), np.full((128, 224, 3), (40, 200, 90), np.uint8))
+    page.locator("#train-sample-image input[type=file]").set_input_files(str(still))
+    expect(page.locator("#train-sample-image img")).to_have_count(1)
 
     page.get_by_role("button", name="Train").click()
     expect(page.locator("#train-message")).to_contain_text("Started browser run", timeout=60_000)
@@ -152,6 +159,10 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     assert steps_after == list(range(saved + 1, saved + 1 + len(steps_after)))
     samples = [e for e in events if e["event"] == "sample"]
     assert [e["epoch"] for e in samples] == [1] and Path(samples[0]["path"]).stat().st_size > 0
+    from engine.config import load_run_config
+
+    assert load_run_config(run_dir / "run.toml").studio.samples.image == str(run_dir / "sample start.png")
+    assert (run_dir / "sample start.png").read_bytes() == still.read_bytes()  # the chosen still, kept with the run
     loras = sorted(run_dir.glob("epoch*/adapter_model.safetensors"))
     assert loras and all(p.stat().st_size > 0 for p in loras)
     epochs = sorted(int(p.parent.name.removeprefix("epoch")) for p in loras)
@@ -255,6 +266,10 @@ def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
     assert run.dataset_path() == dataset_toml.resolve()
     assert load_dataset_config(dataset_toml).directory_path(load_dataset_config(dataset_toml).directory[0]) == (
         project.clips_dir)
+
+    with ctx.jobs.gpu_slot("captioning"):  # e.g. the Captions tab is suggesting captions
+        message, _ = tab.on_train("blocked run", imported, "1", None)
+    assert "captioning is using the GPU" in message and not project.run_dir("blocked run").exists()
 
     bad = tmp_path / "bad.toml"
     bad.write_text('epochs = "many"\n')
