@@ -185,9 +185,8 @@ class JobStatus:
 class Job:
     """A started or re-attached job; all state comes from its folder, so any number of Job objects may watch one."""
 
-    def __init__(self, record: JobRecord, process: subprocess.Popen | None = None):
+    def __init__(self, record: JobRecord):
         self.record = record
-        self._process = process  # only when this studio started it
 
     @property
     def run_dir(self) -> Path:
@@ -272,7 +271,10 @@ class Job:
                                  **common)
             return JobStatus("finished", f"{record.name} finished.", **common)
         if code < 0:
-            name = signal.Signals(-code).name
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-code}"
             hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""
             return JobStatus("failed", f"{record.name} was killed by {name}{hint}. Last output below.",
                              signal_name=name, **common)
@@ -378,7 +380,7 @@ class JobRunner:
             if lock_fd is not None:
                 os.close(lock_fd)  # the supervisor holds its own copy of the lock until it exits
         threading.Thread(target=process.wait, name=f"reap {name}", daemon=True).start()  # no zombie left behind
-        return Job(record, process)
+        return Job(record)
 
     def attach(self, run_dir: str | os.PathLike) -> Job | None:
         """The job recorded in `run_dir` (running or ended), or None if no job ever ran there."""
