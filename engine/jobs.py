@@ -338,8 +338,10 @@ class JobRunner:
 
     # jobs
     def start(self, name: str, argv: list[str], *, cwd: str | os.PathLike, run_dir: str | os.PathLike,
-              kind: str = "gpu", env: dict[str, str] | None = None) -> Job:
+              kind: str = "gpu", env: dict[str, str] | None = None, description: str | None = None) -> Job:
         """Start `argv` (an argument list, never a shell line) as a job whose files live in `run_dir`.
+
+        `description` names the job where others are told it holds the GPU (default: its name).
 
         Raises GpuBusyError when `kind` is "gpu" and another job holds the GPU, JobError if this run is already
         running or the command cannot be started.
@@ -374,7 +376,7 @@ class JobRunner:
                                started=time.time())
             atomic_write_json(run_dir / JOB_FILE, asdict(record))
             if kind == "gpu":
-                atomic_write_json(self.holder_path, {"description": f"training run {name!r}", "pid": process.pid,
+                atomic_write_json(self.holder_path, {"description": description or name, "pid": process.pid,
                                                      "start_ticks": record.start_ticks, "run_dir": str(run_dir)})
         finally:
             if lock_fd is not None:
@@ -416,8 +418,7 @@ class JobRunner:
             atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
             _signal_group(record.pid, signal.SIGKILL)
             job.wait(10.0)
-        _signal_group(record.pid, signal.SIGKILL)  # leftovers of the group (e.g. data loader workers), if any
-        return job.status()
+        return job.status()  # no leftovers to kill: the supervisor outlives every process the job started
 
 
 def _engine_pythonpath(env: dict[str, str]) -> str:

@@ -152,7 +152,8 @@ def test_a_restarted_studio_reattaches_to_the_running_job(tmp_path, fake_child):
 
 
 def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
-    job = runner.start("gpu run", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "one")
+    job = runner.start("gpu run", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "one",
+                       description="training run 'gpu run'")
     try:
         with pytest.raises(GpuBusyError, match="training run 'gpu run' is using the GPU"):
             runner.start("second", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "two")
