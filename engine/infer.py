@@ -9,6 +9,7 @@ Command line (the reference workflow's strength-test script):
     python -m engine.infer --model PATH --image IMG --prompt TEXT [--lora FILE --strength S]...
                            [--strengths 0,0.5,1] [--frames N --steps N --guidance G --seed N --height H --width W]
                            --out DIR
+    python -m engine.infer --reproduce outputs/gen-....json [--out DIR]
 """
 
 from __future__ import annotations
@@ -761,11 +762,26 @@ def _parse_strengths(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--strengths takes numbers separated by commas, not {text!r}") from err
 
 
+def _reproduce_cli(sidecar: Path, out_dir: Path | None) -> int:
+    try:
+        data = read_sidecar(sidecar)
+        out_path = new_output_path(out_dir, Path(data["video"]).stem + "-again") if out_dir else None
+        path, identical = reproduce(sidecar, PipelineCache(), out_path,
+                                    on_progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", file=sys.stderr))
+    except (GenerationError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}\t{'identical frames' if identical else 'frames differ (another device or library version?)'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.infer", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Wan 2.1 I2V diffusers folder or hub id")
-    parser.add_argument("--image", required=True, type=Path)
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--model", help="Wan 2.1 I2V diffusers folder or hub id")
+    parser.add_argument("--image", type=Path)
+    parser.add_argument("--prompt")
+    parser.add_argument("--reproduce", type=Path, metavar="SIDECAR",
+                        help="render a video again from its .json sidecar (nothing else needed)")
     parser.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
     parser.add_argument("--lora", action="append", default=[], type=Path, help="LoRA file (repeat to stack)")
     parser.add_argument("--strength", action="append", default=[], type=float,
@@ -786,8 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="speed-ups from engine/accel.py")
     parser.add_argument("--device", default=None)
     parser.add_argument("--comfyui", action="store_true", help="also write each video's ComfyUI workflow")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.reproduce:
+        return _reproduce_cli(args.reproduce, args.out)
+    missing = [f"--{name}" for name in ("model", "image", "prompt", "out") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     if len(args.strength) > len(args.lora):
         parser.error("more --strength values than --lora files")
     loras = [(str(f), args.strength[i] if i < len(args.strength) else 1.0) for i, f in enumerate(args.lora)]

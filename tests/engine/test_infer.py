@@ -246,6 +246,8 @@ def test_cli_sweep_over_epochs(tiny_models, image_path, lora_file, tmp_path, cap
     assert len({read_sidecar(v)["frames_sha256"] for v in videos}) == 3
     assert len(list(tmp_path.glob("*.comfyui.json"))) == 3
     assert "epoch2 @ 1" in capsys.readouterr().out
+    assert main(["--reproduce", str(videos[1].with_suffix(".json"))]) == 0
+    assert "identical frames" in capsys.readouterr().out
     assert main(["--model", tiny_models.wan, "--image", str(tmp_path / "nope.png"), "--prompt", "x",
                  "--device", "cpu", "--out", str(tmp_path)]) == 2
     assert "Image not found" in capsys.readouterr().err
