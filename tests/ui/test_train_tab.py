@@ -5,7 +5,6 @@ tab's computations (loss curves, pre-flight estimate, TOML round trip) without a
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import re
 import shutil
@@ -19,28 +18,16 @@ from playwright.sync_api import expect
 from tests.ui.conftest import running_studio
 
 TRAINER_MISSING = importlib.util.find_spec("engine.train") is None
-CAPTION = "a bright ball bouncing, fast motion, gradient background"
 
 
-def ensure_demo_clips(project_root: Path) -> list[Path]:
-    """The demo project's captioned clips (two are made here for a demo project built before it had clips)."""
-    import cv2
-
-    from engine.demo import demo_frames
-    from engine.ffmpeg import write_video
+def demo_clips(project_root: Path) -> list[Path]:
+    """The demo project's captioned clips (engine.demo ships them pre-cut)."""
     from engine.project import Project
 
-    project = Project.open(project_root)
-    if project.list_clips():
-        return project.list_clips()
-    settings = project.settings()
-    frames = [cv2.resize(f, (settings.clip_width, settings.clip_height))
-              for f in itertools.islice(demo_frames(fps=16), 0, 300)]
-    for i, start in enumerate((0, 150)):
-        clip = project.clips_dir / f"demo clip {i}.mp4"
-        write_video(frames[start:start + settings.clip_frames], clip, fps=16)
-        project.caption_path(clip).write_text(CAPTION, encoding="utf-8")
-    return project.list_clips()
+    project = Project(project_root)
+    clips = project.list_clips()
+    assert len(clips) >= 2 and all(project.caption_path(c).read_text().strip() for c in clips)
+    return clips
 
 
 def setting(page, key: str):
@@ -87,7 +74,7 @@ def stop_jobs_afterwards(studio):
 @pytest.mark.skipif(TRAINER_MISSING, reason="engine.train (the trainer) is not in this build yet")
 def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     url, root = studio
-    clips = ensure_demo_clips(root)
+    clips = demo_clips(root)
     run_dir = root / "runs" / "browser run"
     page.goto(url)
     page.get_by_role("tab", name="Train").click()
@@ -175,7 +162,6 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     page.get_by_role("button", name="Open in Generate").click()
     expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "true")
     expect(page.get_by_label("LoRA 1", exact=True)).to_have_value(f"browser run / epoch{epochs[-1]}")
-    assert len(clips) >= 2
 
 
 # --- the tab's computations, without a browser ---------------------------------------------------------------------
@@ -202,7 +188,7 @@ def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_pa
     from tabs.train import configs_from_text, draft_configs, preflight, recommended_preset, write_run_folder
 
     project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
-    clips = ensure_demo_clips(project.root)
+    clips = demo_clips(project.root)
     model = project.settings().wan_model
     assert recommended_preset(model) == PRESET_CPU_DEMO  # a tiny model trains on the CPU preset on any machine
     run, dataset = draft_configs(PRESET_CPU_DEMO, project.clips_dir, model)
