@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from engine.demo import ensure_demo_project
 from engine.hardware import describe_device
 from engine.jobs import JobRunner
 from engine.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
 from engine.project import Project, studio_home
+
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     app.queue(default_concurrency_limit=4)
     print(f"Wan LoRA Studio: project {project.root}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(project.root)],
-               show_error=True)
+               show_error=True, css_paths=[ASSETS / "studio.css"])
     return 0
 
 
