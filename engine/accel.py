@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import types
 from collections.abc import Callable
 from typing import Literal
 
@@ -357,7 +358,7 @@ class _BlockRunner:
         self.offloader: _ActivationOffloader | None = None
         self.swapper: BlockSwapper | None = None
         self.compile_options: dict | None = None
-        self.lora_outside_graph = False  # inference: LoRA strengths change without recompiling
+        self.inference_lora = False  # LoRA strengths as tensors: changing them never recompiles
         self.body: Callable = _run_block
         self.selective_body: Callable = _run_block_selective_eager
         self._anchor = None
@@ -377,8 +378,8 @@ class _BlockRunner:
     def _call(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         if self.swapper is not None:
             self.swapper.before_block(self.index, backward=False)
-        if self.lora_outside_graph and self.compile_options is not None:
-            _keep_lora_layers_eager(self.block)
+        if self.inference_lora and self.compile_options is not None:
+            _prepare_lora_layers(self.block)
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.block.parameters())
         if not training or self.checkpoint is None:
             out = self.body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
@@ -401,16 +402,58 @@ class _BlockRunner:
         return self._anchor
 
 
-def _keep_lora_layers_eager(block: nn.Module) -> None:
-    """Run peft LoRA layers' own forward outside the compiled graph (their base layer is still compiled).
+def _plain_lora_linear(module: nn.Module) -> bool:
+    """A peft LoRA Linear without DoRA, LoRA bias or transposed weights: the kind traced into the graph."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    peft keeps each adapter's strength as a Python float; traced, every new strength would recompile the block.
-    LoRA layers appear whenever an adapter is loaded, so this is checked on every call (a cheap module walk).
+    return (type(module) is LoraLinear and not any(module.use_dora.values()) and not module.fan_in_fan_out
+            and not any(getattr(module, "lora_bias", {}).values()))
+
+
+def _lora_forward_in_graph(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoRA Linear forward for inference, reading each adapter's strength from a 0-d tensor.
+
+    peft keeps strengths as Python floats, which a compiled graph would bake in (a new strength = a recompile);
+    a tensor is an input of the graph instead, so strength changes cost nothing and the LoRA add is fused.
     """
+    result = self.base_layer(x, *args, **kwargs)
+    if self.disable_adapters or self.merged:
+        return result
+    strengths = self.__dict__["_accel_strengths"]
+    for name in self.active_adapters:
+        if name not in self.lora_A.keys():
+            continue
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        update = lora_b(lora_a(x.to(lora_a.weight.dtype)))
+        result = result + (update * strengths[name]).to(result.dtype)
+    return result
+
+
+def _prepare_lora_layers(block: nn.Module) -> None:
+    """Give every LoRA layer of `block` the tensor-strength forward (other LoRA kinds run outside the graph) and
+    copy peft's current strengths into the tensors. LoRA layers appear whenever an adapter is loaded, so this runs
+    before every call (a walk over the block's modules, no GPU sync)."""
     for module in block.modules():
-        if hasattr(module, "lora_A") and "_accel_eager" not in module.__dict__:
-            module.forward = torch.compiler.disable(module.forward, recursive=False)
-            module.__dict__["_accel_eager"] = True
+        if not hasattr(module, "lora_A"):
+            continue
+        if "_accel_strengths" not in module.__dict__:
+            if _plain_lora_linear(module):
+                module.__dict__["_accel_strengths"] = {}
+                module.__dict__["_accel_values"] = {}
+                module.forward = types.MethodType(_lora_forward_in_graph, module)
+            else:
+                module.forward = torch.compiler.disable(module.forward, recursive=False)
+                module.__dict__["_accel_strengths"] = None
+        strengths = module.__dict__["_accel_strengths"]
+        if strengths is None:
+            continue
+        values = module.__dict__["_accel_values"]
+        for name in module.active_adapters:
+            if name in module.lora_A.keys() and values.get(name) != module.scaling[name]:
+                if name not in strengths:
+                    strengths[name] = torch.zeros((), device=module.lora_A[name].weight.device)
+                strengths[name].fill_(module.scaling[name])
+                values[name] = module.scaling[name]
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -649,7 +692,7 @@ def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile
                          compile_backend: str = "inductor") -> FastInferenceReport:
     """The generation path's speed-ups: float8 matmuls for the frozen block Linears (only where the card has them;
     elsewhere nothing changes, since float8 storage alone would slow inference) and compiled blocks (GPU only,
-    unless a backend is named), with LoRA layers kept outside the compiled graph so strength changes cost nothing.
+    unless a backend is named), with LoRA strengths read from tensors so strength changes never recompile.
 
     Call before loading LoRAs (they sit beside the float8 base layers in bf16) and never fuse LoRAs afterwards.
     """
@@ -667,7 +710,7 @@ def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile
     if compiled:
         compile_blocks(transformer, backend=compile_backend)
         for runner in _runners(transformer):
-            runner.lora_outside_graph = True
+            runner.inference_lora = True
         notes.append("blocks compiled (the first generation at a new size compiles them: slower)")
     return FastInferenceReport(report, compiled, notes)
 
