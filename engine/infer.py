@@ -74,8 +74,9 @@ class GenerationRequest:
     steps: int = 30  # denoising steps, 1-200
     guidance: float = 5.0  # classifier-free guidance scale; <= 1 turns guidance off (one pass per step)
     frames: int = 81  # 4k+1 (81 = 5.06 s at 16 fps); other counts are adjusted
-    height: int | None = None  # None: from the image's aspect at the 480p pixel budget, multiples of 16
+    height: int | None = None  # None: from the image's aspect at `pixel_budget`, multiples of 16
     width: int | None = None
+    pixel_budget: int = PIXEL_BUDGET_480P  # width x height aimed at when the size comes from the image
     fps: float = 16.0  # Wan's native rate
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, strength -1..2), stacked
 
@@ -166,7 +167,7 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         loras.append((str(Path(path).resolve()), strength))
     height, width = request.height, request.width
     if not height or not width:
-        fitted = fit_size(*image_size)
+        fitted = fit_size(*image_size, pixel_budget=request.pixel_budget)
         height, width = height or fitted[0], width or fitted[1]
     for name, value in (("height", height), ("width", width)):
         if int(value) < SIZE_MULTIPLE:

@@ -157,7 +157,7 @@ class GenerateTab:
             negative_prompt=data[self.negative_prompt] or "", seed=seed, steps=int(data[self.steps]),
             guidance=float(data[self.guidance]), frames=int(data[self.frames]),
             height=int(data[self.height]) or None, width=int(data[self.width]) or None, fps=float(data[self.fps]),
-            loras=loras)
+            pixel_budget=self.pixel_budget(), loras=loras)
         options = PipelineOptions(model=self.model, cpu_offload=bool(data[self.cpu_offload]),
                                   vae_tiling=bool(data[self.vae_tiling]), fast=bool(data[self.fast]))
         return request, options
@@ -197,13 +197,14 @@ class GenerateTab:
             self.steps = gr.Slider(1, 100, value=30, step=1, label="Steps")
             self.guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
         with gr.Row():
-            self.frames = gr.Slider(5, 161, value=81, step=4, label="Frames", info="4k+1; 81 = 5.06 s at 16 fps")
+            self.frames = gr.Slider(5, 161, value=self.ctx.project.settings().clip_frames, step=4, label="Frames",
+                                    info="4k+1; 81 = 5.06 s at 16 fps")
             self.fps = gr.Number(value=16, label="FPS", info="Wan's native rate")
         with gr.Accordion("Size", open=False):
             with gr.Row():
                 self.height = gr.Number(value=0, precision=0, label="Height (0 = from image)")
                 self.width = gr.Number(value=0, precision=0, label="Width (0 = from image)")
-        self.size_note = gr.Markdown("Size: from the image's aspect at 832x480 pixels.", elem_id="generate-size")
+        self.size_note = gr.Markdown(self.on_size_inputs(None, 0, 0, 0, 16), elem_id="generate-size")
         gr.Markdown("**LoRAs** (strength -1 to 2; stacked LoRAs each keep their own strength)")
         self.lora_rows: list[tuple[gr.Dropdown, gr.Slider]] = []
         for i in range(MAX_LORAS):
@@ -380,14 +381,20 @@ class GenerateTab:
         Image.fromarray(frame).save(path)
         return str(path)
 
+    def pixel_budget(self) -> int:
+        """The project's clip size sets the output's pixel count (832x480 = Wan 480p; the demo's clips are small)."""
+        settings = self.ctx.project.settings()
+        return settings.clip_width * settings.clip_height
+
     def on_size_inputs(self, image: str | None, height, width, frames, fps) -> str:
+        settings = self.ctx.project.settings()
         if not image:
-            return "Size: from the image's aspect at 832x480 pixels."
+            return f"Size: from the image's aspect at {settings.clip_width}x{settings.clip_height} pixels."
         try:
             size = open_image(image).size
         except GenerationError as err:
             return f"⚠ {err}"
-        fitted = fit_size(*size)
+        fitted = fit_size(*size, pixel_budget=self.pixel_budget())
         h, w = int(height or 0) or fitted[0], int(width or 0) or fitted[1]
         seconds = int(frames) / float(fps or 16)
         return (f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps "

@@ -166,6 +166,8 @@ def test_frames_size_and_seed_are_resolved_and_said(image_path):
     assert resolved.seed >= 0
     assert fit_size(832, 480) == (480, 832) and fit_size(480, 832) == (832, 480)
     assert fit_size(1920, 1080) == (480, 848)
+    small, _ = resolve_request(request(image_path, height=None, width=None, pixel_budget=224 * 128), (1920, 1080))
+    assert (small.height, small.width) == fit_size(1920, 1080, pixel_budget=224 * 128) == (128, 224)
     with pytest.raises(GenerationError, match="steps"):
         resolve_request(request(image_path, steps=0), (96, 64))
 
