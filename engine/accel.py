@@ -699,6 +699,9 @@ def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile
     device = next(p.device for p in transformer.parameters())
     notes: list[str] = []
     report = None
+    # Loaded with from_pretrained every weight still requires grad; float8 packs only frozen Linears, and nothing
+    # trains here (LoRAs loaded later by diffusers are frozen by peft anyway).
+    transformer.requires_grad_(False)
     if float8:
         supported, why = float8_compute_support(device)
         if supported:

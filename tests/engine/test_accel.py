@@ -268,3 +268,16 @@ def test_fast_inference_lora_strength_changes_do_not_recompile():
             torch.testing.assert_close(outputs[strength], eager(**_batch(), return_dict=False)[0])
     assert counters["stats"]["unique_graphs"] == frames_before  # no new graphs for new strengths
     assert not torch.allclose(outputs[0.0], outputs[1.5])  # the strength really changes the output
+
+
+def test_fast_inference_converts_a_freshly_loaded_transformer(monkeypatch):
+    """from_pretrained leaves weights trainable; the fast path must still pack every block Linear into float8."""
+    monkeypatch.setattr(accel, "float8_compute_support", lambda device=None: (True, ""))
+    model, fast = _tiny_transformer(num_layers=2, seed=4), _tiny_transformer(num_layers=2, seed=4)
+    assert all(p.requires_grad for p in fast.parameters())
+    report = accel.apply_fast_inference(fast, compile_backend="eager")
+    torch._dynamo.reset()
+    assert report.float8 is not None and report.float8.mode == "compute" and report.float8.converted == 2 * 12
+    with torch.no_grad():
+        out, expected = fast(**_batch(), return_dict=False)[0], model(**_batch(), return_dict=False)[0]
+    assert _relative_error(out, expected) < 0.05
