@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = velocity_inputs(pipe, frames, height, width, device, args.tiny)
     v_ref = [velocity(pipe, x) for x in inputs]
 
+    # As the Generate tab does it: the fast path is applied to a pipeline without LoRA layers, the LoRA comes after.
+    pipe.unload_lora_weights()
+    for key in ("_studio_adapters", "_studio_adapter_info"):  # engine.infer's record of loaded adapters
+        pipe.__dict__.pop(key, None)
     t0 = time.perf_counter()
     report = accel.prepare_pipeline_for_inference(pipe, compile=not args.no_compile)
     results["fast_setup_s"] = time.perf_counter() - t0
