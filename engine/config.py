@@ -637,15 +637,17 @@ def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -
 
 # ------------------------------------------------------------------------------------------------------ presets
 
-# Tuning constants for the GPU presets (PERF engineer: measured values go here).
-GPU24_BLOCKS_TO_SWAP = 32  # the seed's min-VRAM value: 14B fits a 24 GB card only with most blocks in CPU memory
-GPU24_RESOLUTION = 480
-GPU24_FRAMES = 33
-GPU48_BLOCKS_TO_SWAP = 10
-GPU48_RESOLUTION = 480
+# Tuning constants for the GPU presets, from bench/train_step.py on one H100 (bench/RESULTS.md, 2026-11-26):
+# 480x832x81 with float8 matmuls + CPU-offloaded checkpoints + 28 swapped blocks peaks at 19.6 GiB under a 24 GiB
+# cap (11.2 s/step); float8 matmuls + selective checkpointing + compiled blocks peak at 54.2 GiB (9.25 s/step).
+GPU24_BLOCKS_TO_SWAP = 28
+GPU24_RESOLUTION = 624  # diffusion-pipe's square-side budget: 624^2 ~ 480x832
+GPU24_FRAMES = 81
+GPU48_BLOCKS_TO_SWAP = 0  # full checkpointing drops the kept attention outputs (~12.5 GiB) of the 54 GiB run
+GPU48_RESOLUTION = 624
 GPU48_FRAMES = 81
 GPU80_BLOCKS_TO_SWAP = 0
-GPU80_RESOLUTION = 624  # ~480x832 area
+GPU80_RESOLUTION = 624
 GPU80_FRAMES = 81
 # CPU demo: the demo clips (17 frames) at a small size; trains in seconds with the tiny kit.
 CPU_DEMO_RESOLUTION = 64
@@ -660,25 +662,25 @@ PRESET_CPU_DEMO = "CPU demo (tiny model)"
 
 _RUN_PRESETS: dict[str, dict[str, Any]] = {
     PRESET_24GB: {
-        "epochs": 1000, "model.dtype": "bfloat16", "model.transformer_dtype": "float8", "adapter.rank": 32,
+        "epochs": 1000, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
         "adapter.dtype": "bfloat16", "optimizer.type": "AdamW8bitKahan", "optimizer.lr": 2e-5,
         "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": "unsloth",
         "blocks_to_swap": GPU24_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0,
+        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
     },
     PRESET_48GB: {
-        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "float8", "adapter.rank": 32,
+        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
         "adapter.dtype": "bfloat16", "optimizer.type": "adamw8bit", "optimizer.lr": 2e-5,
         "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": True,
         "blocks_to_swap": GPU48_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0,
+        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
     },
     PRESET_80GB: {
-        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "bfloat16", "adapter.rank": 32,
+        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
         "adapter.dtype": "bfloat16", "optimizer.type": "adamw_optimi", "optimizer.lr": 2e-5,
-        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": True,
+        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": "selective",
         "blocks_to_swap": GPU80_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0,
+        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
     },
     PRESET_CPU_DEMO: {
         "epochs": CPU_DEMO_EPOCHS, "model.dtype": "float32", "model.transformer_dtype": "float32",

@@ -20,6 +20,7 @@ import argparse
 import errno
 import gc
 import json
+import os
 import signal
 import sys
 import time
@@ -582,7 +583,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stop = StopFlag()
     stop.install()
+    _prefer_expandable_segments(args.config)
     return train(args.config, resume=args.resume, should_stop=stop)
+
+
+def _prefer_expandable_segments(config_path: Path) -> None:
+    """Block swap frees and refills GPU memory every step; without expandable segments the caching allocator
+    fragments and a 24 GiB card runs out of memory (bench/NOTES.md). Must be set before CUDA allocates anything."""
+    from engine.config import ConfigError, load_run_config
+
+    try:
+        swaps = load_run_config(config_path).blocks_to_swap
+    except (ConfigError, OSError):
+        return  # train() reports the problem as an event
+    if swaps > 0:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 if __name__ == "__main__":

@@ -230,8 +230,12 @@ def test_presets_build_valid_configs_that_round_trip(tmp_path):
         assert load_dataset_config(loaded.dataset_path()) == dataset
         assert all(f % 4 == 1 for f in dataset.frame_buckets)
     low, _ = preset_configs("24 GB GPU (low memory)", clips_dir="c", output_dir="o", model_path="m")
+    # The measured 24 GiB setting (bench/RESULTS.md): float8 matmuls, 28 swapped blocks, offloaded checkpoints.
     assert (low.model.transformer_dtype, low.blocks_to_swap, low.activation_checkpointing, low.optimizer.type) == (
-        "float8", 32, "unsloth", "AdamW8bitKahan")
+        "float8_compute", 28, "unsloth", "AdamW8bitKahan")
+    fast, _ = preset_configs("80 GB", clips_dir="c", output_dir="o", model_path="m")
+    assert (fast.model.transformer_dtype, fast.activation_checkpointing, fast.studio.compile) == (
+        "float8_compute", "selective", True)
     demo_run, demo_data = preset_configs("CPU demo (tiny model)", clips_dir="c", output_dir="o", model_path="m")
     assert demo_run.model.dtype == "float32" and 4 <= demo_run.adapter.rank <= 8
     assert demo_run.save_every_n_epochs == 1 and demo_run.epochs <= 5 and demo_data.frame_buckets == [17]

@@ -465,3 +465,15 @@ def test_optimizer_state_round_trip_without_pickles(tmp_path):
     for index, values in original["state"].items():
         for name, tensor in values.items():
             torch.testing.assert_close(restored.state_dict()["state"][index][name], tensor)
+
+
+def test_block_swap_runs_ask_for_expandable_segments(tmp_path, monkeypatch):
+    from engine.train import _prefer_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    config = FIXTURES / "min_vram.toml"  # blocks_to_swap = 32
+    _prefer_expandable_segments(config)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    _prefer_expandable_segments(tmp_path / "missing.toml")  # a broken config is train()'s to report
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
