@@ -444,7 +444,7 @@ DETECTION_ORDER = ("camera", "style", "action", "subject", "scene")
 _SCENE_PREPOSITIONS = ("in", "on", "at", "inside", "outside", "under", "near", "against", "amid", "among", "by",
                        "beneath", "above")
 _NOT_ACTIONS = {"lighting", "building", "clothing", "ceiling", "morning", "evening", "ring", "king", "thing",
-                "something", "nothing", "everything", "painting", "string", "wing", "spring", "sling", "ceiling"}
+                "something", "nothing", "everything", "painting", "string", "wing", "spring", "sling"}
 
 
 @dataclass

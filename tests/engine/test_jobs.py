@@ -72,7 +72,7 @@ def wait_for_event(job, predicate, timeout=30.0):
         if not job.is_running():
             break
         job.wait(0.1)
-    raise AssertionError(f"event not seen; log:\n" + "\n".join(job.log_tail(40)))
+    raise AssertionError("event not seen; log:\n" + "\n".join(job.log_tail(40)))
 
 
 def test_events_stream_in_order_and_the_job_finishes(runner, fake_child, tmp_path):

@@ -43,9 +43,9 @@ def running_studio(home: Path, *args: str, timeout: float = 120.0):
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
-            except OSError:
+            except OSError as err:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"studio did not answer on {url}")
+                    raise TimeoutError(f"studio did not answer on {url}") from err
                 time.sleep(0.5)
         yield url
     finally:

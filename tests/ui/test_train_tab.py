@@ -74,7 +74,7 @@ def stop_jobs_afterwards(studio):
 @pytest.mark.skipif(TRAINER_MISSING, reason="engine.train (the trainer) is not in this build yet")
 def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     url, root = studio
-    clips = demo_clips(root)
+    demo_clips(root)
     run_dir = root / "runs" / "browser run"
     page.goto(url)
     page.get_by_role("tab", name="Train").click()
