@@ -20,6 +20,18 @@ def tiny_models(tmp_path_factory):
     return ensure_tiny_kits(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on two contended ones (CI and dev boxes have 2 cores; extra
+    threads only spin: up to 20x slower steps measured). Use with pytest.mark.usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def project(tmp_path, tiny_models):
     """An empty project in a folder whose name has a space, a quote and non-ASCII characters."""

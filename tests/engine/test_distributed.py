@@ -23,17 +23,12 @@ SETTINGS = {"max_steps": 6, "epochs": 100, "optimizer.lr": 5e-3, "studio.state_e
 
 
 @pytest.fixture(scope="module")
-def dist_project(tmp_path_factory):
-    from engine.models import ensure_tiny_kits
+def dist_project(tmp_path_factory, tiny_models, one_torch_thread):
     from engine.project import Project
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared machine: more threads only spin
-    models = ensure_tiny_kits(tmp_path_factory.mktemp("models"))
-    project = Project.open(tmp_path_factory.mktemp("dist") / "proj", wan_model=models.wan)
+    project = Project.open(tmp_path_factory.mktemp("dist") / "proj", wan_model=tiny_models.wan)
     write_clips(project.clips_dir, count=4)
-    yield project
-    torch.set_num_threads(threads)
+    return project
 
 
 def _torchrun(run_toml: Path, *extra: str) -> subprocess.CompletedProcess:

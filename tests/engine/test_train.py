@@ -25,13 +25,7 @@ CAPTIONS = ("a red ball bouncing fast, dynamic motion", "blue stripes panning sl
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: extra threads only spin (20x slower steps measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_clips(clips_dir: Path, count: int = 2, frames: int = 17, size: int = 64) -> None:
@@ -96,12 +90,10 @@ def eval_loss(module, dataset, timesteps) -> float:
 
 
 @pytest.fixture(scope="module")
-def train_project(tmp_path_factory):
-    from engine.models import ensure_tiny_kits
+def train_project(tmp_path_factory, tiny_models):
     from engine.project import Project
 
-    models = ensure_tiny_kits(tmp_path_factory.mktemp("models"))
-    project = Project.open(tmp_path_factory.mktemp("train") / "proj 'é'", wan_model=models.wan)
+    project = Project.open(tmp_path_factory.mktemp("train") / "proj 'é'", wan_model=tiny_models.wan)
     write_clips(project.clips_dir)
     return project
 

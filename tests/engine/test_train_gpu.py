@@ -19,12 +19,10 @@ GPU = {"model.dtype": "bfloat16", "model.transformer_dtype": "bfloat16", "epochs
 
 
 @pytest.fixture(scope="module")
-def gpu_project(tmp_path_factory):
-    from engine.models import ensure_tiny_kits
+def gpu_project(tmp_path_factory, tiny_models):
     from engine.project import Project
 
-    models = ensure_tiny_kits(tmp_path_factory.mktemp("models"))
-    project = Project.open(tmp_path_factory.mktemp("gpu") / "proj", wan_model=models.wan)
+    project = Project.open(tmp_path_factory.mktemp("gpu") / "proj", wan_model=tiny_models.wan)
     write_clips(project.clips_dir)
     return project
 
