@@ -72,12 +72,16 @@ def test_style_tools_preview_apply_and_undo(page, captions_studio):
     store.save(clip, "Goku leaps over a river, wide shot, GOKU")
     open_captions(page, url, clip)
     page.get_by_text("Pure-style tools").click()
-    page.get_by_label("Trigger word or prefix (put first)").fill("sks")
+    trigger = page.get_by_label("Trigger word or prefix (put first)")
+    trigger.fill("sks")
+    trigger.press("Tab")
+    expect(trigger).to_have_value("sks")
     page.get_by_role("textbox", name=re.compile("^Replacement table")).fill("Goku = a warrior with golden hair")
     page.get_by_label("This clip").check()
     page.get_by_role("button", name="Preview", exact=True).first.click()
     diff = page.locator("table.caption-diff")
     expect(diff).to_contain_text("a warrior with golden hair")
+    expect(diff.locator("ins").first).to_contain_text("sks")
     expect(diff.locator("del").first).to_contain_text("Goku")
     assert store.read(clip).text == "Goku leaps over a river, wide shot, GOKU"  # a preview changes nothing
 
