@@ -27,7 +27,9 @@ def generate_studio(studio, tmp_path_factory):
 
 def fill_small_settings(page, image):
     page.locator("#generate-image input[type=file]").set_input_files(str(image))
-    page.get_by_label("Prompt", exact=True).fill("a warrior jumps, fast camera pan")
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a warrior jumps, fast camera pan")
+    prompt.press("Tab")
     for name, value in (("Frames", "9"), ("Steps", "2")):
         box = page.get_by_label(f"number input for {name}")
         box.fill(value)
@@ -55,7 +57,10 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
     assert sidecars[0]["request"]["frames"] == 9 and sidecars[0]["request"]["width"] == 32
     expect(page.locator("#generate-details")).to_contain_text("epoch1 @ 1")
 
-    page.get_by_label("Sweep strengths (LoRA 1)").fill("0, 0.5, 1")
+    strengths = page.get_by_label("Sweep strengths (LoRA 1)")
+    strengths.fill("0, 0.5, 1")
+    strengths.press("Tab")
+    expect(strengths).to_have_value("0, 0.5, 1")
     page.get_by_role("button", name="Run sweep").click()
     expect(page.locator("#generate-status")).to_contain_text("Sweep of 3 variants", timeout=240_000)
     grid = page.locator("#generate-grid video")
