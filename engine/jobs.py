@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from engine.files import atomic_write_json
+from engine.project import STOP_REQUEST_FILE
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
@@ -148,6 +149,9 @@ class JsonLinesFollower:
 
 # --- jobs ------------------------------------------------------------------------------------------------------
 
+SIGNAL_GRACE_S = 30.0  # after an unanswered stop request, how long SIGINT gets before the group is killed
+
+
 @dataclass
 class JobRecord:
     """What a restarted studio needs to find a job again; stored as job.json in the job's folder."""
@@ -163,6 +167,7 @@ class JobRecord:
     started: float  # time.time()
     stop_requested: float | None = None
     killed: bool = False  # the group had to be killed after the grace period
+    watches_stop_request: bool = False  # the child checks run_dir/STOP_REQUEST_FILE: stop() asks there first
 
 
 @dataclass
@@ -338,10 +343,12 @@ class JobRunner:
 
     # jobs
     def start(self, name: str, argv: list[str], *, cwd: str | os.PathLike, run_dir: str | os.PathLike,
-              kind: str = "gpu", env: dict[str, str] | None = None, description: str | None = None) -> Job:
+              kind: str = "gpu", env: dict[str, str] | None = None, description: str | None = None,
+              watches_stop_request: bool = False) -> Job:
         """Start `argv` (an argument list, never a shell line) as a job whose files live in `run_dir`.
 
         `description` names the job where others are told it holds the GPU (default: its name).
+        `watches_stop_request`: the child stops by itself when run_dir/STOP_REQUEST_FILE appears (the trainer does).
 
         Raises GpuBusyError when `kind` is "gpu" and another job holds the GPU, JobError if this run is already
         running or the command cannot be started.
@@ -358,6 +365,7 @@ class JobRunner:
             raise GpuBusyError(self.busy_message())
         try:
             (run_dir / EXIT_FILE).unlink(missing_ok=True)
+            (run_dir / STOP_REQUEST_FILE).unlink(missing_ok=True)
             log_path = run_dir / LOG_FILE
             child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
             supervisor = [sys.executable, "-m", "engine.jobs", "--exit-file", str(run_dir / EXIT_FILE), "--", *argv]
@@ -373,7 +381,7 @@ class JobRunner:
             start_ticks = process_start_ticks(process.pid)
             record = JobRecord(name=name, kind=kind, argv=list(argv), cwd=str(cwd), run_dir=str(run_dir),
                                log_offset=log_offset, pid=process.pid, start_ticks=start_ticks or 0,
-                               started=time.time())
+                               started=time.time(), watches_stop_request=watches_stop_request)
             atomic_write_json(run_dir / JOB_FILE, asdict(record))
             if kind == "gpu":
                 atomic_write_json(self.holder_path, {"description": description or name, "pid": process.pid,
@@ -405,13 +413,22 @@ class JobRunner:
         return job.status()
 
     def stop(self, job: Job, grace_s: float = 120.0) -> JobStatus:
-        """Ask the job to stop (SIGINT to its process group: the trainer finishes its step and saves), wait up to
-        `grace_s` seconds, then kill the group. Returns the final status."""
+        """Ask the job to stop, wait up to `grace_s` seconds, then kill its process group; return the final status.
+
+        A child that watches the stop-request file is asked there (no signal reaches a multi-GPU launcher, which
+        would kill its workers 30 s later, maybe mid-save); if it is still running after `grace_s`, SIGINT gets
+        SIGNAL_GRACE_S more. Any other child gets SIGINT at once (the trainer also finishes its step and saves).
+        """
         record = job.record
         if not job.is_running():
             return job.status()
         record.stop_requested = time.time()
         atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
+        if record.watches_stop_request:
+            atomic_write_json(job.run_dir / STOP_REQUEST_FILE, {"requested": record.stop_requested})
+            if job.wait(grace_s) or not job.is_running():
+                return job.status()
+            grace_s = SIGNAL_GRACE_S
         _signal_group(record.pid, signal.SIGINT)
         if not job.wait(grace_s) and job.is_running():
             record.killed = True

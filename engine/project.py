@@ -24,6 +24,9 @@ from engine.files import atomic_write_json
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 PROJECT_FILE = "project.json"
+# Written into runs/<run>/ to ask a training run to stop: every rank sees it at its next step, so a run under a
+# multi-GPU launcher (which kills its workers 30 s after a signal) can finish its step and save first.
+STOP_REQUEST_FILE = "stop-request.json"
 
 
 def list_videos(folder: Path) -> list[Path]:

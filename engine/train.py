@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from engine.files import append_jsonl
+from engine.project import PROJECT_FILE, STOP_REQUEST_FILE
 from engine.train_blocks import (
     TimestepSampling,
     TrainableTransformer,
@@ -146,8 +147,6 @@ class RunPaths:
 
     @classmethod
     def for_run(cls, run_cfg) -> RunPaths:
-        from engine.project import PROJECT_FILE
-
         run_dir = run_cfg.output_path()
         # Inside a project (<project>/runs/<run>) the project's cache is shared by all its runs.
         project_root = run_dir.parent.parent
@@ -521,6 +520,7 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
         run_cfg, dataset_cfg = load_configs(config_path)
         paths = RunPaths.for_run(run_cfg)
         events = EventLog(paths.run_dir, world)
+        should_stop = _or_stop_requested(should_stop, paths.run_dir / STOP_REQUEST_FILE)
         torch.manual_seed(run_cfg.studio.seed)
         state = _resume_state(paths, resume, events, world)
         report = validate(run_cfg, dataset_cfg, events)
@@ -554,6 +554,22 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
         events.close()
         if world.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> Callable[[], bool]:
+    """should_stop, or a stop request written into the run folder after this run started (an older request, left
+    from a stop before a resume, is ignored)."""
+    started = time.time()
+
+    def stop_requested() -> bool:
+        if should_stop():
+            return True
+        try:
+            return request_file.stat().st_mtime >= started
+        except FileNotFoundError:
+            return False
+
+    return stop_requested
 
 
 def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:

@@ -475,7 +475,7 @@ class TrainTab:
                 run_cfg = apply_overrides(run_cfg, {"studio.samples.image": str(still)})
             run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
             self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run_dir,
-                            description=f"training run {name!r}")
+                            description=f"training run {name!r}", watches_stop_request=True)
         except (GpuBusyError, JobError, OSError) as err:
             shutil.rmtree(run_dir, ignore_errors=True)  # created just now: leave no half-made run behind
             return f"⚠️ {err}", gr.skip()
@@ -487,7 +487,8 @@ class TrainTab:
         run_dir = self.project.run_dir(selected)
         try:
             self.jobs.start(selected, training_argv(run_dir / RUN_TOML, resume=True, num_gpus=int(num_gpus or 1)),
-                            cwd=REPO, run_dir=run_dir, description=f"training run {selected!r}")
+                            cwd=REPO, run_dir=run_dir, description=f"training run {selected!r}",
+                            watches_stop_request=True)
         except (GpuBusyError, JobError) as err:
             return f"⚠️ {err}"
         return f"Resuming **{selected}** from its last saved state."

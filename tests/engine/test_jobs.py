@@ -19,6 +19,7 @@ FAKE_CHILD = textwrap.dedent("""
     import json, os, signal, sys, time
 
     mode, steps = sys.argv[1], int(sys.argv[2])
+    stop_request = sys.argv[3] if len(sys.argv) > 3 else None  # a file whose appearance means "stop"
     stop = False
 
     def emit(**event):
@@ -27,6 +28,7 @@ FAKE_CHILD = textwrap.dedent("""
     def on_sigint(signum, frame):
         global stop
         stop = True
+        emit(event="log", message="got SIGINT")
 
     signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "stubborn" else on_sigint)
     emit(event="phase", phase="train", message="training")
@@ -42,6 +44,8 @@ FAKE_CHILD = textwrap.dedent("""
             sys.exit(3)
         if mode == "sigkill" and step == 2:
             os.kill(os.getpid(), signal.SIGKILL)
+        if stop_request and os.path.exists(stop_request):
+            stop = True
         if stop:
             emit(event="phase", phase="stopped", message="saved state")
             sys.exit(0)
@@ -53,7 +57,7 @@ FAKE_CHILD = textwrap.dedent("""
 def fake_child(tmp_path):
     script = tmp_path / "fake child.py"  # a space in the path on purpose
     script.write_text(FAKE_CHILD)
-    return lambda mode, steps=0: [sys.executable, str(script), mode, str(steps)]
+    return lambda mode, steps=0, *stop_request: [sys.executable, str(script), mode, str(steps), *map(str, stop_request)]
 
 
 @pytest.fixture
@@ -99,6 +103,32 @@ def test_stop_is_graceful_when_the_child_listens(runner, fake_child, tmp_path):
     events, _ = job.read_events()
     assert events[-1] == {**events[-1], "event": "phase", "phase": "stopped"}
     assert not job.is_running()
+
+
+def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fake_child, tmp_path):
+    from engine.project import STOP_REQUEST_FILE
+
+    run_dir = tmp_path / "run"
+    job = runner.start("watcher", fake_child("graceful", 0, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
+                       run_dir=run_dir, watches_stop_request=True)
+    wait_for_event(job, lambda e: e.get("step") == 2)
+    assert runner.stop(job, grace_s=20).state == "stopped"
+    events, _ = job.read_events()
+    assert events[-1]["phase"] == "stopped"
+    assert not any(e.get("message") == "got SIGINT" for e in events), "a multi-GPU launcher must not be signalled"
+    restarted = runner.start("watcher", fake_child("graceful", 3, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
+                             run_dir=run_dir, watches_stop_request=True)
+    restarted.wait(30)
+    assert restarted.status().state == "finished", "a resumed run must not see the old stop request"
+
+
+def test_an_unanswered_stop_request_falls_back_to_sigint(runner, fake_child, tmp_path):
+    job = runner.start("deaf", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "run",
+                       watches_stop_request=True)
+    wait_for_event(job, lambda e: e.get("step") == 2)
+    assert runner.stop(job, grace_s=1).state == "stopped"
+    events, _ = job.read_events()
+    assert any(e.get("message") == "got SIGINT" for e in events)
 
 
 def test_stop_kills_the_group_when_the_child_ignores_sigint(runner, fake_child, tmp_path):

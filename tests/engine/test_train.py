@@ -424,14 +424,18 @@ def test_stop_request_saves_state_and_fresh_start_keeps_old_states(train_project
     from engine.train import train
 
     run_toml = write_run(train_project, "stop early", {"max_steps": 10, "epochs": 100})
-    assert train(run_toml, should_stop=lambda: True) == 0  # stop asked at once: one step, its state, "stopped"
+
+    def once_training() -> bool:  # stop as soon as training starts (not while caching, which would keep no step)
+        return any(e["phase"] == "train" for e in events_of(run_toml, "phase"))
+
+    assert train(run_toml, should_stop=once_training) == 0  # stop asked at once: one step, its state, "stopped"
     assert [e["step"] for e in events_of(run_toml, "step")] == [1]
     assert events_of(run_toml, "phase")[-1]["phase"] == "stopped"
     assert [p.name for p in (run_toml.parent / "state").iterdir()] == ["step1"]
-    assert train(run_toml, should_stop=lambda: True) == 0  # a fresh start (no --resume) ...
+    assert train(run_toml, should_stop=once_training) == 0  # a fresh start (no --resume) ...
     moved = list(run_toml.parent.glob("state.before-*"))
     assert len(moved) == 1 and (moved[0] / "step1" / "state.json").exists()  # ... moves the old state aside
-    assert train(run_toml, resume=True, should_stop=lambda: True) == 0
+    assert train(run_toml, resume=True, should_stop=once_training) == 0
     assert events_of(run_toml, "step")[-1]["step"] == 2  # resumed from the new run's step 1
 
 
@@ -469,3 +473,24 @@ def test_block_swap_runs_ask_for_expandable_segments(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     _prefer_expandable_segments(tmp_path / "missing.toml")  # a broken config is train()'s to report
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_a_stop_request_file_stops_the_run_and_an_old_one_is_ignored(train_project):
+    from engine.project import STOP_REQUEST_FILE
+    from engine.train import train
+
+    run_toml = write_run(train_project, "stop by file", {"max_steps": 3, "epochs": 100})
+    request = run_toml.parent / STOP_REQUEST_FILE
+    request.write_text("{}")  # left over from an earlier stop: must not stop the next run
+    assert train(run_toml) == 0
+    assert events_of(run_toml, "phase")[-1]["phase"] == "done"
+
+    def request_after_first_step() -> bool:
+        if events_of(run_toml, "step") and not request.exists():
+            request.write_text("{}")
+        return False
+
+    request.unlink()
+    assert train(run_toml, resume=False, should_stop=request_after_first_step) == 0
+    assert events_of(run_toml, "phase")[-1]["phase"] == "stopped"
+    assert events_of(run_toml, "step")[-1]["step"] < 3
