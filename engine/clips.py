@@ -38,7 +38,6 @@ from engine.video import (FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_ti
 MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_FRAMES = 81  # 4k+1; 81 frames at 16 fps = 5.0625 s (a 5.0 s clip would give only 80)
 DEFAULT_FPS = 16.0  # Wan's native frame rate
-DEFAULT_SIZE = (832, 480)  # Wan 480p landscape
 
 ProgressFn = Callable[[float, str], None]
 StopFn = Callable[[], bool]

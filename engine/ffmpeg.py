@@ -21,14 +21,6 @@ class FFmpegError(RuntimeError):
     """ffmpeg failed; the message carries the tail of its log."""
 
 
-def run_ffmpeg(args: list[str], input_bytes: bytes | None = None) -> None:
-    """Run ffmpeg with an argument list (never a shell string) and raise FFmpegError with its log on failure."""
-    proc = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], input=input_bytes,
-                          capture_output=True)
-    if proc.returncode != 0:
-        raise FFmpegError(proc.stderr.decode("utf-8", "replace").strip()[-2000:] or f"ffmpeg exit {proc.returncode}")
-
-
 def write_video(frames: Iterable[np.ndarray], path: str | Path, fps: float, crf: int = 18) -> Path:
     """Encode RGB uint8 frames (H, W, 3, all the same size, even sides) to H.264 yuv420p mp4, atomically."""
     frames = iter(frames)

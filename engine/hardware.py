@@ -23,10 +23,6 @@ def list_gpus() -> list[GpuInfo]:
     ]
 
 
-def best_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def describe_device() -> str:
     """One line: 'NVIDIA H100 80GB HBM3 (79.1 GiB)', '2 x NVIDIA ...', or 'CPU (n cores)'."""
     gpus = list_gpus()
