@@ -40,7 +40,7 @@ import numpy as np
 
 from engine.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
 from engine.models import BLIP2_HUB_ID, load_blip2, load_wan_tokenizer
-from engine.project import PROJECT_FILE, VIDEO_EXTENSIONS
+from engine.project import PROJECT_FILE, list_videos
 
 META_DIRNAME = ".captions"
 WAN_TOKEN_LIMIT = 512  # the Wan pipeline pads/cuts prompts to 512 UMT5 tokens
@@ -148,7 +148,7 @@ class CaptionStore:
         return self.meta_dir / "history" / f"{Path(clip).stem}.jsonl"
 
     def list_clips(self) -> list[str]:
-        return sorted(p.name for p in self.clips_dir.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        return [p.name for p in list_videos(self.clips_dir)]
 
     # reading and saving
     def read(self, clip: str | Path) -> CaptionText:

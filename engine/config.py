@@ -660,28 +660,22 @@ PRESET_48GB = "48 GB"
 PRESET_80GB = "80 GB"
 PRESET_CPU_DEMO = "CPU demo (tiny model)"
 
+# What every GPU preset shares: the seed's hyperparameters (rank 32, lr 2e-5, betas, weight decay), float8 matmuls
+# for the frozen base, compiled blocks, and the save/checkpoint cadence.
+_GPU_PRESET_BASE: dict[str, Any] = {
+    "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
+    "adapter.dtype": "bfloat16", "optimizer.lr": 2e-5, "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01,
+    "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30, "warmup_steps": 100, "gradient_clipping": 1.0,
+    "studio.compile": True,
+}
+
 _RUN_PRESETS: dict[str, dict[str, Any]] = {
-    PRESET_24GB: {
-        "epochs": 1000, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
-        "adapter.dtype": "bfloat16", "optimizer.type": "AdamW8bitKahan", "optimizer.lr": 2e-5,
-        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": "unsloth",
-        "blocks_to_swap": GPU24_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
-    },
-    PRESET_48GB: {
-        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
-        "adapter.dtype": "bfloat16", "optimizer.type": "adamw8bit", "optimizer.lr": 2e-5,
-        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": True,
-        "blocks_to_swap": GPU48_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
-    },
-    PRESET_80GB: {
-        "epochs": 500, "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
-        "adapter.dtype": "bfloat16", "optimizer.type": "adamw_optimi", "optimizer.lr": 2e-5,
-        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01, "activation_checkpointing": "selective",
-        "blocks_to_swap": GPU80_BLOCKS_TO_SWAP, "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30,
-        "warmup_steps": 100, "gradient_clipping": 1.0, "studio.compile": True,
-    },
+    PRESET_24GB: {**_GPU_PRESET_BASE, "epochs": 1000, "optimizer.type": "AdamW8bitKahan",
+                  "activation_checkpointing": "unsloth", "blocks_to_swap": GPU24_BLOCKS_TO_SWAP},
+    PRESET_48GB: {**_GPU_PRESET_BASE, "epochs": 500, "optimizer.type": "adamw8bit", "activation_checkpointing": True,
+                  "blocks_to_swap": GPU48_BLOCKS_TO_SWAP},
+    PRESET_80GB: {**_GPU_PRESET_BASE, "epochs": 500, "optimizer.type": "adamw_optimi",
+                  "activation_checkpointing": "selective", "blocks_to_swap": GPU80_BLOCKS_TO_SWAP},
     PRESET_CPU_DEMO: {
         "epochs": CPU_DEMO_EPOCHS, "model.dtype": "float32", "model.transformer_dtype": "float32",
         "adapter.rank": CPU_DEMO_RANK, "adapter.dtype": "float32", "optimizer.type": "adamw",

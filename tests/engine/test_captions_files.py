@@ -32,6 +32,11 @@ def store(project, clip_bytes):
     return CaptionStore(project.clips_dir)
 
 
+def test_clips_being_exported_are_not_listed(store, clip_bytes):
+    (store.clips_dir / ".shot4.mp4.part.mp4").write_bytes(clip_bytes)  # an atomic export still in progress
+    assert store.list_clips() == ["shot 'two' é.mp4", "shot 1.mp4", "shot3.mp4"]
+
+
 def test_save_read_round_trip_unicode_atomic_and_beside_clip(store):
     assert store.save("shot 'two' é.mp4", "  a warrior — golden hair, 日本語, émigré  \n")
     path = store.clips_dir / "shot 'two' é.txt"
