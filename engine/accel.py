@@ -253,9 +253,10 @@ def _attention_order():
                         SDPBackend.MATH], set_priority=True)
 
 
-def _run_block(block: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
-    """The block's own forward (its instance `forward` is the runner, so call the class's function)."""
-    return type(block).forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+def _run_block(forward: Callable, block: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    """The block's own forward: its instance `forward` is the runner, so the runner passes the class's function in
+    (looked up inside a compiled graph, `type(block).forward` is a graph break)."""
+    return forward(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
 
 def _sdpa_ops() -> set:
@@ -285,16 +286,16 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_self_attention)
 
 
-def _run_block_ordered(block: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
+def _run_block_ordered(forward: Callable, block: nn.Module, hidden_states, encoder_hidden_states, temb, rotary_emb):
     with _attention_order():
-        return _run_block(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return _run_block(forward, block, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
 
 def _selective(body: Callable) -> Callable:
-    def run(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    def run(forward, block, hidden_states, encoder_hidden_states, temb, rotary_emb):
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(body, block, hidden_states, encoder_hidden_states, temb, rotary_emb,
+        return checkpoint(body, forward, block, hidden_states, encoder_hidden_states, temb, rotary_emb,
                           use_reentrant=False, context_fn=_selective_context)
     return run
 
@@ -318,7 +319,8 @@ class _RecomputedBlock(torch.autograd.Function):
         ctx.runner = runner
         ctx.autocast = _autocast_state(hidden_states.device.type)
         with torch.no_grad():
-            out = runner.body(runner.block, hidden_states, encoder_hidden_states, temb, (rope_cos, rope_sin))
+            out = runner.body(runner.block_forward, runner.block, hidden_states, encoder_hidden_states, temb,
+                              (rope_cos, rope_sin))
         if runner.offloader is not None:
             ctx.stash = runner.offloader.stash(hidden_states)
             ctx.save_for_backward(encoder_hidden_states, temb, rope_cos, rope_sin)
@@ -339,7 +341,7 @@ class _RecomputedBlock(torch.autograd.Function):
         device_type, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), _attention_order():
             x, ehs, temb, cos, sin = inputs
-            out = runner.body(runner.block, x, ehs, temb, (cos, sin))
+            out = runner.body(runner.block_forward, runner.block, x, ehs, temb, (cos, sin))
         torch.autograd.backward(out, grad_out)
         grads = [t.grad if need else None for t, need in zip(inputs, ctx.needs_input_grad[2:])]
         return (None, None, *grads)
@@ -354,6 +356,7 @@ class _BlockRunner:
 
     def __init__(self, block: nn.Module, index: int):
         self.block, self.index = block, index
+        self.block_forward = type(block).forward
         self.checkpoint: str | None = None
         self.offloader: _ActivationOffloader | None = None
         self.swapper: BlockSwapper | None = None
@@ -382,11 +385,12 @@ class _BlockRunner:
             _prepare_lora_layers(self.block)
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.block.parameters())
         if not training or self.checkpoint is None:
-            out = self.body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+            out = self.body(self.block_forward, self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
         elif self.checkpoint == "selective":
             if not hidden_states.requires_grad:  # first block: same compiled variant as the others
                 hidden_states = hidden_states.detach().requires_grad_()
-            out = self.selective_body(self.block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+            out = self.selective_body(self.block_forward, self.block, hidden_states, encoder_hidden_states, temb,
+                                      rotary_emb)
         else:
             cos, sin = rotary_emb
             out = _RecomputedBlock.apply(self, self._grad_anchor(hidden_states.device), hidden_states,

@@ -137,7 +137,8 @@ def build(ctx: AppContext) -> None:
         current = store.read(clip)
         suggestion = store.suggestion(clip)
         notes = caption_notes(current.text, rules_from_ui(trigger, replacements, banned, normalize))
-        status = f"**{html.escape(current.message)}**" if not current.readable else f"Loaded. {notes}"
+        status = (f"**{html.escape(current.message)}**" if not current.readable
+                  else f"Loaded {html.escape(clip)}. {notes}")
         return (str(store.clip_path(clip)), gr.update(value=current.text, interactive=True), status,
                 suggestion.text if suggestion else "", gr.update(visible=not current.readable, value=False))
 

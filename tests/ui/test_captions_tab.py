@@ -29,7 +29,8 @@ def open_captions(page, url, clip):
     dropdown = page.get_by_label("Clip", exact=True)
     dropdown.click()
     page.get_by_role("option", name=clip).click()
-    expect(page.locator("#caption-save-status")).to_contain_text("Loaded")
+    # The page load already shows the first clip as loaded: wait for this clip, or typing races its load.
+    expect(page.locator("#caption-save-status")).to_contain_text(f"Loaded {clip}")
 
 
 def test_edited_caption_is_saved_and_survives_reload(page, captions_studio):
