@@ -13,11 +13,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
+
+# CI runs on two shared cores: a Gradio round trip can take longer than Playwright's 5 s default for assertions.
+expect.set_options(timeout=30_000)
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def wait_idle(page) -> None:
+    """Every event the page has started has answered: Gradio marks the outputs of a pending event `.pending`.
+    Typing into a form while an earlier event is still on its way races that event's outputs."""
+    expect(page.locator(".pending")).to_have_count(0)
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from playwright.sync_api import expect
 
 from engine.captions import CaptionStore
 from engine.ffmpeg import write_video
+from tests.ui.conftest import wait_idle
 
 CLIPS = ("captions test A.mp4", "captions test B é.mp4")
 
@@ -26,11 +27,14 @@ def captions_studio(studio):
 def open_captions(page, url, clip):
     page.goto(url)
     page.get_by_role("tab", name="Captions").click()
+    status = page.locator("#caption-save-status")
+    expect(status).to_contain_text("Loaded")  # the page load's own refresh (it selects the first clip) has landed
+    wait_idle(page)
     dropdown = page.get_by_label("Clip", exact=True)
     dropdown.click()
     page.get_by_role("option", name=clip).click()
-    # The page load already shows the first clip as loaded: wait for this clip, or typing races its load.
-    expect(page.locator("#caption-save-status")).to_contain_text(f"Loaded {clip}")
+    expect(status).to_contain_text(f"Loaded {clip}")  # typing before this would race the clip's load
+    wait_idle(page)
 
 
 def test_edited_caption_is_saved_and_survives_reload(page, captions_studio):
@@ -74,6 +78,7 @@ def test_style_tools_preview_apply_and_undo(page, captions_studio):
     open_captions(page, url, clip)
     page.get_by_text("Pure-style tools").click()
     trigger = page.get_by_label("Trigger word or prefix (put first)")
+    expect(trigger).to_be_editable()
     trigger.fill("sks")
     trigger.press("Tab")
     expect(trigger).to_have_value("sks")

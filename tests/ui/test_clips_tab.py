@@ -8,6 +8,7 @@ from pathlib import Path
 from playwright.sync_api import expect
 
 from engine.video import probe_video
+from tests.ui.conftest import wait_idle
 
 
 def test_scrub_mark_export_and_list(page, studio):
@@ -15,6 +16,7 @@ def test_scrub_mark_export_and_list(page, studio):
     page.goto(url)
     expect(page.locator("#clips-info")).to_contain_text("demo source.mp4", timeout=60_000)
     expect(page.locator("#clips-info")).to_contain_text("640x360")
+    wait_idle(page)
     position = page.get_by_label("Position")
 
     # scrub: type a time into the slider's number box, then step one frame and one second
@@ -55,6 +57,7 @@ def test_suggest_and_play_selection(page, studio):
     expect(page.locator("#clips-info")).to_contain_text("demo source.mp4", timeout=60_000)
     grid = page.locator("#clips-cuts [role=grid]")  # aria-rowcount: the header row + one row per cut
     expect(grid).to_have_attribute("aria-rowcount", "2")  # the cut added by the test above, kept on disk
+    wait_idle(page)
     count = page.get_by_label("How many suggestions")
     count.fill("2")
     count.press("Tab")

@@ -12,6 +12,7 @@ from playwright.sync_api import expect
 
 from engine.models import TINY_WAN_DIRNAME
 from tests.engine.test_lora_io import make_lora_dir
+from tests.ui.conftest import wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,7 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
     url, project_root, image = generate_studio
     page.goto(url)
     page.get_by_role("tab", name="Generate").click()
+    wait_idle(page)
     fill_small_settings(page, image)
     page.get_by_label("LoRA 1", exact=True).click()
     page.get_by_role("option", name="browser-run / epoch1").click()

@@ -4,7 +4,6 @@ tab's computations (loss curves, pre-flight estimate, TOML round trip) without a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,9 +14,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from tests.ui.conftest import running_studio
-
-TRAINER_MISSING = importlib.util.find_spec("engine.train") is None
+from tests.ui.conftest import running_studio, wait_idle
 
 
 def demo_clips(project_root: Path) -> list[Path]:
@@ -71,7 +68,6 @@ def stop_jobs_afterwards(studio):
         runner.stop(job, grace_s=30)
 
 
-@pytest.mark.skipif(TRAINER_MISSING, reason="engine.train (the trainer) is not in this build yet")
 def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     url, root = studio
     demo_clips(root)
@@ -79,6 +75,7 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     page.goto(url)
     page.get_by_role("tab", name="Train").click()
     expect(page.get_by_label("Preset")).to_have_value("CPU demo (tiny model)")  # chosen for a tiny model on a CPU
+    wait_idle(page)
 
     # Many epochs (the test stops the run itself), a LoRA and a state every 5 epochs and a sample after the first,
     # set through the generated form.
@@ -183,9 +180,15 @@ def test_loss_curves_keep_the_last_value_of_a_repeated_step_and_smooth_from_the_
 
 
 def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_path):
-    from engine.config import ConfigError, PRESET_CPU_DEMO, load_run_config, to_toml
+    from engine.config import PRESET_CPU_DEMO, ConfigError, load_run_config, to_toml
     from engine.project import Project
-    from tabs.train import configs_from_text, draft_configs, preflight, recommended_preset, write_run_folder
+    from tabs.train import (
+        configs_from_text,
+        draft_configs,
+        preflight,
+        recommended_preset,
+        write_run_folder,
+    )
 
     project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
     clips = demo_clips(project.root)
