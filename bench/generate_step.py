@@ -171,37 +171,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def profile_fast_pass(pipe, request, frames, height, width, device, args) -> int:
-    """Where a fast-path transformer pass spends its GPU time (torch.profiler, kernels grouped by name)."""
-    from engine import accel, infer
-
-    accel.prepare_pipeline_for_inference(pipe)
-    run_generate(pipe, infer.GenerationRequest(**{**request.__dict__, "steps": 2}), "fast warm-up", {})
-    x = velocity_inputs(pipe, frames, height, width, device, args.tiny)[0]
-    velocity(pipe, x)
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        started = time.perf_counter()
-        velocity(pipe, x)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
-    (args.out / "generate_profile.txt").write_text(f"one pass: {seconds:.3f} s\n{table}")
-    print(f"one fast pass with the LoRA: {seconds:.3f} s\n{table}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per timed generation (first dropped)")
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     parser.add_argument("--no-rates", action="store_true", help="skip measuring the card's matmul/SDPA rates")
-    parser.add_argument("--profile", action="store_true",
-                        help="only the fast path: profile one transformer pass (with the LoRA) and print the top kernels")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     args = parser.parse_args(argv)
 
@@ -227,8 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                                       steps=args.steps, guidance=5.0, frames=frames, height=height, width=width,
                                       loras=[(str(lora), 1.0)])
 
-    if args.profile:
-        return profile_fast_pass(pipe, request, frames, height, width, device, args)
     run_plain(pipe, request, results)
     frames_bf16 = run_generate(pipe, request, "ours bf16 + LoRA 1.0", results)
     inputs = velocity_inputs(pipe, frames, height, width, device, args.tiny)
