@@ -1,5 +1,5 @@
 """Clips benchmark: frame-preview latency on a 1080p source (with and without the preview proxy), proxy build speed,
-export speed (x real time) and suggestion speed. Prints a markdown table.
+export speed (x real time) and suggestion speed (from the source, from the preview proxy, from the kept analysis). Prints a markdown table.
 
     python bench/clip_speed.py [--seconds 20] [--source FILE]
 
@@ -78,8 +78,15 @@ def main() -> None:
         cut_clips(source, cuts, tmp / "clips", frames=81, fps=16, size="832x480")
         export_s = time.perf_counter() - start
         start = time.perf_counter()
-        suggest_windows(source, 5)
+        from_source = suggest_windows(source, 5)
         suggest_s = time.perf_counter() - start
+        start = time.perf_counter()
+        from_proxy = suggest_windows(source, 5, cache_dir=tmp / "cache")  # the proxy above exists
+        suggest_proxy_s = time.perf_counter() - start
+        start = time.perf_counter()
+        suggest_windows(source, 10, cache_dir=tmp / "cache")
+        suggest_kept_s = time.perf_counter() - start
+        same = len({(s.start, s.end) for s in from_source} & {(s.start, s.end) for s in from_proxy})
 
     print(f"source: {info.width}x{info.height} {info.codec} {info.fps:g} fps, {info.duration:.1f} s; "
           f"CPU cores: {os.cpu_count()}")
@@ -93,7 +100,10 @@ def main() -> None:
     print(f"| probe (header + packet scan) | {probe_s:.2f} | {info.duration / probe_s:.0f} |")
     print(f"| preview proxy build (640 px, GOP 12) | {proxy_s:.1f} | {info.duration / proxy_s:.1f} |")
     print(f"| export 3 clips x 81 frames, 832x480 | {export_s:.1f} | {clip_seconds / export_s:.2f} |")
-    print(f"| suggest 5 windows (8 fps analysis) | {suggest_s:.1f} | {info.duration / suggest_s:.1f} |")
+    print(f"| suggest 5 windows (8 fps analysis of the source) | {suggest_s:.1f} | {info.duration / suggest_s:.1f} |")
+    print(f"| suggest 5 windows from the preview proxy ({same} of 5 windows as from the source) | "
+          f"{suggest_proxy_s:.1f} | {info.duration / suggest_proxy_s:.1f} |")
+    print(f"| suggest 10 windows again (kept analysis) | {suggest_kept_s:.2f} | {info.duration / suggest_kept_s:.0f} |")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ import cv2
 import numpy as np
 
 from engine.ffmpeg import FFmpegError, ffmpeg_exe, write_video
-from engine.files import append_jsonl, atomic_path, read_jsonl
-from engine.video import (FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_time, frame_at, probe_video,
-                          thumbnails)
+from engine.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
+from engine.video import (FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_time, frame_at, preview_proxy_path,
+                          probe_video, thumbnails)
 
 MANIFEST_NAME = "manifest.jsonl"
 DEFAULT_FRAMES = 81  # 4k+1; 81 frames at 16 fps = 5.0625 s (a 5.0 s clip would give only 80)
@@ -248,13 +248,14 @@ class _TimedFrames:
 
     Timestamps come from ffmpeg's showinfo filter on stderr, matched in order to raw frames on stdout."""
 
-    def __init__(self, info: VideoInfo, seek: float, vf: str, width: int, height: int):
+    def __init__(self, info: VideoInfo, seek: float, vf: str, width: int, height: int, pix_fmt: str = "rgb24"):
         self.info, self.width, self.height = info, width, height
+        self.channels = 1 if pix_fmt == "gray" else 3
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info"]
         if seek > 0:
             cmd += ["-ss", f"{info.start_time + seek:.6f}"]
         cmd += ["-copyts", "-i", str(info.path), "-map", "0:v:0", "-vf", f"{vf},showinfo", "-fps_mode", "passthrough",
-                "-an", "-sn", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+                "-an", "-sn", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self.times: queue.Queue[float | None] = queue.Queue()
         self.log: list[str] = []
@@ -272,7 +273,8 @@ class _TimedFrames:
         self.times.put(None)
 
     def __iter__(self) -> Iterator[tuple[float, np.ndarray]]:
-        size = self.width * self.height * 3
+        shape = (self.height, self.width, 3) if self.channels == 3 else (self.height, self.width)
+        size = self.width * self.height * self.channels
         while True:
             data = self.proc.stdout.read(size)
             if len(data) < size:
@@ -280,7 +282,7 @@ class _TimedFrames:
             t = self.times.get(timeout=30)
             if t is None:
                 return
-            yield t, np.frombuffer(data, np.uint8).reshape(self.height, self.width, 3)
+            yield t, np.frombuffer(data, np.uint8).reshape(shape)
 
     def close(self) -> str:
         """Stop ffmpeg; return its error log if it failed on its own."""
@@ -433,24 +435,63 @@ def count_frames(path: str | os.PathLike) -> int:
 ANALYSIS_WIDTH = 160  # pixels; motion and scene cuts are judged on small grey frames
 
 
-def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = 8.0,
+def _source_greys(info: VideoInfo, analysis_fps: float, width: int, height: int) -> Iterator[tuple[float, np.ndarray]]:
+    """(time, grey frame) every 1 / analysis_fps seconds, decoded from the source itself."""
+    vf = f"fps={analysis_fps}:start_time={info.start_time},scale={width}:{height}:flags=area"
+    stream = _TimedFrames(info, 0.0, vf, width, height, pix_fmt="gray")
+    try:
+        yield from stream
+    finally:
+        stream.close()
+
+
+def _proxy_greys(info: VideoInfo, proxy: Path, analysis_fps: float, width: int,
+                 height: int) -> Iterator[tuple[float, np.ndarray]]:
+    """The same samples read from the preview proxy, whose frame i is source frame i: a film's full-resolution
+    decode is most of the analysis time, and the small proxy decodes many times faster."""
+    times = np.arange(0.0, info.duration, 1.0 / analysis_fps)
+    wanted = [info.frame_index_at(float(t)) for t in times]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(proxy), "-map", "0:v:0",
+           "-vf", f"scale={width}:{height}:flags=area", "-fps_mode", "passthrough", "-an", "-sn", "-f", "rawvideo",
+           "-pix_fmt", "gray", "-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    size, sample = width * height, 0
+    try:
+        for index in range(info.frame_count):
+            if sample == len(wanted):
+                return
+            data = proc.stdout.read(size)
+            if len(data) < size:
+                return
+            while sample < len(wanted) and wanted[sample] == index:
+                yield float(times[sample]), np.frombuffer(data, np.uint8).reshape(height, width)
+                sample += 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = 8.0, proxy: Path | None = None,
                    on_progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """One pass over the video at `analysis_fps`: sample times, motion per sample (Farneback optical flow, percent
-    of the frame width per second) and scene-change times (a sharp jump in the grey-level histogram)."""
+    of the frame width per second) and scene-change times (a sharp jump in the grey-level histogram).
+
+    `proxy`, the source's preview proxy, is read instead of the source when it has every source frame."""
     info = source if isinstance(source, VideoInfo) else probe_video(source)
     width = min(ANALYSIS_WIDTH, info.width - info.width % 2)
     height = max(2, int(round(info.height * width / info.width / 2)) * 2)
-    vf = f"fps={analysis_fps}:start_time={info.start_time},scale={width}:{height}:flags=area"
-    stream = _TimedFrames(info, 0.0, vf, width, height)
+    if proxy is not None and probe_video(proxy).frame_count == info.frame_count:
+        samples = _proxy_greys(info, proxy, analysis_fps, width, height)
+    else:
+        samples = _source_greys(info, analysis_fps, width, height)
     times, motion, hist_jump = [], [], []
     prev_grey, prev_hist = None, None
     expected = max(1, int(info.duration * analysis_fps))
     try:
-        for t, frame in stream:
+        for t, grey in samples:
             if should_stop is not None and should_stop():
                 raise ExportStopped("Suggestion analysis stopped.")
-            grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
             hist = cv2.calcHist([grey], [0], None, [32], [0, 256]).ravel()
             hist /= hist.sum() or 1
             if prev_grey is None:
@@ -466,7 +507,7 @@ def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float
             if on_progress is not None and len(times) % 16 == 0:
                 on_progress(min(0.99, len(times) / expected), f"analysing motion: {t:.1f} s")
     finally:
-        stream.close()
+        samples.close()
     if not times:
         raise VideoError(f"Could not decode any frame of {info.path.name} for analysis.")
     jumps = np.asarray(hist_jump)
@@ -479,20 +520,44 @@ def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float
     return np.asarray(times), motion_arr, scene_changes
 
 
+def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_progress: ProgressFn | None,
+                     should_stop: StopFn | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """analyze_motion, kept in cache_dir/analysis per exact source file, and read from its preview proxy once one
+    has been built: asking again (more windows, after new cuts) costs nothing."""
+    proxy = preview_proxy_path(info, cache_dir)
+    target = cache_dir / "analysis" / f"{proxy.stem}-{analysis_fps:g}fps-{ANALYSIS_WIDTH}px.json"
+    try:
+        kept = json.loads(target.read_text(encoding="utf-8"))
+        return np.asarray(kept["times"], float), np.asarray(kept["motion"], float), [float(t) for t in kept["scenes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not analysed yet, or an unreadable file: analyse again
+    times, motion, scenes = analyze_motion(info, analysis_fps=analysis_fps, proxy=proxy if proxy.exists() else None,
+                                           on_progress=on_progress, should_stop=should_stop)
+    atomic_write_json(target, {"source": str(info.path), "times": times.tolist(), "motion": motion.tolist(),
+                               "scenes": scenes})
+    return times, motion, scenes
+
+
 def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = DEFAULT_FRAMES,
                     fps: float = DEFAULT_FPS, step: float = 0.5, avoid: Sequence[Cut] = (),
-                    analysis_fps: float = 8.0, on_progress: ProgressFn | None = None,
-                    should_stop: StopFn | None = None) -> list[Suggestion]:
+                    analysis_fps: float = 8.0, cache_dir: str | os.PathLike | None = None,
+                    on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` most dynamic clip windows (frames / fps seconds) that cross no scene change and overlap neither
-    each other nor the cuts in `avoid`, best first, with their motion score."""
+    each other nor the cuts in `avoid`, best first, with their motion score.
+
+    With `cache_dir` (a project's cache folder) the motion analysis is kept there and read from the source's
+    preview proxy when one has been built."""
     info = probe_video(source)
     check_frames(frames)
     span = frames / fps
     if info.duration + FRAME_TIME_TOLERANCE < span:
         raise ClipError(f"{info.path.name} lasts {info.duration:.3f} s, shorter than one clip "
                         f"({frames} frames at {fps:g} fps = {span:.3f} s).")
-    times, motion, scene_changes = analyze_motion(info, analysis_fps=analysis_fps, on_progress=on_progress,
-                                                  should_stop=should_stop)
+    if cache_dir is not None:
+        times, motion, scene_changes = _cached_analysis(info, Path(cache_dir), analysis_fps, on_progress, should_stop)
+    else:
+        times, motion, scene_changes = analyze_motion(info, analysis_fps=analysis_fps, on_progress=on_progress,
+                                                      should_stop=should_stop)
     bounds = [0.0, *scene_changes, info.duration]
     taken = [(c.start, c.start + span) for c in avoid]
     candidates = []
@@ -538,6 +603,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     suggest.add_argument("--count", type=int, default=5)
     suggest.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
     suggest.add_argument("--fps", type=float, default=DEFAULT_FPS)
+    suggest.add_argument("--cache", type=Path, help="keep the motion analysis here (a project's cache/ folder: its "
+                         "preview proxy, if the studio built one, is read instead of the source)")
     args = parser.parse_args(argv)
 
     def progress(fraction: float, message: str) -> None:
@@ -558,7 +625,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
                 state = "kept" if clip.skipped else "wrote"
                 print(f"{state} {clip.path} ({clip.frames} frames, {clip.width}x{clip.height})")
         else:
-            found = suggest_windows(args.video, args.count, frames=args.frames, fps=args.fps, on_progress=progress)
+            found = suggest_windows(args.video, args.count, frames=args.frames, fps=args.fps, cache_dir=args.cache,
+                                    on_progress=progress)
             print("# start end  # motion score (% of frame width per second), scene")
             for s in found:
                 print(f"{format_time(s.start)} {format_time(s.end)}  # score {s.score:.2f}, scene {s.scene + 1}")

@@ -315,13 +315,15 @@ def frame_at(source: str | os.PathLike | VideoInfo, t: float, max_width: int | N
 
 PROXY_WIDTH = 640  # pixels; preview proxies are this wide (or the source's width if smaller)
 PROXY_RATE = 25  # proxies number frames at a constant rate, so frame i of the proxy is frame i of the source
+PROXY_VERSION = 2  # in the proxy's name: version 1 could repeat a source's first frame, so it is built again
 PROXY_KEYINT = 12  # a keyframe every 12 frames: any frame is at most 11 cheap decodes away
 
 
 def preview_proxy_path(info: VideoInfo, cache_dir: str | os.PathLike) -> Path:
     """Where the preview proxy of this exact source file (path, size, date) lives under cache_dir."""
     stat = info.path.stat()
-    digest = hashlib.sha1(f"{info.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{info.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|proxy-v{PROXY_VERSION}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / "previews" / f"{info.path.stem}-{digest}.mp4"
 
 
@@ -340,8 +342,12 @@ def build_preview_proxy(source: str | os.PathLike | VideoInfo, cache_dir: str | 
     width = min(PROXY_WIDTH, info.width - info.width % 2)
     with atomic_path(target, suffix=".part.mp4") as tmp:
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(info.path),
-               "-map", "0:v:0", "-vf", f"setpts=N/({PROXY_RATE}*TB),scale={width}:-2:flags=bilinear",
-               "-r", str(PROXY_RATE), "-an", "-sn", "-c:v", "libx264", "-preset",
+               # Renumber the frames in a 1/PROXY_RATE time base, so that timestamps are exact and the fps filter
+               # only sets durations; passthrough and the frame count stop ffmpeg's rate conversion from repeating
+               # a frame (it repeated the first of a 16 fps MP4, showing every later frame one early).
+               "-map", "0:v:0", "-vf",
+               f"settb=1/{PROXY_RATE},setpts=N,fps={PROXY_RATE},scale={width}:-2:flags=bilinear",
+               "-fps_mode", "passthrough", "-frames:v", str(info.frame_count), "-an", "-sn", "-c:v", "libx264", "-preset",
                "ultrafast", "-tune", "fastdecode", "-g", str(PROXY_KEYINT), "-bf", "0", "-crf", "26",
                "-pix_fmt", "yuv420p", "-progress", "pipe:1", "-nostats", str(tmp)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

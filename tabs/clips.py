@@ -42,6 +42,7 @@ class ClipsTab:
         self.proxy_progress: dict[Path, float] = {}
         self.proxy_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview-proxy")
         self.stop_export = threading.Event()
+        self.stop_suggest = threading.Event()
 
     # ------------------------------------------------------------ helpers over the engine
 
@@ -175,6 +176,7 @@ class ClipsTab:
             clear = gr.Button("Delete all cuts", variant="stop", scale=1)
             self.suggest_count = gr.Number(label="How many suggestions", value=5, precision=0, minimum=1, scale=1)
             suggest = gr.Button("Suggest dynamic windows", scale=2)
+            stop_suggest = gr.Button("Stop analysis", scale=1)
         with gr.Row():
             self.times_upload = gr.UploadButton("Import timestamps file", file_types=[".txt"])
             times_export = gr.Button("Export timestamps file")
@@ -220,6 +222,7 @@ class ClipsTab:
         delete.click(self.delete_cut, [*settings_inputs, self.delete_number], [self.table])
         clear.click(self.clear_cuts, settings_inputs, [self.table])
         suggest.click(self.suggest, [*settings_inputs, self.suggest_count], [self.table])
+        stop_suggest.click(lambda: self.stop_suggest.set(), None, None)
         self.times_upload.upload(self.import_times, [*settings_inputs, self.times_upload], [self.table])
         times_export.click(self.export_times, [self.source, self.table], [self.times_file])
         export.click(self.export, [*settings_inputs, self.size, self.crop], [self.export_status, self.exported])
@@ -377,9 +380,14 @@ class ClipsTab:
     def suggest(self, name, rows, frames, fit, count, progress=gr.Progress()):
         cuts, scores = self._cuts(rows)
         length = int(frames or 81)
+        self.stop_suggest.clear()
         try:
             found = suggest_windows(self.source_path(name), int(count or 5), frames=length, fps=OUTPUT_FPS,
-                                    avoid=cuts, on_progress=lambda f, m: progress(f, desc=m))
+                                    avoid=cuts, cache_dir=self.project.cache_dir,
+                                    on_progress=lambda f, m: progress(f, desc=m), should_stop=self.stop_suggest.is_set)
+        except ExportStopped:
+            gr.Info("Analysis stopped; the cut list is unchanged.")
+            return gr.update()
         except BAD_INPUT as exc:
             raise gr.Error(str(exc)) from None
         if not found:

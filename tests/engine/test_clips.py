@@ -275,6 +275,45 @@ def test_suggestions_find_scene_changes_and_rank_motion(workdir):
     assert avoided[0].start != found[0].start
 
 
+def test_suggestions_read_the_preview_proxy_and_keep_their_analysis(workdir, monkeypatch):
+    """With a project cache, the analysis reads the preview proxy (a film's full-size decode is most of its time),
+    finds what the source gives, and is kept: asking again decodes nothing. A proxy of another video is ignored."""
+    import engine.clips as clips
+
+    source = make_scenes_video(workdir / "scenes.mp4")
+    info = probe_video(source)
+    times, motion, changes = analyze_motion(info)
+    cache = workdir / "cache"
+    proxy = build_preview_proxy(info, cache)
+    p_times, p_motion, p_changes = analyze_motion(info, proxy=proxy)
+    np.testing.assert_allclose(p_times, times)
+    np.testing.assert_allclose(p_changes, changes, atol=0.2)
+    assert np.corrcoef(p_motion, motion)[0, 1] > 0.95
+    stranger = build_preview_proxy(make_indexed_video(workdir / "other.mp4", "16", 40), workdir / "other cache")
+    assert analyze_motion(info, proxy=stranger)[2] == changes  # frame counts differ: the source is read instead
+
+    def no_source_decoding(*args, **kwargs):
+        raise AssertionError("the source was decoded although its preview proxy exists")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clips, "_source_greys", no_source_decoding)
+        found = suggest_windows(source, 3, frames=17, fps=16, cache_dir=cache)
+    assert [s.scene for s in found][0] == 1 and len(found) == 3
+    kept = list((cache / "analysis").glob("scenes-*.json"))
+    assert len(kept) == 1
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("analysed again although the analysis is kept")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clips, "analyze_motion", no_analysis)
+        assert suggest_windows(source, 3, frames=17, fps=16, cache_dir=cache) == found
+        more = suggest_windows(source, 4, frames=17, fps=16, cache_dir=cache, avoid=[Cut(found[0].start)])
+    assert len(more) == 4 and found[0] not in more
+    kept[0].write_text("{not json", encoding="utf-8")  # a damaged file is analysed again, not an error
+    assert suggest_windows(source, 3, frames=17, fps=16, cache_dir=cache) == found
+
+
 def test_preview_proxy_has_one_frame_per_source_frame(workdir):
     vfr = make_indexed_video(workdir / "vfr.mkv", "30", 75, setpts="if(lt(N\\,45)\\,N/30\\,1.5+(N-45)/10)/TB")
     info = probe_video(vfr)
@@ -287,3 +326,10 @@ def test_preview_proxy_has_one_frame_per_source_frame(workdir):
     for t in [0.0, 0.9, 1.49, 1.5, 2.05, 3.2, 1.0]:
         assert read_index(frame_at(info, t, max_width=160, proxy=proxy)) == info.frame_index_at(t)
     assert build_preview_proxy(info, workdir / "cache") == proxy  # made once
+    # a constant 16 fps MP4 (B-frames, an edit list): ffmpeg's rate conversion once repeated its first frame here
+    mp4 = make_indexed_video(workdir / "cfr16.mp4", "16", 64)
+    info = probe_video(mp4)
+    proxy = build_preview_proxy(info, workdir / "cache")
+    assert probe_video(proxy).frame_count == 64
+    for t in [0.0, 0.07, 1.0, 2.5, 3.94, 1.3]:
+        assert read_index(frame_at(info, t, max_width=160, proxy=proxy)) == info.frame_index_at(t)
