@@ -114,6 +114,8 @@ class OptimizerConfig(_Section):
     weight_decay: float = _f(0.01, "Decoupled weight decay (0..1); 0.01 keeps the LoRA from drifting.",
                              minimum=0.0, maximum=1.0)
     eps: float = _f(1e-8, "Adam epsilon (>0); only change it for numerical trouble.", minimum=0.0, maximum=1.0)
+    stabilize: bool = _f(False, "diffusion-pipe's AdamW8bitKahan option that scales each step down like StableAdamW. "
+                                "Only false: the studio's optimizers have no such scaling.", choices=(False,))
 
 
 @dataclass
@@ -166,7 +168,7 @@ class RunConfig(_Section):
                      maximum=100000, required=True)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps; unset = run all epochs.", minimum=1)
     micro_batch_size_per_gpu: int = _f(1, "Clips per forward pass per GPU (1..64). 1 for 14B at 480p.", minimum=1,
-                                       maximum=64, required=True)
+                                       maximum=64)
     pipeline_stages: int = _f(1, "Pipeline-parallel stages (diffusion-pipe). The studio trains data-parallel only: "
                                  "must be 1.", minimum=1, maximum=1)
     gradient_accumulation_steps: int = _f(1, "Micro-batches summed per optimizer step (1..1024): a larger effective "
@@ -183,15 +185,17 @@ class RunConfig(_Section):
     eval_gradient_accumulation_steps: int | None = _f(None, "Eval accumulation (diffusion-pipe only).", minimum=1)
     disable_block_swap_for_eval: bool = _f(False, "Keep all blocks on the GPU while evaluating (diffusion-pipe "
                                                   "only).")
-    save_every_n_epochs: int | None = _f(1, "Write epochN/adapter_model.safetensors every N epochs.", minimum=1)
+    save_every_n_epochs: int | None = _f(None, "Write epochN/adapter_model.safetensors every N epochs (the last LoRA "
+                                               "is always written). Set this or save_every_n_steps: diffusion-pipe "
+                                               "has no default.", minimum=1)
     save_every_n_steps: int | None = _f(None, "Also write a LoRA every N steps; unset = off.", minimum=1)
     checkpoint_every_n_epochs: int | None = _f(None, "Save the full resume state every N epochs.", minimum=1)
     checkpoint_every_n_minutes: int | None = _f(None, "Save the full resume state every N minutes of training.",
                                                 minimum=1)
     activation_checkpointing: bool | str = _f(
-        True, "Recompute activations in backward to save memory: true (full), 'unsloth' (saved block inputs kept "
-              "in CPU memory: least GPU memory), 'selective' (studio only: recompute the cheap parts), false.",
-        choices=ACTIVATION_CHECKPOINTING)
+        False, "Recompute activations in backward to save memory: true (full), 'unsloth' (saved block inputs kept "
+               "in CPU memory: least GPU memory), 'selective' (studio only: recompute the cheap parts), false (as "
+               "diffusion-pipe when unset).", choices=ACTIVATION_CHECKPOINTING)
     blocks_to_swap: int = _f(0, "Transformer blocks kept in pinned CPU memory and streamed to the GPU ahead of use "
                                 f"(0..{WAN_BLOCKS - 1}). 32 fits 14B in 24 GB; slower.", minimum=0,
                              maximum=WAN_BLOCKS - 1)
@@ -239,7 +243,8 @@ class RunConfig(_Section):
 _BUCKET_HELP = {
     "resolutions": "Pixel budgets: each N means a square N x N area (e.g. 480 for 480p-sized buckets), or [w, h] "
                    "for that area. Clips are resized to the ar bucket with this area, sides multiples of 16.",
-    "enable_ar_bucket": "Group clips by aspect ratio instead of cropping them all square.",
+    "enable_ar_bucket": "Group clips by aspect ratio instead of cropping them all square (unset: square, as "
+                        "diffusion-pipe).",
     "min_ar": "Smallest width/height ratio of the generated ar buckets (0.1..10).",
     "max_ar": "Largest width/height ratio of the generated ar buckets (0.1..10).",
     "num_ar_buckets": "Aspect-ratio buckets spread log-evenly from min_ar to max_ar (1..64).",
@@ -271,7 +276,7 @@ class DatasetConfig(_Section):
     """A dataset TOML: bucket settings and the clip folders."""
 
     resolutions: list = _f(help=_BUCKET_HELP["resolutions"], factory=lambda: [480], required=True)
-    enable_ar_bucket: bool = _f(True, _BUCKET_HELP["enable_ar_bucket"])
+    enable_ar_bucket: bool = _f(False, _BUCKET_HELP["enable_ar_bucket"])
     min_ar: float = _f(0.5, _BUCKET_HELP["min_ar"], minimum=0.1, maximum=10.0)
     max_ar: float = _f(2.0, _BUCKET_HELP["max_ar"], minimum=0.1, maximum=10.0)
     num_ar_buckets: int = _f(7, _BUCKET_HELP["num_ar_buckets"], minimum=1, maximum=64)
@@ -473,6 +478,14 @@ def _check_consistency(cfg: RunConfig | DatasetConfig, file) -> None:
         raise ConfigError(f"'adapter.init_from_existing'{_where(file)} is empty: name a LoRA folder or leave it out.")
 
 
+def _check_save_cadence(cfg: RunConfig, file) -> None:
+    """diffusion-pipe refuses a run TOML that sets no LoRA save cadence, so we neither read nor write one. Checked on
+    load and save only: configs built in code get their cadence after construction."""
+    if cfg.save_every_n_epochs is None and cfg.save_every_n_steps is None:
+        raise ConfigError(f"Set 'save_every_n_epochs' or 'save_every_n_steps'{_where(file)}: diffusion-pipe refuses "
+                          "a run without either (e.g. save_every_n_epochs = 1).")
+
+
 # --------------------------------------------------------------------------------------------------- reading
 
 def _read_toml(path: Path) -> dict:
@@ -492,6 +505,7 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     _fill_section(cfg, _read_toml(path), "", path)
     _require(cfg, "", path)
     _check_consistency(cfg, path)
+    _check_save_cadence(cfg, path)
     return cfg
 
 
@@ -540,6 +554,7 @@ def to_toml(cfg: RunConfig | DatasetConfig, full: bool = False) -> str:
 def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write a run TOML atomically (after checking it); relative paths in it resolve against its new folder."""
     _check_consistency(cfg, path)
+    _check_save_cadence(cfg, path)
     path = Path(path)
     atomic_write_text(path, to_toml(cfg))
     return path
@@ -685,11 +700,13 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Every preset groups clips by aspect ratio (left unset, diffusion-pipe crops them all square).
 _DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    PRESET_24GB: {"resolutions": [GPU24_RESOLUTION], "frame_buckets": [GPU24_FRAMES]},
-    PRESET_48GB: {"resolutions": [GPU48_RESOLUTION], "frame_buckets": [GPU48_FRAMES]},
-    PRESET_80GB: {"resolutions": [GPU80_RESOLUTION], "frame_buckets": [GPU80_FRAMES]},
-    PRESET_CPU_DEMO: {"resolutions": [CPU_DEMO_RESOLUTION], "frame_buckets": [CPU_DEMO_FRAMES]},
+    name: {"enable_ar_bucket": True, "resolutions": [resolution], "frame_buckets": [frames]}
+    for name, resolution, frames in ((PRESET_24GB, GPU24_RESOLUTION, GPU24_FRAMES),
+                                     (PRESET_48GB, GPU48_RESOLUTION, GPU48_FRAMES),
+                                     (PRESET_80GB, GPU80_RESOLUTION, GPU80_FRAMES),
+                                     (PRESET_CPU_DEMO, CPU_DEMO_RESOLUTION, CPU_DEMO_FRAMES))
 }
 
 

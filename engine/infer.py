@@ -88,11 +88,25 @@ class GenerationRequest:
         return cls(**values)
 
 
+def _multiple_of_16(value: float) -> int:
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
 def fit_size(image_width: int, image_height: int, pixel_budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
     """(height, width) with the image's aspect and about `pixel_budget` pixels, both multiples of 16."""
     scale = math.sqrt(pixel_budget / (image_width * image_height))
-    width = max(SIZE_MULTIPLE, round(image_width * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    height = max(SIZE_MULTIPLE, round(image_height * scale / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    return _multiple_of_16(image_height * scale), _multiple_of_16(image_width * scale)
+
+
+def output_size(image_size: tuple[int, int], height: int | None = None, width: int | None = None,
+                pixel_budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
+    """(height, width) to render, multiples of 16. A side left empty (None or 0) follows the image's aspect from
+    the side given, so giving only a width never crops a landscape image to a portrait; none given: `fit_size`."""
+    image_width, image_height = image_size
+    if not height and not width:
+        return fit_size(image_width, image_height, pixel_budget)
+    width = _multiple_of_16(width or height * image_width / image_height)
+    height = _multiple_of_16(height or width * image_height / image_width)
     return height, width
 
 
@@ -165,18 +179,16 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         if not Path(path).exists():
             raise GenerationError(f"LoRA file not found: {path}.")
         loras.append((str(Path(path).resolve()), strength))
-    height, width = request.height, request.width
-    if not height or not width:
-        fitted = fit_size(*image_size, pixel_budget=request.pixel_budget)
-        height, width = height or fitted[0], width or fitted[1]
-    for name, value in (("height", height), ("width", width)):
-        if int(value) < SIZE_MULTIPLE:
-            raise GenerationError(f"{name} must be at least {SIZE_MULTIPLE} pixels, not {value}.")
-    rounded = (max(SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE),
-               max(SIZE_MULTIPLE, round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE))
-    if rounded != (height, width):
-        notes.append(f"size {width}x{height} is not a multiple of 16; using {rounded[1]}x{rounded[0]}.")
-        height, width = rounded
+    for name, value in (("height", request.height), ("width", request.width)):
+        if value and int(value) < SIZE_MULTIPLE:
+            raise GenerationError(f"{name} must be at least {SIZE_MULTIPLE} pixels (or 0: from the image), "
+                                  f"not {value}.")
+    height, width = output_size(image_size, request.height, request.width, request.pixel_budget)
+    uneven = [f"{name} {value}" for name, value, used in (("width", request.width, width),
+                                                          ("height", request.height, height))
+              if value and int(value) != used]
+    if uneven:
+        notes.append(f"{', '.join(uneven)}: not a multiple of 16; using {width}x{height}.")
     seed = request.seed
     if seed is None or int(seed) < 0:
         seed = secrets.randbelow(2**31)
@@ -195,6 +207,14 @@ class PipelineOptions:
     cpu_offload: bool = False  # diffusers model CPU offload: each component moves to the GPU only while it runs
     vae_tiling: bool = False  # decode the video in tiles: less memory at 480p, slightly slower
     fast: bool = False  # the speed-ups of engine/accel.py, applied once when the pipeline is loaded
+
+
+def memory_advice(options: PipelineOptions, names: dict[str, str]) -> str:
+    """What to change after the GPU ran out of memory, each setting named as `names` says (the tab's labels, the
+    command line's flags): the memory savers still off, then fewer frames or a smaller size."""
+    off = [names[key] for key in ("cpu_offload", "vae_tiling") if not getattr(options, key)]
+    savers = f"turn on {' and '.join(off)}, or " if off else ""
+    return f"The GPU ran out of memory: {savers}use fewer {names['frames']} or a smaller {names['size']}."
 
 
 def default_device() -> torch.device:
@@ -450,13 +470,26 @@ def sidecar_path(video: str | Path) -> Path:
     return Path(video).with_suffix(".json")
 
 
+def _scheduler_record(pipe) -> dict:
+    """The scheduler's class and settings (flow shift, UniPC variant...): the model folder decides them, and they
+    shape every frame."""
+    config = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
+    return {"class": type(pipe.scheduler).__name__, **config}
+
+
 def _pipeline_facts(pipe) -> dict:
     import diffusers
 
-    facts = {"diffusers": diffusers.__version__, "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
-             "device": str(pipe._execution_device)}
+    facts = {"diffusers": diffusers.__version__, "torch": torch.__version__,
+             "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "device": str(pipe._execution_device),
+             "scheduler": _scheduler_record(pipe)}
     facts.update(pipe.__dict__.get("_studio_memory", {}))
     return facts
+
+
+def _model_source(model: str) -> str:
+    """A local model folder as an absolute path (a relative one breaks reproducing from elsewhere); hub ids as is."""
+    return str(Path(model).resolve()) if model and Path(model).exists() else model
 
 
 def write_outputs(pipe, generated: Generated, out_path: str | Path, *, model: str | None = None,
@@ -470,9 +503,10 @@ def write_outputs(pipe, generated: Generated, out_path: str | Path, *, model: st
         "studio_sidecar": SIDECAR_VERSION,
         "video": out_path.name,
         "created": datetime.now().isoformat(timespec="seconds"),
-        "model": str(model or pipe.name_or_path or ""),
+        "model": _model_source(str(model or pipe.name_or_path or "")),
         "request": request,
         "loras": generated.loras,
+        "image_sha256": file_sha256(generated.request.image),
         "image_size": list(generated.image_size),
         "adjustments": generated.notes,
         "seconds": round(generated.seconds, 3),
@@ -524,15 +558,35 @@ def request_from_sidecar(path: str | Path) -> GenerationRequest:
 
 
 def options_from_sidecar(path: str | Path) -> PipelineOptions:
+    """The pipeline options a video was made with, its device included (a CPU render must not come back on a GPU)."""
     data = read_sidecar(path)
-    return PipelineOptions(model=data["model"], cpu_offload=bool(data.get("cpu_offload", False)),
+    return PipelineOptions(model=data["model"], device=data.get("device"),
+                           cpu_offload=bool(data.get("cpu_offload", False)),
                            vae_tiling=bool(data.get("vae_tiling", False)), fast=bool(data.get("fast", False)))
+
+
+def changed_inputs(sidecar: dict) -> list[str]:
+    """The files a sidecar's video was made from that are gone or have other contents now (LoRAs, start image)."""
+    files = [("LoRA file", entry["path"], entry.get("sha256")) for entry in sidecar.get("loras", [])]
+    files.append(("start image", sidecar["request"]["image"], sidecar.get("image_sha256")))
+    problems = []
+    for kind, path, recorded in files:
+        if not Path(path).is_file():
+            problems.append(f"the {kind} {path} is gone")
+        elif recorded and file_sha256(path) != recorded:
+            problems.append(f"the {kind} {path} has changed since (sha256 {recorded[:12]} then, "
+                            f"{file_sha256(path)[:12]} now)")
+    return problems
 
 
 def reproduce(sidecar: str | Path, cache: PipelineCache, out_path: str | Path | None = None, *,
               on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> tuple[Path, bool]:
     """Render a video again from its sidecar; returns (new mp4, whether its frames are identical to the original)."""
     data = read_sidecar(sidecar)
+    problems = changed_inputs(data)
+    if problems:
+        raise GenerationError(f"Cannot reproduce {data['video']}: {'; '.join(problems)}. "
+                              "Put the original file back to render it again.")
     source = sidecar_path(sidecar) if Path(sidecar).suffix.lower() != ".json" else Path(sidecar)
     out_path = Path(out_path) if out_path else new_output_path(source.parent, Path(data["video"]).stem + "-again")
     pipe = cache.get(options_from_sidecar(source), on_progress=on_progress)
@@ -693,7 +747,11 @@ class ComfyModelFiles:
     text_encoder: str = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
     clip_vision: str = "clip_vision_h.safetensors"
     vae: str = "wan_2.1_vae.safetensors"
-    flow_shift: float = 3.0  # our scheduler's shift for 480p
+
+
+# The scheduler Wan2.1-I2V-14B-480P-Diffusers ships (UniPC, flow shift 3, variant bh2): for sidecars that predate
+# the scheduler record.
+WAN_480P_SCHEDULER = {"class": "UniPCMultistepScheduler", "flow_shift": 3.0, "solver_type": "bh2"}
 
 
 def comfy_lora_name(path: str | Path) -> str:
@@ -705,10 +763,16 @@ def comfy_lora_name(path: str | Path) -> str:
     return path.name
 
 
-def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyModelFiles()) -> dict:
+def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyModelFiles(),
+                     scheduler: dict | None = None) -> dict:
     """An API-format ComfyUI workflow (node id -> {class_type, inputs}) for the same image, prompt, LoRAs at the
-    same strengths, size, frames, steps, guidance and seed. ComfyUI draws its noise differently, so the video
-    is alike in settings, not identical in pixels."""
+    same strengths, size, frames, steps, guidance, seed and sampling (`scheduler`: a sidecar's record of the
+    diffusers scheduler). ComfyUI draws its noise differently, so the video is alike in settings, not identical
+    in pixels."""
+    scheduler = scheduler or WAN_480P_SCHEDULER
+    if scheduler.get("class") != "UniPCMultistepScheduler":
+        raise GenerationError(f"ComfyUI export knows Wan's flow UniPC scheduler only; this video used "
+                              f"{scheduler.get('class')}.")
     nodes: dict[str, dict] = {}
 
     def add(class_type: str, title: str | None = None, **inputs) -> str:
@@ -724,7 +788,8 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
         name = comfy_lora_name(path)
         model = [add("LoraLoaderModelOnly", title=f"LoRA: copy {path} to models/loras/{name}", model=model,
                      lora_name=name, strength_model=float(strength)), 0]
-    model = [add("ModelSamplingSD3", model=model, shift=files.flow_shift), 0]
+    # ModelSamplingSD3 shifts sigmas as diffusers' flow_shift does: s*t / (1 + (s-1)*t).
+    model = [add("ModelSamplingSD3", model=model, shift=float(scheduler["flow_shift"])), 0]
     clip = add("CLIPLoader", clip_name=files.text_encoder, type="wan", device="default")
     positive = add("CLIPTextEncode", clip=[clip, 0], text=request.prompt)
     negative = add("CLIPTextEncode", clip=[clip, 0], text=request.negative_prompt)
@@ -732,12 +797,17 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
     image = add("LoadImage", title=f"Start image: copy {request.image} to ComfyUI's input folder",
                 image=Path(request.image).name)
     vision = add("CLIPVisionLoader", clip_name=files.clip_vision)
-    vision_out = add("CLIPVisionEncode", clip_vision=[vision, 0], image=[image, 0], crop="none")
+    # diffusers' CLIPImageProcessor (as Wan's own code) resizes the short side and crops the centre; "none" would
+    # squash the whole frame into the square instead.
+    vision_out = add("CLIPVisionEncode", clip_vision=[vision, 0], image=[image, 0], crop="center")
     i2v = add("WanImageToVideo", positive=[positive, 0], negative=[negative, 0], vae=[vae, 0],
               clip_vision_output=[vision_out, 0], start_image=[image, 0], width=request.width,
               height=request.height, length=request.frames, batch_size=1)
+    # diffusers skips guidance at <= 1 (the prompt alone), which is cfg 1 in ComfyUI; its cfg 0 would be the
+    # negative prompt alone. ComfyUI's "uni_pc" is UniPC's bh1 variant, "uni_pc_bh2" the bh2 one.
     sampler = add("KSampler", model=model, positive=[i2v, 0], negative=[i2v, 1], latent_image=[i2v, 2],
-                  seed=int(request.seed or 0), steps=request.steps, cfg=request.guidance, sampler_name="uni_pc",
+                  seed=int(request.seed or 0), steps=request.steps, cfg=max(float(request.guidance), 1.0),
+                  sampler_name="uni_pc_bh2" if scheduler["solver_type"] == "bh2" else "uni_pc",
                   scheduler="simple", denoise=1.0)
     decoded = add("VAEDecode", samples=[sampler, 0], vae=[vae, 0])
     video = add("CreateVideo", images=[decoded, 0], fps=request.fps)
@@ -749,9 +819,10 @@ def export_comfyui_workflow(sidecar: str | Path, out_path: str | Path | None = N
                             files: ComfyModelFiles = ComfyModelFiles()) -> Path:
     """Write the ComfyUI workflow of a generated video (from its sidecar) beside it as <video>.comfyui.json."""
     source = sidecar_path(sidecar) if Path(sidecar).suffix.lower() != ".json" else Path(sidecar)
-    request = request_from_sidecar(source)
+    data = read_sidecar(source)
     out_path = Path(out_path) if out_path else source.with_name(source.stem + ".comfyui.json")
-    return atomic_write_json(out_path, comfyui_workflow(request, files))
+    workflow = comfyui_workflow(GenerationRequest.from_dict(data["request"]), files, data.get("scheduler"))
+    return atomic_write_json(out_path, workflow)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -774,6 +845,10 @@ def _reproduce_cli(sidecar: Path, out_dir: Path | None) -> int:
         return 2
     print(f"{path}\t{'identical frames' if identical else 'frames differ (another device or library version?)'}")
     return 0
+
+
+CLI_SETTING_NAMES = {"cpu_offload": "--cpu-offload", "vae_tiling": "--vae-tiling", "frames": "--frames",
+                     "size": "--height/--width"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -848,6 +923,11 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerationCancelled, KeyboardInterrupt):
         print("stopped", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if "out of memory" not in str(err).lower():
+            raise
+        print(f"error: {memory_advice(options, CLI_SETTING_NAMES)}", file=sys.stderr)
+        return 2
     return 0
 
 

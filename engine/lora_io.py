@@ -2,7 +2,9 @@
 
 We write the diffusion-pipe / ComfyUI layout (`diffusion_model.blocks.{i}.<original Wan module>.lora_A/lora_B.weight`
 in `adapter_model.safetensors`, plus a peft-style `adapter_config.json`), because that is what ComfyUI loads without
-"lora key not loaded" warnings and what diffusers' `load_lora_weights` converts itself. We read that layout, its
+"lora key not loaded" warnings and what diffusers' `load_lora_weights` converts itself. Like diffusion-pipe we store no
+alpha there (its `init_from_existing` refuses any other key and assumes alpha = rank): alpha/rank is folded into
+lora_B, which every reader then applies at scale 1. We read that layout, its
 lora_down/lora_up/.alpha variant, diffusers/peft names (`transformer.blocks.{i}.attn1.to_q.lora_A.weight`) and
 musubi-tuner's `lora_unet_blocks_{i}_self_attn_q.lora_down.weight`. Everything is parsed into one in-memory form
 (`LoraWeights`, keyed by diffusers module path) and written back out in whichever format is asked for.
@@ -58,6 +60,7 @@ for _orig, _diff in _ORIGINAL_TO_DIFFUSERS.items():
 PEFT_TARGET_MODULES = r"blocks\.\d+\.(" + "|".join(re.escape(n) for n in _DIFFUSERS_TO_ORIGINAL) + ")"
 
 FORMATS = ("diffusion-pipe", "comfy-down-up", "diffusers", "musubi")
+_ALPHA_BAKED_FORMATS = ("diffusion-pipe", "diffusers")  # no alpha stored: alpha/rank is folded into lora_B
 _PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
 _DOTTED_WEIGHT = re.compile(r"^blocks\.(\d+)\.(.+?)\.(lora_A|lora_B|lora_down|lora_up)(?:\.([\w\-]+))?\.weight$")
 _DOTTED_ALPHA = re.compile(r"^blocks\.(\d+)\.(.+)\.alpha$")
@@ -101,6 +104,11 @@ class LoraModule:
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
+    @property
+    def baked_up(self) -> torch.Tensor:
+        """up with alpha/rank folded in, for formats whose readers assume alpha = rank."""
+        return self.up * self.scale if self.scale != 1 else self.up
+
 
 @dataclass
 class LoraWeights:
@@ -129,7 +137,7 @@ class LoraWeights:
         out = {}
         for name, m in self.modules.items():
             out[f"{prefix}{name}.lora_A.weight"] = m.down
-            out[f"{prefix}{name}.lora_B.weight"] = m.up * m.scale if m.scale != 1 else m.up
+            out[f"{prefix}{name}.lora_B.weight"] = m.baked_up
         return out
 
     def state_dict(self, fmt: str = "diffusion-pipe") -> dict[str, torch.Tensor]:
@@ -139,21 +147,16 @@ class LoraWeights:
         if fmt not in FORMATS:
             raise ValueError(f"Unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}.")
         out = {}
-        # diffusion-pipe writes no alpha (alpha = rank); any other alpha must travel with the weights for every module
-        write_alpha = fmt != "diffusion-pipe" or any(m.alpha not in (None, m.rank) for m in self.modules.values())
         for name, m in self.modules.items():
             original = to_original_module(name)
-            alpha = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
-            if fmt == "diffusion-pipe":
+            if fmt == "diffusion-pipe":  # no alpha key: diffusion-pipe's loader refuses one and assumes alpha = rank
                 base = f"diffusion_model.{original}"
-                out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.down, m.up
-                if write_alpha:  # ComfyUI and diffusers both read `.alpha` beside lora_A/lora_B
-                    out[f"{base}.alpha"] = alpha
+                out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.down, m.baked_up
             else:  # comfy-down-up or musubi: lora_down/lora_up with an alpha for every module
                 base = f"diffusion_model.{original}" if fmt == "comfy-down-up" else (
                     "lora_unet_" + original.replace(".", "_"))
                 out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = m.down, m.up
-                out[f"{base}.alpha"] = alpha
+                out[f"{base}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
         return out
 
 
@@ -267,9 +270,10 @@ def _resolve_file(path: str | Path) -> Path:
 def _alpha_from_side_files(path: Path, metadata: dict[str, str]) -> float | None:
     """peft-style files keep alpha outside the tensors: in diffusers' metadata or in adapter_config.json beside."""
     if "lora_adapter_metadata" in metadata:
-        try:
-            return float(json.loads(metadata["lora_adapter_metadata"])["lora_alpha"])
-        except (ValueError, KeyError, TypeError):
+        try:  # a model's save_lora_adapter writes `lora_alpha`, a pipeline's save_lora_weights `transformer.lora_alpha`
+            adapter = json.loads(metadata["lora_adapter_metadata"])
+            return float(adapter.get("lora_alpha", adapter.get("transformer.lora_alpha")))
+        except (ValueError, TypeError, AttributeError):
             pass
     config = path.parent / ADAPTER_CONFIG_FILE
     if config.exists():
@@ -315,9 +319,10 @@ def save_lora_file(weights: LoraWeights, path: str | Path, fmt: str = "diffusion
                    metadata: Mapping[str, str] | None = None) -> Path:
     """Write `weights` as one .safetensors file in `fmt` (one of FORMATS), atomically."""
     path = Path(path)
-    meta = {**{k: str(v) for k, v in (metadata if metadata is not None else weights.metadata).items()},
+    source = metadata if metadata is not None else weights.metadata
+    meta = {**{k: str(v) for k, v in source.items() if k != "alpha_baked"},
             "format": "pt", "lora_format": fmt, "rank": str(weights.rank), "alpha": f"{weights.alpha:g}"}
-    if fmt == "diffusers":  # alpha/rank is baked into lora_B there, so readers must not apply an alpha again
+    if fmt in _ALPHA_BAKED_FORMATS:  # `alpha` is in lora_B already: readers must not apply it again
         meta["alpha_baked"] = "true"
     _write_safetensors(weights.state_dict(fmt), path, meta)
     return path
@@ -344,7 +349,7 @@ def save_lora(peft_state: Mapping[str, torch.Tensor], out_dir: str | Path, *, ra
     atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, {
         "peft_type": "LORA",
         "r": rank,
-        "lora_alpha": alpha,
+        "lora_alpha": rank,  # what the saved tensors mean: alpha/rank is already in lora_B, as diffusion-pipe assumes
         "target_modules": target_modules,
         "lora_dropout": 0.0,
         "bias": "none",

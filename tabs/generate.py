@@ -21,8 +21,8 @@ from gradio.context import Context
 
 from engine.infer import (
     DEFAULT_SWEEP_STRENGTHS, STRENGTH_MAX, STRENGTH_MIN, WAN_NEGATIVE_PROMPT, GenerationCancelled, GenerationError,
-    GenerationRequest, PipelineCache, PipelineOptions, export_comfyui_workflow, fit_size, lora_label,
-    new_output_path, open_image, read_sidecar, render_sweep, render_video, request_from_sidecar,
+    GenerationRequest, PipelineCache, PipelineOptions, changed_inputs, export_comfyui_workflow, lora_label,
+    memory_advice, new_output_path, open_image, output_size, read_sidecar, render_sweep, render_video,
 )
 from engine.jobs import GpuBusyError
 from engine.lora_io import LoraFileError, LoraMismatchError
@@ -34,6 +34,8 @@ TITLE = "Generate"
 MAX_LORAS = 3
 NO_LORA = ("(none)", "")
 PEOPLE_ERRORS = (GenerationError, LoraFileError, LoraMismatchError, ModelFolderError, GpuBusyError, OSError)
+SETTING_NAMES = {"cpu_offload": "CPU offload (under Memory)", "vae_tiling": "VAE tiling (under Memory)",
+                 "frames": "frames", "size": "size"}
 
 
 def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
@@ -284,7 +286,7 @@ class GenerateTab:
         except PEOPLE_ERRORS as err:
             raise gr.Error(str(err)) from err
         except RuntimeError as err:
-            raise gr.Error(self.runtime_message(err)) from err
+            raise gr.Error(self.runtime_message(err, options)) from err
         sidecar = read_sidecar(out)
         return {self.video: str(out), self.details: self.describe(sidecar), self.seed: sidecar["request"]["seed"],
                 self.status: f"Wrote `{out.name}`.", self.output_choice: gr.update(choices=self.outputs()),
@@ -307,7 +309,7 @@ class GenerateTab:
         except PEOPLE_ERRORS as err:
             raise gr.Error(str(err)) from err
         except RuntimeError as err:
-            raise gr.Error(self.runtime_message(err)) from err
+            raise gr.Error(self.runtime_message(err, options)) from err
         seed = read_sidecar(result.videos[0])["request"]["seed"]
         readout = "\n".join(f"| {label} | {m:.3f} |" for label, m in zip(result.labels, result.motion))
         return {self.grid: grid_html(result.videos, result.labels, result.motion),
@@ -318,10 +320,9 @@ class GenerateTab:
                 self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
 
     @staticmethod
-    def runtime_message(err: RuntimeError) -> str:
+    def runtime_message(err: RuntimeError, options: PipelineOptions) -> str:
         if "out of memory" in str(err).lower():
-            return ("The GPU ran out of memory. Turn on CPU offload and VAE tiling under Memory, or use fewer frames "
-                    "or a smaller size.")
+            return memory_advice(options, SETTING_NAMES)
         return f"Generation failed: {err}"
 
     @staticmethod
@@ -394,8 +395,7 @@ class GenerateTab:
             size = open_image(image).size
         except GenerationError as err:
             return f"⚠ {err}"
-        fitted = fit_size(*size, pixel_budget=self.pixel_budget())
-        h, w = int(height or 0) or fitted[0], int(width or 0) or fitted[1]
+        h, w = output_size(size, int(height or 0), int(width or 0), self.pixel_budget())
         seconds = int(frames) / float(fps or 16)
         return (f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps "
                 f"(image {size[0]}x{size[1]}).")
@@ -413,12 +413,14 @@ class GenerateTab:
     def on_send_back(self, path: str | None):
         if not path or "request" not in _json(path):
             raise gr.Error("Choose a single generated video (not a sweep comparison) in Outputs first.")
-        request = request_from_sidecar(path)
+        sidecar = read_sidecar(path)
+        request, problems = GenerationRequest.from_dict(sidecar["request"]), changed_inputs(sidecar)
+        status = f"Settings of `{Path(path).name}` loaded." + (
+            f" ⚠ Its inputs differ now: {'; '.join(problems)}." if problems else "")
         values = {self.image: request.image, self.prompt: request.prompt, self.negative_prompt: request.negative_prompt,
                   self.seed_mode: "fixed", self.seed: request.seed, self.steps: request.steps,
                   self.guidance: request.guidance, self.frames: request.frames, self.height: request.height,
-                  self.width: request.width, self.fps: request.fps,
-                  self.status: f"Settings of `{Path(path).name}` loaded."}
+                  self.width: request.width, self.fps: request.fps, self.status: status}
         choices = lora_choices(self.ctx)
         for i, (choice, strength) in enumerate(self.lora_rows):
             lora = request.loras[i] if i < len(request.loras) else ("", 1.0)
@@ -429,7 +431,10 @@ class GenerateTab:
     def on_export_comfy(self, path: str | None):
         if not path or "request" not in _json(path):
             raise gr.Error("Choose a single generated video (not a sweep comparison) in Outputs first.")
-        return str(export_comfyui_workflow(path))
+        try:
+            return str(export_comfyui_workflow(path))
+        except GenerationError as err:
+            raise gr.Error(str(err)) from err
 
     # ------------------------------------------------------------ wiring
 

@@ -87,7 +87,7 @@ def test_studio_table_values(fixtures):
 
 def test_minimal_file_writes_only_its_own_keys(tmp_path):
     src = tmp_path / "run.toml"
-    src.write_text('output_dir = "out"\ndataset = "d.toml"\nepochs = 3\nmicro_batch_size_per_gpu = 1\n'
+    src.write_text('output_dir = "out"\ndataset = "d.toml"\nepochs = 3\nsave_every_n_epochs = 1\n'
                    '[model]\ntype = "wan"\nckpt_path = "m"\ndtype = "float32"\n'
                    '[adapter]\ntype = "lora"\nrank = 4\ndtype = "float32"\n'
                    '[optimizer]\ntype = "adamw"\nlr = 0.001\n')
@@ -257,5 +257,54 @@ def test_check_command(fixtures):
 
 def test_programmatic_configs_are_plain_dataclasses():
     run = RunConfig(output_dir="o", dataset="d.toml")
-    assert run.adapter.rank == 32 and run.checkpointing_mode == "full"
+    assert run.adapter.rank == 32 and run.checkpointing_mode is None
     assert DatasetConfig().frame_buckets == [81]
+
+
+# ------------------------------------------------------------------------ diffusion-pipe's own files and defaults
+
+def test_diffusion_pipe_wan_min_vram_example_imports(fixtures, tmp_path):
+    """diffusion-pipe's examples/wan_14b_min_vram.toml gives AdamW8bitKahan `stabilize = false` and no eps."""
+    path = _write_variant(fixtures, "eps = 1e-8", "stabilize = false")
+    cfg = load_run_config(path)
+    assert cfg.optimizer.stabilize is False and cfg.optimizer.eps == 1e-8
+    assert _raw(save_run_config(cfg, tmp_path / "run.toml")) == _raw(path)
+    with pytest.raises(ConfigError, match=r"'optimizer.stabilize'.* is true; allowed values: false"):
+        load_run_config(_write_variant(fixtures, "eps = 1e-8", "stabilize = true"))
+
+
+def test_keys_left_out_mean_what_they_mean_to_diffusion_pipe(tmp_path):
+    """diffusion-pipe's train.py: micro_batch_size_per_gpu 1 and activation_checkpointing false when unset; its
+    dataset.py: enable_ar_bucket false (one square bucket)."""
+    src = tmp_path / "run.toml"
+    src.write_text('output_dir = "out"\ndataset = "d.toml"\nepochs = 3\nsave_every_n_epochs = 1\n'
+                   '[model]\ntype = "wan"\nckpt_path = "m"\ndtype = "bfloat16"\n'
+                   '[adapter]\ntype = "lora"\nrank = 4\ndtype = "bfloat16"\n'
+                   '[optimizer]\ntype = "adamw"\nlr = 0.001\n')
+    run = load_run_config(src)
+    assert run.micro_batch_size_per_gpu == 1
+    assert run.activation_checkpointing is False and run.checkpointing_mode is None
+    assert _raw(save_run_config(run, tmp_path / "again.toml")) == _raw(src)
+    data = tmp_path / "d.toml"
+    data.write_text('resolutions = [256]\nframe_buckets = [17]\n[[directory]]\npath = "clips"\n')
+    dataset = load_dataset_config(data)
+    assert dataset.bucket_settings(dataset.directory[0])["enable_ar_bucket"] is False
+    # The presets' aspect buckets are written out, so diffusion-pipe buckets the same way.
+    _, preset = preset_configs("48 GB", clips_dir="c", output_dir="o", model_path="m")
+    assert _raw(save_dataset_config(preset, tmp_path / "preset.toml"))["enable_ar_bucket"] is True
+
+
+def test_a_run_saves_loras_on_a_set_cadence_as_diffusion_pipe_requires(fixtures, tmp_path):
+    """diffusion-pipe's train.py refuses a config without save_every_n_epochs or save_every_n_steps, and saves no
+    epoch LoRAs when only steps are set."""
+    steps_only = load_run_config(_write_variant(fixtures, "save_every_n_epochs = 10", "save_every_n_steps = 50"))
+    assert steps_only.save_every_n_epochs is None and steps_only.save_every_n_steps == 50
+    path = _write_variant(fixtures, "save_every_n_epochs = 10\n", "")
+    with pytest.raises(ConfigError, match="'save_every_n_epochs' or 'save_every_n_steps'") as info:
+        load_run_config(path)
+    assert str(path.resolve()) in str(info.value)
+    built = RunConfig(output_dir="o", dataset="d.toml")
+    with pytest.raises(ConfigError, match="'save_every_n_epochs' or 'save_every_n_steps'"):
+        save_run_config(built, tmp_path / "run.toml")
+    saved = save_run_config(apply_overrides(built, {"save_every_n_epochs": 1}), tmp_path / "run.toml")
+    assert _raw(saved)["save_every_n_epochs"] == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,9 +13,10 @@ import torch
 from PIL import Image
 
 from engine.infer import (
-    GenerationCancelled, GenerationError, GenerationRequest, PipelineCache, PipelineOptions, comfyui_workflow,
-    export_comfyui_workflow, fit_size, motion_score, open_image, plan_sweep, read_sidecar, render_sweep,
-    render_video, reproduce, request_from_sidecar, resolve_request, sample_with_transformer,
+    CLI_SETTING_NAMES, GenerationCancelled, GenerationError, GenerationRequest, PipelineCache, PipelineOptions,
+    comfyui_workflow, export_comfyui_workflow, fit_size, memory_advice, motion_score, open_image,
+    options_from_sidecar, output_size, plan_sweep, read_sidecar, render_sweep, render_video, reproduce,
+    request_from_sidecar, resolve_request, sample_with_transformer,
 )
 from engine.lora_io import LoraMismatchError, load_lora, save_lora, save_lora_file
 from tests.engine.test_lora_io import make_lora_dir, random_peft_lora
@@ -74,6 +77,20 @@ def test_generates_a_video_with_a_complete_sidecar(pipe, image_path, lora_file, 
     assert sidecar["loras"][0]["sha256"] and sidecar["loras"][0]["format"] == "diffusion-pipe"
     assert sidecar["motion"] > 0 and len(sidecar["frames_sha256"]) == 64
     assert "step 2/2" in steps_seen
+    # the scheduler comes from the model folder and decides every frame: its class and settings are recorded
+    assert sidecar["scheduler"]["class"] == "UniPCMultistepScheduler"
+    assert sidecar["scheduler"]["flow_shift"] == 3.0 and sidecar["scheduler"]["solver_type"] == "bh2"
+    assert sidecar["torch"] == torch.__version__ and sidecar["device"] == "cpu"
+    assert len(sidecar["image_sha256"]) == 64
+    assert options_from_sidecar(out).device == "cpu"  # a CPU render is reproduced on the CPU
+
+
+def test_sidecar_records_a_relative_model_folder_as_an_absolute_path(pipe, image_path, tiny_models, tmp_path,
+                                                                      monkeypatch):
+    model = Path(tiny_models.wan)
+    monkeypatch.chdir(model.parent)
+    out = render_video(pipe, request(image_path), tmp_path / "rel.mp4", model=model.name)
+    assert read_sidecar(out)["model"] == str(model.resolve())
 
 
 def test_strength_zero_reproduces_the_base_output(pipe, image_path, lora_file, tmp_path):
@@ -142,6 +159,25 @@ def test_sidecar_reproduces_the_output(cache, image_path, lora_file, tmp_path):
     assert read_sidecar(again)["frames_sha256"] == read_sidecar(first)["frames_sha256"]
 
 
+def test_reproduce_says_when_a_lora_or_the_image_changed_or_vanished(cache, image_path, lora_file, tiny_models,
+                                                                     tmp_path):
+    lora, image = tmp_path / "my lora.safetensors", tmp_path / "start.png"
+    shutil.copyfile(lora_file, lora)
+    shutil.copyfile(image_path, image)
+    video = render_video(cache.pipe, request(image, loras=[(str(lora), 0.7)]), tmp_path / "v.mp4")
+    shutil.copyfile(make_lora_dir(tiny_models.wan, tmp_path / "retrained", seed=9), lora)  # same path, new weights
+    with pytest.raises(GenerationError, match=r"LoRA file .*my lora\.safetensors has changed since"):
+        reproduce(video, cache, tmp_path / "again.mp4")
+    lora.unlink()
+    with pytest.raises(GenerationError, match=r"LoRA file .*my lora\.safetensors is gone"):
+        reproduce(video, cache, tmp_path / "again.mp4")
+    shutil.copyfile(lora_file, lora)
+    Image.new("RGB", (96, 64), (0, 0, 0)).save(image)
+    with pytest.raises(GenerationError, match=r"start image .*start\.png has changed since"):
+        reproduce(video, cache, tmp_path / "again.mp4")
+    assert not (tmp_path / "again.mp4").exists()
+
+
 def test_lora_for_another_model_is_rejected(pipe, image_path, tmp_path):
     from diffusers import WanTransformer3DModel
 
@@ -170,6 +206,33 @@ def test_frames_size_and_seed_are_resolved_and_said(image_path):
     assert (small.height, small.width) == fit_size(1920, 1080, pixel_budget=224 * 128) == (128, 224)
     with pytest.raises(GenerationError, match="steps"):
         resolve_request(request(image_path, steps=0), (96, 64))
+
+
+def test_one_side_given_keeps_the_image_aspect(image_path):
+    assert output_size((1920, 1080), width=832) == (464, 832)  # not 480p's 480 rows: that would crop the sides
+    assert output_size((1080, 1920), height=832) == (832, 464)
+    assert output_size((1920, 1080), 480, 480) == (480, 480)  # both given: as given
+    resolved, notes = resolve_request(request(image_path, height=None, width=50), (96, 64))
+    assert (resolved.height, resolved.width) == (32, 48) and "width 50: not a multiple of 16" in notes[-1]
+    with pytest.raises(GenerationError, match="height must be at least 16"):
+        resolve_request(request(image_path, height=8, width=None), (96, 64))
+
+
+def test_out_of_memory_names_the_settings_still_off(tiny_models, image_path, tmp_path, capsys, monkeypatch):
+    from engine import infer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(infer, "render_video", out_of_memory)
+    argv = ["--model", tiny_models.wan, "--image", str(image_path), "--prompt", "x", "--device", "cpu",
+            "--out", str(tmp_path)]
+    assert infer.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory" in err and "--cpu-offload and --vae-tiling" in err and "--frames" in err
+    offloaded = PipelineOptions(model="m", cpu_offload=True, vae_tiling=True)
+    advice = memory_advice(offloaded, CLI_SETTING_NAMES)
+    assert "--cpu-offload" not in advice and "--vae-tiling" not in advice and "--height/--width" in advice
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "I;16", "P", "CMYK"])
@@ -217,6 +280,56 @@ def test_comfyui_workflow_loads_the_same_model_and_lora(pipe, image_path, lora_f
             if isinstance(value, list):
                 assert value[0] in workflow and isinstance(value[1], int)
     assert len(comfyui_workflow(request(image_path))) == len(workflow) - 1  # no LoRA node without LoRAs
+
+
+# Inputs (required, and the optional ones we link) and output counts of the stock ComfyUI nodes, as nodes.py,
+# comfy_extras/nodes_wan.py, nodes_model_advanced.py and nodes_video.py declare them.
+COMFY_INPUTS = {
+    "UNETLoader": {"unet_name", "weight_dtype"},
+    "LoraLoaderModelOnly": {"model", "lora_name", "strength_model"},
+    "ModelSamplingSD3": {"model", "shift"},
+    "CLIPLoader": {"clip_name", "type", "device"},
+    "CLIPTextEncode": {"text", "clip"},
+    "VAELoader": {"vae_name"},
+    "LoadImage": {"image"},
+    "CLIPVisionLoader": {"clip_name"},
+    "CLIPVisionEncode": {"clip_vision", "image", "crop"},
+    "WanImageToVideo": {"positive", "negative", "vae", "width", "height", "length", "batch_size",
+                        "clip_vision_output", "start_image"},
+    "KSampler": {"model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                 "latent_image", "denoise"},
+    "VAEDecode": {"samples", "vae"},
+    "CreateVideo": {"images", "fps"},
+    "SaveVideo": {"video", "filename_prefix", "format", "codec"},
+}
+COMFY_OUTPUTS = {"LoadImage": 2, "WanImageToVideo": 3}  # the others have one
+
+
+def test_comfyui_workflow_matches_the_nodes_and_our_sampling(pipe, image_path, lora_file, tmp_path):
+    video = render_video(pipe, request(image_path, guidance=0.5, loras=[(str(lora_file), 1.0)]), tmp_path / "v.mp4")
+    sidecar = read_sidecar(video)
+    workflow = json.loads(export_comfyui_workflow(video).read_text())
+    for node in workflow.values():
+        assert set(node["inputs"]) == COMFY_INPUTS[node["class_type"]], node["class_type"]
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert 0 <= value[1] < COMFY_OUTPUTS.get(workflow[value[0]]["class_type"], 1)
+    by_type = {node["class_type"]: node["inputs"] for node in workflow.values()}
+    i2v = next(i for i, node in workflow.items() if node["class_type"] == "WanImageToVideo")
+    sampler = by_type["KSampler"]
+    assert (sampler["positive"], sampler["negative"], sampler["latent_image"]) == ([i2v, 0], [i2v, 1], [i2v, 2])
+    # the CLIP image encoder saw the centre crop (diffusers' CLIPImageProcessor), not the squashed frame
+    assert by_type["CLIPVisionEncode"]["crop"] == "center"
+    # our scheduler: UniPC bh2 with the model folder's flow shift; guidance <= 1 is no guidance, ComfyUI's cfg 1
+    assert sampler["sampler_name"] == "uni_pc_bh2" and sampler["scheduler"] == "simple"
+    assert sampler["cfg"] == 1.0 and by_type["ModelSamplingSD3"]["shift"] == 3.0
+    sidecar["scheduler"]["flow_shift"] = 5.0  # a model folder whose scheduler shifts more
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps(sidecar))
+    workflow = json.loads(export_comfyui_workflow(shifted).read_text())
+    assert next(n for n in workflow.values() if n["class_type"] == "ModelSamplingSD3")["inputs"]["shift"] == 5.0
+    with pytest.raises(GenerationError, match="FlowMatchEulerDiscreteScheduler"):
+        comfyui_workflow(request(image_path), scheduler={"class": "FlowMatchEulerDiscreteScheduler", "shift": 5.0})
 
 
 def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path, tmp_path):

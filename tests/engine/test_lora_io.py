@@ -87,12 +87,13 @@ def test_save_writes_config_and_metadata(peft_state, tmp_path):
                      metadata={"base_model": "/models/wan", "steps": 40, "dataset_fingerprint": "f00d"})
     assert file.name == "adapter_model.safetensors"
     config = json.loads((file.parent / ADAPTER_CONFIG_FILE).read_text())
-    assert config["r"] == RANK and config["lora_alpha"] == ALPHA
+    assert config["r"] == RANK and config["lora_alpha"] == RANK  # the tensors carry alpha/rank already
     assert set(config["target_modules"]) == set(wan_module_names())
     assert config["base_model_name_or_path"] == "/models/wan"
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
     assert meta["steps"] == "40" and meta["dataset_fingerprint"] == "f00d" and meta["rank"] == str(RANK)
+    assert meta["alpha"] == f"{ALPHA:g}" and meta["alpha_baked"] == "true"
     assert not list(file.parent.glob(".*"))  # no temporary files left behind
 
 
@@ -117,8 +118,66 @@ def test_every_format_round_trips(peft_state, tmp_path, fmt):
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
-    if fmt != "diffusers":  # diffusers' format bakes alpha into lora_B
-        assert back.alpha == ALPHA and back.rank == RANK
+    # diffusion-pipe's and diffusers' formats fold alpha/rank into lora_B; the others store alpha
+    assert back.rank == RANK and back.alpha == (RANK if fmt in ("diffusion-pipe", "diffusers") else ALPHA)
+
+
+def comfy_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight change per LoRA key base as ComfyUI's LoRA adapter computes it: up @ down * alpha/rank, where a module
+    without a `.alpha` key gets alpha/rank = 1."""
+    deltas = {}
+    for key, up in state.items():
+        match = re.fullmatch(r"(.+)\.(lora_up|lora_B)\.weight", key)
+        if match:
+            base = match.group(1)
+            down = state[f"{base}.{'lora_down' if match.group(2) == 'lora_up' else 'lora_A'}.weight"]
+            scale = float(state[f"{base}.alpha"]) / down.shape[0] if f"{base}.alpha" in state else 1.0
+            deltas[base] = up.float() @ down.float() * scale
+    return deltas
+
+
+@pytest.mark.parametrize("fmt", ["diffusion-pipe", "comfy-down-up", "musubi"])
+def test_comfyui_applies_the_trained_change_from_every_format_it_reads(peft_state, fmt):
+    weights = parse_lora_state(peft_state, default_alpha=ALPHA)
+    deltas = comfy_deltas(weights.state_dict(fmt))
+    assert len(deltas) == len(weights.modules)
+    for name, m in weights.modules.items():
+        original = to_original_module(name)
+        base = "lora_unet_" + original.replace(".", "_") if fmt == "musubi" else f"diffusion_model.{original}"
+        torch.testing.assert_close(deltas[base], m.up @ m.down * (ALPHA / RANK))
+
+
+def test_diffusion_pipe_layout_holds_only_what_diffusion_pipe_loads(peft_state, tmp_path):
+    """diffusion-pipe's init_from_existing maps every key to a lora_A/lora_B parameter (an `.alpha` key stops it)
+    and trains with alpha = rank, so our alpha/rank must already be in lora_B."""
+    from safetensors.torch import load_file
+
+    saved = load_file(save_lora(peft_state, tmp_path / "epoch1", rank=RANK, alpha=ALPHA))
+    for key in saved:
+        assert re.fullmatch(r"diffusion_model\.blocks\.\d+\.[\w.]+\.lora_[AB]\.weight", key), key
+    for key, down in peft_state.items():
+        if ".lora_A." in key:
+            module = key.removesuffix(".lora_A.weight")
+            base = f"diffusion_model.{to_original_module(module)}"
+            torch.testing.assert_close(saved[f"{base}.lora_B.weight"] @ saved[f"{base}.lora_A.weight"],
+                                       peft_state[f"{module}.lora_B.weight"] @ down * (ALPHA / RANK))
+
+
+def test_diffusers_pipeline_file_keeps_its_alpha(peft_state, tmp_path):
+    """diffusers' pipeline save_lora_weights keeps the adapter config in the header under `transformer.` keys."""
+    from diffusers import WanImageToVideoPipeline
+    from peft import LoraConfig
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGET_MODULES).to_dict()
+    WanImageToVideoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=peft_state,
+                                              transformer_lora_adapter_metadata=config)
+    back = load_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    assert back.source_format == "diffusers" and back.alpha == ALPHA
+    expected = parse_lora_state(peft_state, default_alpha=ALPHA).to_diffusers_peft()
+    got = back.to_diffusers_peft()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key])
 
 
 def test_musubi_and_comfy_key_names(peft_state):
