@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-SETTINGS = {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective", "studio.compile": True,
-            "optimizer.type": "adamw"}
+SETTINGS = {"model.transformer_dtype": "bfloat16", "activation_checkpointing": True,
+            "studio.selective_checkpointing": True, "compile": True, "optimizer.type": "adamw"}
 
 
 def worker(args) -> int:

@@ -38,20 +38,19 @@ LORA_RANK = 32
 LOW_MEMORY_CAP_GIB = 24
 
 # Our variants as RunConfig overrides (the trainer reads exactly these keys); "reference" is plain diffusers + peft.
+SELECTIVE = {"activation_checkpointing": True, "studio.selective_checkpointing": True}
+FLOAT8_MATMULS = {"model.transformer_dtype": "float8", "studio.float8_matmuls": True}
 VARIANTS: dict[str, dict] = {
     "reference": {},
-    "ours-bf16": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective",
-                  "studio.compile": True, "optimizer.type": "adamw"},
-    "ours-fp8": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
-                 "studio.compile": True, "optimizer.type": "adamw"},
-    "ours-fp8-bf16-backward": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
-                               "studio.compile": True, "optimizer.type": "adamw", "bench.float8_backward": False},
-    "ours-bf16-full": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": True,
-                       "studio.compile": True, "optimizer.type": "adamw"},
-    "ours-eager": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective",
-                   "studio.compile": False, "optimizer.type": "adamw"},
-    "low-memory-24g": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": "unsloth",
-                       "blocks_to_swap": 28, "studio.compile": True, "optimizer.type": "AdamW8bit"},
+    "ours-bf16": {"model.transformer_dtype": "bfloat16", **SELECTIVE, "compile": True, "optimizer.type": "adamw"},
+    "ours-fp8": {**FLOAT8_MATMULS, **SELECTIVE, "compile": True, "optimizer.type": "adamw"},
+    "ours-fp8-bf16-backward": {**FLOAT8_MATMULS, **SELECTIVE, "compile": True, "optimizer.type": "adamw",
+                               "bench.float8_backward": False},
+    "ours-bf16-full": {"model.transformer_dtype": "bfloat16", "activation_checkpointing": True, "compile": True,
+                       "optimizer.type": "adamw"},
+    "ours-eager": {"model.transformer_dtype": "bfloat16", **SELECTIVE, "compile": False, "optimizer.type": "adamw"},
+    "low-memory-24g": {**FLOAT8_MATMULS, "activation_checkpointing": "unsloth", "blocks_to_swap": 28,
+                       "compile": True, "optimizer.type": "AdamW8bit"},
 }
 DEFAULT_VARIANTS = ("reference", "ours-bf16", "ours-fp8", "low-memory-24g")
 
@@ -253,7 +252,7 @@ def run_config(overrides: dict, tiny: bool):
     cfg = apply_overrides(RunConfig(output_dir="bench-run", dataset="dataset.toml"),
                           {"adapter.rank": 4 if tiny else LORA_RANK, **overrides})
     if tiny:  # no inductor on the CPU box: the compiled path is exercised by the accel tests
-        cfg = apply_overrides(cfg, {"studio.compile": False, "model.dtype": "float32",
+        cfg = apply_overrides(cfg, {"compile": False, "model.dtype": "float32",
                                     "blocks_to_swap": min(cfg.blocks_to_swap, 2)})
     return cfg
 
@@ -381,8 +380,7 @@ def gradient_parity(frames: int, tiny: bool) -> dict:
 
         transformer = build_wan_14b_transformer("cuda", torch.bfloat16)
     model, _, timesteps, _, _, _ = prepare_ours(
-        transformer, {"model.transformer_dtype": "bfloat16", "activation_checkpointing": "selective",
-                      "studio.compile": False}, device, tiny)
+        transformer, {"model.transformer_dtype": "bfloat16", **SELECTIVE, "compile": False}, device, tiny)
     gen = torch.Generator().manual_seed(1)
     params = [p for p in model.parameters() if p.requires_grad]
     for name, p in model.named_parameters():
@@ -517,7 +515,7 @@ def print_table(results: list[dict], rates: dict, tiny: bool) -> None:
                                                                                ).checkpointing_mode
             fl = count_block_flops(r["tokens"], recompute=recompute)
             key = "fp8_scaled_mm_ffn_rowwise" if VARIANTS.get(r["variant"], {}).get(
-                "model.transformer_dtype") == "float8_compute" else "bf16_mm_ffn"
+                "studio.float8_matmuls") else "bf16_mm_ffn"
             # float8 runs only the forward and recompute linears in float8; the backward stays bf16
             floor_bf16 = floor_seconds(fl, rates, r["tokens"])
             if key != "bf16_mm_ffn":

@@ -1,8 +1,15 @@
 """Run and dataset configuration: dataclasses that read and write diffusion-pipe-compatible TOML.
 
 A run TOML holds diffusion-pipe's keys (top level, `[model]`, `[adapter]`, `[optimizer]`, `[monitoring]`) plus our
-own extras in a `[studio]` table, so a file exported from the studio stays a diffusion-pipe file. A dataset TOML holds
-the bucket settings and `[[directory]]` entries.
+own extras in a `[studio]` table, so a file exported from the studio stays a diffusion-pipe file. A diffusion-pipe key
+only ever holds a value diffusion-pipe accepts, with diffusion-pipe's meaning; a studio mode that goes further is a
+`[studio]` switch refining one such value (e.g. `transformer_dtype = 'float8'` + `[studio] float8_matmuls = true`), so
+diffusion-pipe runs the same file with its nearest equivalent. A dataset TOML holds the bucket settings and
+`[[directory]]` entries.
+
+Earlier studio versions wrote their own values into diffusion-pipe keys ('float8_compute', 'selective', 'cosine',
+'multiple_overlapping') and kept `compile` and the timestep shift under `[studio]`: such files (runs to resume) still
+load, meaning the same, and are written back in the current form.
 
 Every field carries `metadata["help"]` (unit, range, why); the Train tab builds its form from `describe_fields` and
 applies edits with `apply_overrides`, both of which validate exactly like loading a file does.
@@ -19,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import functools
 import os
 import sys
 import tomllib
@@ -34,10 +42,10 @@ from engine.files import atomic_write_text
 
 OPTIMIZER_TYPES = ("adamw", "adamw_optimi", "adamw8bit", "AdamW8bitKahan")
 DTYPES = ("bfloat16", "float16", "float32")
-# 'float8': weights stored float8 e4m3 and computed in bf16; 'float8_compute': fp8 matmuls (Hopper GPUs).
-TRANSFORMER_DTYPES = ("bfloat16", "float16", "float32", "float8", "float8_compute")
-# True = full checkpointing; 'unsloth' = checkpoints kept in CPU memory; 'selective' = our cheaper partial mode.
-ACTIVATION_CHECKPOINTING = (False, True, "unsloth", "selective")
+# diffusion-pipe's values we train with. 'float8': weights stored float8 e4m3 and computed in bf16.
+TRANSFORMER_DTYPES = ("bfloat16", "float16", "float32", "float8")
+# diffusion-pipe's values: true = full checkpointing; 'unsloth' = checkpoints kept in CPU memory.
+ACTIVATION_CHECKPOINTING = (False, True, "unsloth")
 WAN_BLOCKS = 40  # transformer blocks in Wan 2.1 14B: the upper bound for blocks_to_swap
 
 
@@ -80,11 +88,13 @@ class ModelConfig(_Section):
     dtype: str = _f("bfloat16", "Dtype of the non-transformer parts and of computation. bfloat16 on a GPU; float32 "
                                 "for CPU runs.", choices=DTYPES, required=True)
     transformer_dtype: str = _f("bfloat16", "Storage of the frozen transformer weights. 'float8' halves their memory "
-                                            "(computed in bf16); 'float8_compute' also runs fp8 matmuls (H100).",
-                                choices=TRANSFORMER_DTYPES)
+                                            "(computed in bf16; [studio] float8_matmuls also runs the matmuls in "
+                                            "float8).", choices=TRANSFORMER_DTYPES)
     timestep_sample_method: str = _f("logit_normal", "How training noise levels t are drawn: 'logit_normal' "
                                                      "(favours mid t, as the Wan authors) or 'uniform'.",
                                      choices=("logit_normal", "uniform"))
+    shift: float = _f(1.0, "Shift s of the sampled t: t' = t*s/(1+(s-1)t). 1 = none; >1 trains noisier steps.",
+                      minimum=0.01, maximum=100.0)
 
 
 @dataclass
@@ -149,9 +159,16 @@ class StudioConfig(_Section):
     lora_alpha: float | None = _f(None, "LoRA alpha; unset = rank (scale 1, what diffusion-pipe and ComfyUI "
                                         "assume).", minimum=0.0)
     seed: int = _f(42, "Seed for LoRA init, timesteps, noise and data order: same seed, same run.", minimum=0)
-    compile: bool = _f(False, "torch.compile the transformer blocks: faster steps after a slow first one (GPU).")
-    timestep_shift: float = _f(1.0, "Shift s of the sampled t: t' = t*s/(1+(s-1)t). 1 = none; >1 trains noisier "
-                                    "steps.", minimum=0.01, maximum=100.0)
+    float8_matmuls: bool = _f(False, "With transformer_dtype = 'float8': also run the frozen weights' matmuls in "
+                                     "float8 (Hopper GPUs such as the H100; faster). diffusion-pipe computes in bf16.")
+    selective_checkpointing: bool = _f(False, "With activation_checkpointing = true: keep the self-attention outputs "
+                                              "and recompute only the cheap parts (faster, more memory). "
+                                              "diffusion-pipe recomputes everything.")
+    cosine_schedule: bool = _f(False, "With lr_scheduler = 'linear': decay to 0 along a half cosine instead of a "
+                                      "straight line. diffusion-pipe decays linearly.")
+    overlapping_clips: bool = _f(False, "With video_clip_mode = 'single_beginning': cut a clip longer than its frame "
+                                        "bucket into overlapping windows covering all of it (the first is "
+                                        "diffusion-pipe's clip).")
     state_every_n_steps: int | None = _f(None, "Save the full resume state every N optimizer steps (in addition "
                                                "to checkpoint_every_n_*); unset = off.", minimum=1)
     samples: SamplesConfig = _f(help="Samples while training.", factory=SamplesConfig)
@@ -176,8 +193,9 @@ class RunConfig(_Section):
     gradient_clipping: float = _f(1.0, "Clip the gradient norm to this (>0); guards against loss spikes.",
                                   minimum=0.0)
     warmup_steps: int = _f(0, "Steps of linear learning-rate warm-up from 0 (0..100000).", minimum=0, maximum=100000)
-    lr_scheduler: str = _f("constant", "Learning rate after warm-up: constant, linear decay to 0, or cosine.",
-                           choices=("constant", "linear", "cosine"))
+    lr_scheduler: str = _f("constant", "Learning rate after warm-up: constant, or linear decay to 0 ([studio] "
+                                       "cosine_schedule decays along a cosine instead).",
+                           choices=("constant", "linear"))
     eval_every_n_epochs: int | None = _f(None, "Evaluate on eval datasets every N epochs (diffusion-pipe; the "
                                                "studio renders samples instead).", minimum=1)
     eval_before_first_step: bool = _f(True, "Evaluate before training starts (diffusion-pipe only).")
@@ -193,9 +211,9 @@ class RunConfig(_Section):
     checkpoint_every_n_minutes: int | None = _f(None, "Save the full resume state every N minutes of training.",
                                                 minimum=1)
     activation_checkpointing: bool | str = _f(
-        False, "Recompute activations in backward to save memory: true (full), 'unsloth' (saved block inputs kept "
-               "in CPU memory: least GPU memory), 'selective' (studio only: recompute the cheap parts), false (as "
-               "diffusion-pipe when unset).", choices=ACTIVATION_CHECKPOINTING)
+        False, "Recompute activations in backward to save memory: true (full; [studio] selective_checkpointing "
+               "recomputes only the cheap parts), 'unsloth' (saved block inputs kept in CPU memory: least GPU "
+               "memory), false (as diffusion-pipe when unset).", choices=ACTIVATION_CHECKPOINTING)
     blocks_to_swap: int = _f(0, "Transformer blocks kept in pinned CPU memory and streamed to the GPU ahead of use "
                                 f"(0..{WAN_BLOCKS - 1}). 32 fits 14B in 24 GB; slower.", minimum=0,
                              maximum=WAN_BLOCKS - 1)
@@ -204,10 +222,12 @@ class RunConfig(_Section):
     caching_batch_size: int = _f(1, "diffusion-pipe: clips encoded at once while caching (1..64). The studio "
                                     "encodes one clip at a time, exactly as the inference pipeline does.",
                                  minimum=1, maximum=64)
+    compile: bool = _f(False, "torch.compile the transformer blocks: faster steps after a slow first one (GPU).")
     steps_per_print: int = _f(1, "Log the loss every N steps.", minimum=1)
-    video_clip_mode: str = _f("single_beginning", "Which part of a clip longer than its frame bucket is used: "
-                                                  "its beginning, its middle, or several overlapping windows.",
-                              choices=("single_beginning", "single_middle", "multiple_overlapping"))
+    video_clip_mode: str = _f("single_beginning", "Which part of a clip longer than its frame bucket is used: its "
+                                                  "beginning or its middle ([studio] overlapping_clips: overlapping "
+                                                  "windows over all of it).",
+                              choices=("single_beginning", "single_middle"))
     model: ModelConfig = _f(help="Base model.", factory=ModelConfig)
     adapter: AdapterConfig = _f(help="LoRA adapter.", factory=AdapterConfig)
     optimizer: OptimizerConfig = _f(help="Optimizer.", factory=OptimizerConfig)
@@ -233,9 +253,19 @@ class RunConfig(_Section):
 
     @property
     def checkpointing_mode(self) -> str | None:
-        """The engine.accel mode for activation_checkpointing: None, 'full', 'offload' or 'selective'."""
-        return {False: None, True: "full", "unsloth": "offload", "selective": "selective"}[
-            self.activation_checkpointing]
+        """The engine.accel mode: None, 'full', 'selective' (true + [studio] selective_checkpointing) or 'offload'."""
+        full = "selective" if self.studio.selective_checkpointing else "full"
+        return {False: None, True: full, "unsloth": "offload"}[self.activation_checkpointing]
+
+    @property
+    def lr_schedule(self) -> str:
+        """The trainer's schedule after warm-up: 'constant', 'linear' or 'cosine' ([studio] cosine_schedule)."""
+        return "cosine" if self.studio.cosine_schedule else self.lr_scheduler
+
+    @property
+    def clip_mode(self) -> str:
+        """engine.dataset's video_clip_mode: this one, or 'multiple_overlapping' ([studio] overlapping_clips)."""
+        return "multiple_overlapping" if self.studio.overlapping_clips else self.video_clip_mode
 
 
 # ----------------------------------------------------------------------------------------------- dataset config
@@ -302,6 +332,20 @@ class DatasetConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------------- validation
+
+# Studio modes that refine one value of a diffusion-pipe key (which diffusion-pipe then runs as that value):
+# ([studio] switch, diffusion-pipe key, the value it refines, what earlier studio versions wrote into that key).
+_REFINEMENTS = (
+    ("float8_matmuls", "model.transformer_dtype", "float8", "float8_compute"),
+    ("selective_checkpointing", "activation_checkpointing", True, "selective"),
+    ("cosine_schedule", "lr_scheduler", "linear", "cosine"),
+    ("overlapping_clips", "video_clip_mode", "single_beginning", "multiple_overlapping"),
+)
+# What earlier studio versions wrote, read as what it meant: its own values in diffusion-pipe keys, and keys it kept
+# under [studio] that diffusion-pipe has with the same meaning.
+_LEGACY_VALUES = {(key, old): {key: refined, f"studio.{switch}": True} for switch, key, refined, old in _REFINEMENTS}
+_MOVED_KEYS = {"studio.compile": "compile", "studio.timestep_shift": "model.shift"}
+
 
 def _where(file: Path | str | None) -> str:
     return f" in {file}" if file else ""
@@ -474,8 +518,15 @@ def _check_consistency(cfg: RunConfig | DatasetConfig, file) -> None:
                                   f"{_where(file)} for directory {i}.")
             if not directory.path:
                 raise ConfigError(f"'directory.{i}.path'{_where(file)} is empty: name a folder of clips.")
-    elif cfg.adapter.init_from_existing == "":
-        raise ConfigError(f"'adapter.init_from_existing'{_where(file)} is empty: name a LoRA folder or leave it out.")
+    else:
+        if cfg.adapter.init_from_existing == "":
+            raise ConfigError(f"'adapter.init_from_existing'{_where(file)} is empty: name a LoRA folder or leave it "
+                              "out.")
+        for switch, key, refined, _ in _REFINEMENTS:
+            value = functools.reduce(getattr, key.split("."), cfg)
+            if getattr(cfg.studio, switch) and value != refined:
+                raise ConfigError(f"'studio.{switch}' = true{_where(file)} needs '{key}' = {_toml_literal(refined)}, "
+                                  f"not {_toml_literal(value)}: set that, or set 'studio.{switch}' = false.")
 
 
 def _check_save_cadence(cfg: RunConfig, file) -> None:
@@ -487,6 +538,48 @@ def _check_save_cadence(cfg: RunConfig, file) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- reading
+
+def _upgrade_legacy(settings: dict[tuple[str, ...], Any], file) -> dict[tuple[str, ...], Any]:
+    """Run settings {key path: value} with earlier studio versions' keys and values rewritten to the current form
+    (same meaning); two settings that then disagree are an error."""
+    out: dict[tuple[str, ...], Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for path, value in settings.items():
+        key = ".".join(path)
+        old = (key, value) if isinstance(value, str) else None
+        for new_key, new_value in _LEGACY_VALUES.get(old, {_MOVED_KEYS.get(key, key): value}).items():
+            new_path = tuple(new_key.split("."))
+            if new_path in out and out[new_path] != new_value:
+                raise ConfigError(f"'{origin[new_path]}' and '{key}'{_where(file)} disagree: read in the current form "
+                                  f"they set '{new_key}' to {_toml_literal(out[new_path])} and "
+                                  f"{_toml_literal(new_value)}. Keep one of them.")
+            out[new_path], origin[new_path] = new_value, key
+    return out
+
+
+def _flatten(table: dict, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{key path: value} of a parsed TOML table; empty tables stay values, so they are read as set."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, (*path, key)))
+        else:
+            flat[(*path, key)] = value
+    return flat
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    table: dict = {}
+    for path, value in flat.items():
+        parent = table
+        for part in path[:-1]:
+            parent = parent.setdefault(part, {})
+            if not isinstance(parent, dict):  # e.g. `model = 3`: _fill_section names that key
+                break
+        else:
+            parent[path[-1]] = value
+    return table
+
 
 def _read_toml(path: Path) -> dict:
     try:
@@ -502,7 +595,7 @@ def load_run_config(path: str | os.PathLike) -> RunConfig:
     """Read a diffusion-pipe run TOML (+ `[studio]`); ConfigError names any unknown, missing or bad key."""
     path = Path(path).expanduser().resolve()
     cfg = RunConfig(source=path)
-    _fill_section(cfg, _read_toml(path), "", path)
+    _fill_section(cfg, _nest(_upgrade_legacy(_flatten(_read_toml(path)), path)), "", path)
     _require(cfg, "", path)
     _check_consistency(cfg, path)
     _check_save_cadence(cfg, path)
@@ -625,8 +718,11 @@ def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -
     """
     new = copy.deepcopy(cfg)
     file = cfg.source
-    for key, value in overrides.items():
-        *parents, name = key.split(".")
+    paths = {tuple(key.split(".")): value for key, value in overrides.items()}
+    if isinstance(cfg, RunConfig):
+        paths = _upgrade_legacy(paths, file)
+    for (*parents, name), value in paths.items():
+        key = ".".join((*parents, name))
         section: Any = new
         for part in parents:
             if isinstance(section, list) and part.isdigit() and int(part) < len(section):
@@ -678,10 +774,10 @@ PRESET_CPU_DEMO = "CPU demo (tiny model)"
 # What every GPU preset shares: the seed's hyperparameters (rank 32, lr 2e-5, betas, weight decay), float8 matmuls
 # for the frozen base, compiled blocks, and the save/checkpoint cadence.
 _GPU_PRESET_BASE: dict[str, Any] = {
-    "model.dtype": "bfloat16", "model.transformer_dtype": "float8_compute", "adapter.rank": 32,
+    "model.dtype": "bfloat16", "model.transformer_dtype": "float8", "studio.float8_matmuls": True, "adapter.rank": 32,
     "adapter.dtype": "bfloat16", "optimizer.lr": 2e-5, "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.01,
     "save_every_n_epochs": 5, "checkpoint_every_n_minutes": 30, "warmup_steps": 100, "gradient_clipping": 1.0,
-    "studio.compile": True,
+    "compile": True,
 }
 
 _RUN_PRESETS: dict[str, dict[str, Any]] = {
@@ -690,7 +786,8 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
     PRESET_48GB: {**_GPU_PRESET_BASE, "epochs": 500, "optimizer.type": "adamw8bit", "activation_checkpointing": True,
                   "blocks_to_swap": GPU48_BLOCKS_TO_SWAP},
     PRESET_80GB: {**_GPU_PRESET_BASE, "epochs": 500, "optimizer.type": "adamw_optimi",
-                  "activation_checkpointing": "selective", "blocks_to_swap": GPU80_BLOCKS_TO_SWAP},
+                  "activation_checkpointing": True, "studio.selective_checkpointing": True,
+                  "blocks_to_swap": GPU80_BLOCKS_TO_SWAP},
     PRESET_CPU_DEMO: {
         "epochs": CPU_DEMO_EPOCHS, "model.dtype": "float32", "model.transformer_dtype": "float32",
         "adapter.rank": CPU_DEMO_RANK, "adapter.dtype": "float32", "optimizer.type": "adamw",
@@ -700,9 +797,12 @@ _RUN_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Every preset groups clips by aspect ratio (left unset, diffusion-pipe crops them all square).
+# Every preset groups clips by aspect ratio (left unset, diffusion-pipe crops them all square). Its range is written
+# out too: diffusion-pipe's utils/dataset.py has no default for min_ar, max_ar and num_ar_buckets.
+_AR_RANGE = {f.name: f.default for f in dataclasses.fields(DatasetConfig)
+             if f.name in ("min_ar", "max_ar", "num_ar_buckets")}
 _DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    name: {"enable_ar_bucket": True, "resolutions": [resolution], "frame_buckets": [frames]}
+    name: {"enable_ar_bucket": True, **_AR_RANGE, "resolutions": [resolution], "frame_buckets": [frames]}
     for name, resolution, frames in ((PRESET_24GB, GPU24_RESOLUTION, GPU24_FRAMES),
                                      (PRESET_48GB, GPU48_RESOLUTION, GPU48_FRAMES),
                                      (PRESET_80GB, GPU80_RESOLUTION, GPU80_FRAMES),

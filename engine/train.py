@@ -280,7 +280,7 @@ class Trainer:
 
     def _train_step(self) -> float:
         factor = lr_factor(self.step, warmup_steps=self.cfg.warmup_steps, total_steps=self.max_steps,
-                           schedule=self.cfg.lr_scheduler)
+                           schedule=self.cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.optimizer.lr * factor
         losses = []
@@ -345,7 +345,7 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(), rng=capture_rng_state(),
                 info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
                       "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
-                      "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
+                      "lr_scheduler": self.cfg.lr_schedule, "warmup_steps": self.cfg.warmup_steps,
                       "dataset_fingerprint": self.fingerprint})
             path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
                             self.paths.state_root)
@@ -375,9 +375,11 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
     """Settings that would lower GPU memory for a (frames, height, width) bucket, most effective first, skipping
     those already in use."""
     hints = []
-    if not run_cfg.model.transformer_dtype.startswith("float8"):
+    if run_cfg.model.transformer_dtype != "float8":
         hints.append("[model] transformer_dtype = 'float8' (halves the base weights)")
-    if run_cfg.activation_checkpointing not in (True, "unsloth"):
+    if run_cfg.checkpointing_mode == "selective":
+        hints.append("[studio] selective_checkpointing = false (full checkpointing)")
+    elif not run_cfg.checkpointing_mode:
         hints.append("activation_checkpointing = true")
     if run_cfg.activation_checkpointing != "unsloth":
         hints.append("activation_checkpointing = 'unsloth' (saved activations in CPU memory)")
@@ -466,7 +468,7 @@ def validate(run_cfg, dataset_cfg, events: EventLog):
         check_wan_folder(run_cfg.model.ckpt_path)
     except ModelFolderError as err:
         raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V folder.") from err
-    report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.video_clip_mode)
+    report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.clip_mode)
     for warning in report.warnings:
         events.log(f"Dataset warning: {warning.file}: {warning.message}")
     if report.errors:
@@ -494,7 +496,7 @@ def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: t
     try:
         dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
                                 dtype=compute_dtype(run_cfg, device), rank=world.rank, world_size=world.world_size,
-                                video_clip_mode=run_cfg.video_clip_mode, report=report, on_progress=progress,
+                                video_clip_mode=run_cfg.clip_mode, report=report, on_progress=progress,
                                 should_stop=should_stop)
     except CachingStopped:
         dataset = None

@@ -33,7 +33,7 @@ class TimestepSampling:
 
     @classmethod
     def from_run_config(cls, run_cfg) -> TimestepSampling:
-        return cls(run_cfg.model.timestep_sample_method, float(run_cfg.studio.timestep_shift))
+        return cls(run_cfg.model.timestep_sample_method, float(run_cfg.model.shift))
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n values of t (float32, on the generator's device)."""
@@ -72,9 +72,9 @@ def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
 
 
 def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
-    """The dtype the base transformer is loaded in (float8 modes load at compute dtype, then engine.accel packs)."""
+    """The dtype the base transformer is loaded in (float8 loads at compute dtype, then engine.accel packs)."""
     name = run_cfg.model.transformer_dtype
-    if device.type != "cuda" or name.startswith("float8"):
+    if device.type != "cuda" or name == "float8":
         return compute_dtype(run_cfg, device)
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
@@ -84,8 +84,8 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
 
     LoRA: rank and alpha from the config on every Linear of each block; its weights are initialised from the run's
     seed and kept in float32 whatever `adapter.dtype` says (bf16 master weights lose small AdamW updates without
-    Kahan summation). Modes via engine.accel: float8 storage/compute, block swap, activation checkpointing
-    (full / selective / CPU-offloaded), torch.compile.
+    Kahan summation). Modes via engine.accel: float8 storage (+ float8 matmuls), block swap, activation
+    checkpointing (full / selective / CPU-offloaded), torch.compile.
     """
     from peft import LoraConfig
 
@@ -109,19 +109,18 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
         notes.append(f"adapter.dtype={run_cfg.adapter.dtype}: LoRA weights are trained in float32 (no Kahan "
                      f"summation here) and saved as {run_cfg.save_dtype}.")
 
-    mode = run_cfg.model.transformer_dtype
-    needs_accel = (mode.startswith("float8") or run_cfg.blocks_to_swap or run_cfg.checkpointing_mode
-                   or run_cfg.studio.compile)
+    float8 = run_cfg.model.transformer_dtype == "float8"
+    needs_accel = float8 or run_cfg.blocks_to_swap or run_cfg.checkpointing_mode or run_cfg.compile
     accel = _import_accel() if needs_accel else None
     swapper = None
     if not run_cfg.blocks_to_swap:
         transformer.to(device)  # before float8: packing is fast on a GPU
-    if mode.startswith("float8"):
+    if float8:
         dtype = compute_dtype(run_cfg, device)
-        if mode == "float8":
-            report = accel.apply_float8_storage(transformer, compute_dtype=dtype)
-        else:
+        if run_cfg.studio.float8_matmuls:
             report = accel.apply_float8_compute(transformer, compute_dtype=dtype)
+        else:
+            report = accel.apply_float8_storage(transformer, compute_dtype=dtype)
         matmuls = "float8 matmuls (torch._scaled_mm)" if report.mode == "compute" else \
             f"{str(dtype).removeprefix('torch.')} matmuls"
         notes.append(report.message or f"{report.converted} frozen base Linears stored as float8 e4m3 "
@@ -135,7 +134,7 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
     if run_cfg.checkpointing_mode:
         accel.enable_checkpointing(transformer, run_cfg.checkpointing_mode)
         notes.append(f"Activation checkpointing: {run_cfg.checkpointing_mode}.")
-    if run_cfg.studio.compile:
+    if run_cfg.compile:
         accel.compile_blocks(transformer)
         notes.append("Transformer blocks compiled with torch.compile (the first step is slow).")
     transformer.train()
@@ -148,7 +147,7 @@ def _import_accel():
     except ImportError as err:
         raise TrainingError(f"The low-memory modes need engine/accel.py, which could not be imported: {err}",
                             "Turn off transformer_dtype float8, blocks_to_swap, activation_checkpointing and "
-                            "[studio] compile, or update the studio.") from err
+                            "compile, or update the studio.") from err
     return accel
 
 

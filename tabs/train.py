@@ -113,7 +113,7 @@ def human_seconds(seconds: float | None) -> str:
 def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: float | None = None
               ) -> tuple[list[str], list[str], str]:
     """The dataset report (errors block a run, warnings don't) and an estimate of steps, time and disk use."""
-    report = scan_dataset(dataset, video_clip_mode=run.video_clip_mode)
+    report = scan_dataset(dataset, video_clip_mode=run.clip_mode)
     errors = [str(issue) for issue in report.errors]
     warnings = [str(issue) for issue in report.warnings]
     samples = sum(report.bucket_counts().values())

@@ -79,10 +79,13 @@ def test_dataset_round_trip_is_exact(fixtures, tmp_path):
 def test_studio_table_values(fixtures):
     cfg = load_run_config(fixtures / "studio_extras.toml")
     assert cfg.studio.lora_alpha == 8.0 and cfg.lora_alpha == 8.0
-    assert cfg.studio.compile is True and cfg.studio.seed == 7
+    assert cfg.compile is True and cfg.studio.seed == 7 and cfg.model.shift == 3.0
     assert cfg.studio.samples.epochs == [2, 4] and cfg.studio.samples.frames == 33
-    assert cfg.checkpointing_mode == "selective"
-    assert cfg.model.transformer_dtype == "float8_compute"
+    # Each [studio] switch refines the diffusion-pipe value beside it into the mode the trainer runs.
+    assert (cfg.activation_checkpointing, cfg.checkpointing_mode) == (True, "selective")
+    assert (cfg.model.transformer_dtype, cfg.studio.float8_matmuls) == ("float8", True)
+    assert (cfg.lr_scheduler, cfg.lr_schedule) == ("linear", "cosine")
+    assert (cfg.video_clip_mode, cfg.clip_mode) == ("single_beginning", "multiple_overlapping")
 
 
 def test_minimal_file_writes_only_its_own_keys(tmp_path):
@@ -184,8 +187,8 @@ def test_per_directory_bucket_overrides(tmp_path):
 def test_describe_fields_documents_every_setting(fixtures):
     cfg = load_run_config(fixtures / "min_vram.toml")
     fields = {f.key: f for f in describe_fields(cfg)}
-    assert {"epochs", "optimizer.lr", "model.transformer_dtype", "studio.samples.epochs", "studio.compile"} <= set(
-        fields)
+    assert {"epochs", "optimizer.lr", "model.transformer_dtype", "studio.samples.epochs", "compile",
+            "studio.float8_matmuls"} <= set(fields)
     assert all(f.help for f in fields.values())
     assert fields["optimizer.type"].choices == ("adamw", "adamw_optimi", "adamw8bit", "AdamW8bitKahan")
     assert fields["blocks_to_swap"].value == 32 and fields["blocks_to_swap"].default == 0
@@ -208,7 +211,7 @@ def test_apply_overrides_validates_and_parses_form_text(fixtures):
     assert cfg.optimizer.lr == pytest.approx(2e-5)  # the original is untouched
     for bad, message in [({"optimizer.lr": "fast"}, "'optimizer.lr'"), ({"model.nope": 1}, "'model.nope'"),
                          ({"epochs": 0}, "'epochs'"), ({"model": 1}, "'model'"),
-                         ({"activation_checkpointing": "partial"}, "'selective'")]:
+                         ({"activation_checkpointing": "partial"}, "'unsloth'")]:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(cfg, bad)
     dataset = apply_overrides(load_dataset_config(fixtures / "min_vram_dataset.toml"),
@@ -231,11 +234,19 @@ def test_presets_build_valid_configs_that_round_trip(tmp_path):
         assert all(f % 4 == 1 for f in dataset.frame_buckets)
     low, _ = preset_configs("24 GB GPU (low memory)", clips_dir="c", output_dir="o", model_path="m")
     # The measured 24 GiB setting (bench/RESULTS.md): float8 matmuls, 28 swapped blocks, offloaded checkpoints.
-    assert (low.model.transformer_dtype, low.blocks_to_swap, low.activation_checkpointing, low.optimizer.type) == (
-        "float8_compute", 28, "unsloth", "AdamW8bitKahan")
-    fast, _ = preset_configs("80 GB", clips_dir="c", output_dir="o", model_path="m")
-    assert (fast.model.transformer_dtype, fast.activation_checkpointing, fast.studio.compile) == (
-        "float8_compute", "selective", True)
+    assert (low.model.transformer_dtype, low.studio.float8_matmuls, low.blocks_to_swap, low.activation_checkpointing,
+            low.optimizer.type) == ("float8", True, 28, "unsloth", "AdamW8bitKahan")
+    # The modes each preset trains with, as before they moved into [studio] switches (then 'float8_compute',
+    # 'selective' and [studio] compile): (float8 storage, float8 matmuls, checkpointing, compile, schedule, clips).
+    modes = {}
+    for name in presets():
+        run, _ = preset_configs(name, clips_dir="c", output_dir="o", model_path="m")
+        modes[name] = (run.model.transformer_dtype == "float8", run.studio.float8_matmuls, run.checkpointing_mode,
+                       run.compile, run.lr_schedule, run.clip_mode, run.model.shift)
+    assert modes == {"24 GB GPU (low memory)": (True, True, "offload", True, "constant", "single_beginning", 1.0),
+                     "48 GB": (True, True, "full", True, "constant", "single_beginning", 1.0),
+                     "80 GB": (True, True, "selective", True, "constant", "single_beginning", 1.0),
+                     "CPU demo (tiny model)": (False, False, None, False, "constant", "single_beginning", 1.0)}
     demo_run, demo_data = preset_configs("CPU demo (tiny model)", clips_dir="c", output_dir="o", model_path="m")
     assert demo_run.model.dtype == "float32" and 4 <= demo_run.adapter.rank <= 8
     assert demo_run.save_every_n_epochs == 1 and demo_run.epochs <= 5 and demo_data.frame_buckets == [17]
@@ -248,7 +259,7 @@ def test_check_command(fixtures):
                         cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert 'transformer_dtype = "float8"' in ok.stdout and "[[directory]]" in ok.stdout
-    assert "timestep_shift = 1.0" in ok.stdout  # resolved: defaults shown
+    assert "shift = 1.0" in ok.stdout and "float8_matmuls = false" in ok.stdout  # resolved: defaults shown
     bad = _write_variant(fixtures, "epochs = 1000", "epoch = 1000")
     failed = subprocess.run([sys.executable, "-m", "engine.config", "check", str(bad)], cwd=REPO,
                             capture_output=True, text=True)
@@ -308,3 +319,152 @@ def test_a_run_saves_loras_on_a_set_cadence_as_diffusion_pipe_requires(fixtures,
         save_run_config(built, tmp_path / "run.toml")
     saved = save_run_config(apply_overrides(built, {"save_every_n_epochs": 1}), tmp_path / "run.toml")
     assert _raw(saved)["save_every_n_epochs"] == 1
+
+
+# ------------------------------------------------------------- what diffusion-pipe accepts in the keys we write
+
+def _one_of(*allowed):
+    return lambda v: any(type(v) is type(a) and v == a for a in allowed)
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 1
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float)
+
+
+def _text(v) -> bool:
+    return type(v) is str
+
+
+def _flag(v) -> bool:
+    return type(v) is bool
+
+
+def _sizes(v) -> bool:  # resolutions / ar_buckets: numbers or [w, h] pairs (utils/dataset.py)
+    return isinstance(v, list) and all(_number(x) or (isinstance(x, list) and len(x) == 2) for x in v)
+
+
+# What diffusion-pipe (github.com/tdrussell/diffusion-pipe) accepts in each key of a Wan LoRA run, from its source:
+# train.py (set_config_defaults; the activation_checkpointing, lr_scheduler and optimizer-name branches; `compile`),
+# utils/common.py (DTYPE_MAP, get_t_distribution), models/base.py (extract_clips: 'multiple_overlapping' is commented
+# out there), models/wan/wan.py (`shift` in prepare_inputs) and utils/dataset.py (the dataset keys). A key missing
+# here is one diffusion-pipe does not read.
+_DP_DTYPE = _one_of("float32", "float16", "bfloat16", "float8", "float8_e4m3fn", "float8_e5m2")
+_DP_OPTIMIZERS = {"adamw", "adamw8bit", "adamw_optimi", "stableadamw", "sgd", "adamw8bitkahan", "offload",
+                  "automagic", "genericoptim"}  # train.py lowercases the name; others come from pytorch_optimizer
+DIFFUSION_PIPE_RUN = {
+    "output_dir": _text, "dataset": _text, "epochs": _count, "max_steps": _count, "micro_batch_size_per_gpu": _count,
+    "pipeline_stages": _count, "gradient_accumulation_steps": _count, "gradient_clipping": _number,
+    "warmup_steps": lambda v: type(v) is int and v >= 0, "lr_scheduler": _one_of("constant", "linear"),
+    "eval_every_n_epochs": _count, "eval_before_first_step": _flag, "eval_micro_batch_size_per_gpu": _count,
+    "eval_gradient_accumulation_steps": _count, "disable_block_swap_for_eval": _flag, "save_every_n_epochs": _count,
+    "save_every_n_steps": _count, "checkpoint_every_n_epochs": _count, "checkpoint_every_n_minutes": _count,
+    "activation_checkpointing": _one_of(False, True, "unsloth"), "blocks_to_swap": lambda v: type(v) is int,
+    "partition_method": _text, "save_dtype": _DP_DTYPE, "caching_batch_size": _count, "compile": _flag,
+    "steps_per_print": _count, "video_clip_mode": _one_of("single_beginning", "single_middle"),
+    "model.type": _one_of("wan"), "model.ckpt_path": _text, "model.dtype": _DP_DTYPE,
+    "model.transformer_dtype": _DP_DTYPE, "model.timestep_sample_method": _one_of("logit_normal", "uniform"),
+    "model.shift": lambda v: _number(v) and v > 0,
+    "adapter.type": _one_of("lora"), "adapter.rank": _count, "adapter.dtype": _DP_DTYPE,
+    "adapter.init_from_existing": _text,  # no 'alpha': train.py refuses it
+    "optimizer.type": lambda v: _text(v) and v.lower() in _DP_OPTIMIZERS, "optimizer.lr": _number,
+    "optimizer.betas": lambda v: isinstance(v, list) and len(v) == 2 and all(map(_number, v)),
+    "optimizer.weight_decay": _number, "optimizer.eps": _number, "optimizer.stabilize": _flag,
+    "monitoring.enable_wandb": _flag, "monitoring.wandb_api_key": _text, "monitoring.wandb_tracker_name": _text,
+    "monitoring.wandb_run_name": _text,
+}
+DIFFUSION_PIPE_RUN_REQUIRED = ("output_dir", "dataset", "model.type", "model.ckpt_path", "model.dtype",
+                               "optimizer.type")
+_DP_BUCKETS = {"resolutions": _sizes, "enable_ar_bucket": _flag, "min_ar": lambda v: _number(v) and v > 0,
+               "max_ar": lambda v: _number(v) and v > 0, "num_ar_buckets": _count, "ar_buckets": _sizes,
+               "frame_buckets": lambda v: isinstance(v, list) and all(map(_count, v))}
+DIFFUSION_PIPE_DATASET = {**_DP_BUCKETS, "directory": lambda v: isinstance(v, list) and v}
+DIFFUSION_PIPE_DIRECTORY = {**_DP_BUCKETS, "path": _text, "num_repeats": _count}
+
+
+def _not_accepted(table: dict, accepted: dict, prefix: str = "") -> list[str]:
+    """The keys of a written TOML table diffusion-pipe would not accept ([studio] is ours: diffusion-pipe skips it)."""
+    problems = []
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if dotted == "studio":
+            continue
+        if isinstance(value, dict):
+            problems += _not_accepted(value, accepted, f"{dotted}.")
+        elif dotted not in accepted:
+            problems.append(f"{dotted} (not a diffusion-pipe key)")
+        elif not accepted[dotted](value):
+            problems.append(f"{dotted} = {value!r}")
+    return problems
+
+
+def diffusion_pipe_problems(run: dict, dataset: dict) -> list[str]:
+    problems = _not_accepted(run, DIFFUSION_PIPE_RUN)
+    flat = {f"{table}.{key}" for table, values in run.items() if isinstance(values, dict) for key in values} | set(run)
+    problems += [f"{key} missing" for key in DIFFUSION_PIPE_RUN_REQUIRED if key not in flat]
+    if "save_every_n_epochs" not in run and "save_every_n_steps" not in run:
+        problems.append("save cadence missing")  # train.py asserts one is set
+    problems += _not_accepted(dataset, DIFFUSION_PIPE_DATASET)
+    for directory in dataset.get("directory", []):
+        problems += [f"[[directory]] {problem}" for problem in _not_accepted(directory, DIFFUSION_PIPE_DIRECTORY)]
+    needed = ["resolutions", "directory"]
+    aspect_buckets = dataset.get("enable_ar_bucket") or any(d.get("enable_ar_bucket") for d in dataset["directory"])
+    if aspect_buckets and "ar_buckets" not in dataset:  # read without a default in utils/dataset.py
+        needed += ["min_ar", "max_ar", "num_ar_buckets"]
+    return problems + [f"dataset {key} missing" for key in needed if key not in dataset]
+
+
+@pytest.mark.parametrize("name", list(presets()))
+def test_every_preset_writes_files_diffusion_pipe_accepts(tmp_path, name):
+    run, dataset = preset_configs(name, clips_dir=tmp_path / "clips", output_dir=tmp_path, model_path="m")
+    run_file = save_run_config(run, tmp_path / "run.toml")
+    dataset_file = save_dataset_config(dataset, tmp_path / "dataset.toml")
+    assert diffusion_pipe_problems(_raw(run_file), _raw(dataset_file)) == []
+
+
+@pytest.mark.parametrize("run_name", ["min_vram.toml", "studio_extras.toml", "legacy_studio_extras.toml"])
+def test_files_written_again_are_accepted_by_diffusion_pipe(fixtures, tmp_path, run_name):
+    dataset_file = fixtures / "min_vram_dataset.toml"
+    run_file = save_run_config(load_run_config(fixtures / run_name), tmp_path / "run.toml")
+    assert diffusion_pipe_problems(_raw(run_file), _raw(dataset_file)) == []  # min_vram: the table's own check
+
+
+def test_runs_of_earlier_studio_versions_load_meaning_the_same_and_save_in_the_current_form(fixtures, tmp_path):
+    legacy = load_run_config(fixtures / "legacy_studio_extras.toml")
+    assert legacy == load_run_config(fixtures / "studio_extras.toml")
+    assert (legacy.model.transformer_dtype, legacy.studio.float8_matmuls, legacy.checkpointing_mode,
+            legacy.lr_schedule, legacy.clip_mode, legacy.compile, legacy.model.shift) == (
+        "float8", True, "selective", "cosine", "multiple_overlapping", True, 3.0)
+    out = save_run_config(legacy, tmp_path / "run.toml")
+    assert _raw(out) == _raw(fixtures / "studio_extras.toml")
+    assert load_run_config(out) == legacy
+    # Overrides in code read the old values the same way, as a file would.
+    built = apply_overrides(RunConfig(output_dir="o", dataset="d.toml"), {
+        "model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
+        "lr_scheduler": "cosine", "video_clip_mode": "multiple_overlapping", "studio.compile": True,
+        "studio.timestep_shift": 3.0})
+    assert (built.model.transformer_dtype, built.studio.float8_matmuls, built.checkpointing_mode, built.lr_schedule,
+            built.clip_mode, built.compile, built.model.shift) == (
+        "float8", True, "selective", "cosine", "multiple_overlapping", True, 3.0)
+    # An old setting and a current one that contradict each other: an error naming both.
+    both = fixtures / "both.toml"
+    both.write_text((fixtures / "legacy_studio_extras.toml").read_text().replace(
+        "timestep_shift = 3.0", "timestep_shift = 3.0\nselective_checkpointing = false"))
+    with pytest.raises(ConfigError, match="'activation_checkpointing' and 'studio.selective_checkpointing'.* "
+                                          "disagree"):
+        load_run_config(both)
+
+
+@pytest.mark.parametrize("switch, key, other", [
+    ("float8_matmuls", "model.transformer_dtype", "bfloat16"),
+    ("selective_checkpointing", "activation_checkpointing", "unsloth"),
+    ("cosine_schedule", "lr_scheduler", "constant"),
+    ("overlapping_clips", "video_clip_mode", "single_middle"),
+])
+def test_a_studio_switch_needs_the_diffusion_pipe_value_it_refines(switch, key, other):
+    run = RunConfig(output_dir="o", dataset="d.toml")
+    with pytest.raises(ConfigError, match=f"'studio.{switch}' = true needs '{key}' = "):
+        apply_overrides(run, {f"studio.{switch}": True, key: other})

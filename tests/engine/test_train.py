@@ -203,8 +203,9 @@ def _final_lora(run_toml: Path) -> dict[str, torch.Tensor]:
 def test_killed_and_resumed_run_equals_uninterrupted(train_project):
     """SIGKILL mid-run, resume, SIGTERM (graceful), resume again: same LoRA and loss curve as one straight run."""
     settings = {"max_steps": 24, "epochs": 100, "gradient_accumulation_steps": 2, "optimizer.lr": 2e-3,
-                "warmup_steps": 3, "lr_scheduler": "cosine", "studio.state_every_n_steps": 4,
-                "studio.timestep_shift": 2.0, "save_every_n_epochs": 100, "save_dtype": "float32"}
+                "warmup_steps": 3, "lr_scheduler": "linear", "studio.cosine_schedule": True,
+                "studio.state_every_n_steps": 4, "model.shift": 2.0, "save_every_n_epochs": 100,
+                "save_dtype": "float32"}
     straight = write_run(train_project, "straight", settings)
     assert build_trainer(straight).run() == 0
 
@@ -345,7 +346,7 @@ def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_pat
     _, note = build_optimizer([torch.nn.Parameter(torch.zeros(2))], run_cfg.optimizer, torch.device("cpu"))
     assert run_cfg.optimizer.type in note
     run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": train_project.settings().wan_model,
-                                        "blocks_to_swap": min(run_cfg.blocks_to_swap, 1), "studio.compile": False})
+                                        "blocks_to_swap": min(run_cfg.blocks_to_swap, 1), "compile": False})
     from engine.models import load_wan_transformer
 
     trainable = prepare_transformer(load_wan_transformer(run_cfg.model.ckpt_path, torch.float32), run_cfg, "cpu")

@@ -57,8 +57,9 @@ def test_low_memory_modes_on_gpu(gpu_project):
     for name, extra in {
         "lowmem": {"model.transformer_dtype": "float8", "blocks_to_swap": 1, "activation_checkpointing": "unsloth",
                    "optimizer.type": "AdamW8bitKahan"},
-        "selective": {"activation_checkpointing": "selective"},
-        "fp8 matmuls": {"model.transformer_dtype": "float8_compute", "activation_checkpointing": True},
+        "selective": {"activation_checkpointing": True, "studio.selective_checkpointing": True},
+        "fp8 matmuls": {"model.transformer_dtype": "float8", "studio.float8_matmuls": True,
+                        "activation_checkpointing": True},
     }.items():
         run_toml = write_run(gpu_project, name, {**GPU, "max_steps": 3, **extra})
         assert train(run_toml) == 0, events_of(run_toml, "error")

@@ -33,10 +33,23 @@ def setting(page, key: str):
 
 
 def type_setting(page, key: str, text: str) -> None:
-    """Type into a settings field as a person does (the form updates the TOML on each keystroke)."""
+    """Type into a settings field as a person does (the form updates the TOML on each keystroke).
+
+    A field in a section opened just before can take keystrokes before Gradio listens to it (seen on CI's loaded
+    cores: the TOML never changed), so typing is repeated until the run TOML shows a change."""
     field = setting(page, key)
-    field.fill("")
-    field.press_sequentially(text)
+    expect(field).to_be_editable()
+    toml = page.locator("#train-run-toml .cm-content")
+    before = toml.inner_text()
+    for _ in range(3):
+        field.fill("")
+        field.press_sequentially(text)
+        wait_idle(page)
+        try:
+            expect(toml).not_to_have_text(before, timeout=5_000)
+            return
+        except AssertionError:
+            continue
 
 
 def steps_logged(page) -> int:
