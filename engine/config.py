@@ -518,6 +518,12 @@ def _check_consistency(cfg: RunConfig | DatasetConfig, file) -> None:
                                   f"{_where(file)} for directory {i}.")
             if not directory.path:
                 raise ConfigError(f"'directory.{i}.path'{_where(file)} is empty: name a folder of clips.")
+        for buckets in [cfg.frame_buckets, *(d.frame_buckets for d in cfg.directory)]:
+            for frames in buckets or []:
+                if frames % 4 != 1:  # the VAE packs 4 frames per latent frame after the first
+                    lower = frames - (frames - 1) % 4
+                    raise ConfigError(f"frame bucket {frames}{_where(file)} is not 4k+1, which Wan needs: use "
+                                      f"{lower} or {lower + 4}.")
     else:
         if cfg.adapter.init_from_existing == "":
             raise ConfigError(f"'adapter.init_from_existing'{_where(file)} is empty: name a LoRA folder or leave it "

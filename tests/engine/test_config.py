@@ -184,6 +184,18 @@ def test_per_directory_bucket_overrides(tmp_path):
     assert _raw(save_dataset_config(cfg, tmp_path / "out.toml")) == _raw(path)
 
 
+def test_frame_buckets_must_be_4k_plus_1(tmp_path):
+    """Caching builds the first-frame mask in groups of 4 latent-packed frames: a 20-frame bucket used to pass every
+    check and then crash while caching. It is named at load time, with the 4k+1 counts around it."""
+    path = tmp_path / "d.toml"
+    path.write_text('resolutions = [256]\nframe_buckets = [17]\n[[directory]]\npath = "a"\nframe_buckets = [20]\n')
+    with pytest.raises(ConfigError, match=r"frame bucket 20 .*4k\+1.*use 17 or 21"):
+        load_dataset_config(path)
+    cfg = load_dataset_config(path.write_text(path.read_text().replace("[20]", "[21]")) and path)
+    with pytest.raises(ConfigError, match="frame bucket 32"):
+        apply_overrides(cfg, {"frame_buckets": [32]})
+
+
 def test_describe_fields_documents_every_setting(fixtures):
     cfg = load_run_config(fixtures / "min_vram.toml")
     fields = {f.key: f for f in describe_fields(cfg)}

@@ -216,6 +216,52 @@ def test_cached_tensors_equal_what_the_pipeline_computes(cached, tiny_models):
     assert not torch.allclose(got["latents"], data.load(1)["latents"])  # the two clips differ
 
 
+def test_a_training_step_feeds_the_transformer_what_the_pipeline_feeds_it(cached, tiny_models):
+    """At one noise level the transformer call of our training step and of WanImageToVideoPipeline (same first frame,
+    caption and noisy latents) get the same inputs, and our target is the velocity diffusers' flow-matching scheduler
+    steps along: the pieces are tested above, this pins how they are put together (channel order, timestep scale,
+    flow shift, x_t)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from engine.train_blocks import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
+
+    cfg, data, _, _ = cached
+    pipe = engine.models.load_wan_pipeline(tiny_models.wan, torch_dtype=torch.float32)
+    calls: list[dict] = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    batch = stack_items([data.load(0)], torch.device("cpu"))
+    with torch.no_grad():
+        flow_matching_loss(pipe.transformer, batch, timesteps_cfg=TimestepSampling("logit_normal", 3.0),
+                           generator=micro_batch_generator(0, 0))
+    ours = calls.pop()
+
+    # The same draws, unshifted: the scheduler applies the flow shift itself and noises the latents its own way.
+    generator = micro_batch_generator(0, 0)
+    sigma = TimestepSampling("logit_normal", 1.0).sample(1, generator)
+    noise = torch.randn(batch["latents"].shape, generator=generator)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda steps, device=None: set_timesteps(device=device, sigmas=sigma.tolist())
+    scheduler.set_timesteps(1)
+    noisy = scheduler.scale_noise(batch["latents"], scheduler.timesteps, noise)
+    pipe.scheduler = scheduler
+    item = scan_dataset(cfg).items[0]
+    frames_count, height, width = item.bucket
+    with torch.no_grad():
+        pipe(image=Image.fromarray(read_item_frames(item)[0]), prompt=item.clip.caption, height=height, width=width,
+             num_frames=frames_count, num_inference_steps=1, guidance_scale=1.0, latents=noisy, output_type="latent")
+    theirs = calls.pop()
+
+    tensors = {key for key, value in theirs.items() if torch.is_tensor(value)}
+    assert tensors == {key for key, value in ours.items() if torch.is_tensor(value)} == {
+        "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"}
+    for key in tensors:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    scheduler.set_timesteps(1)
+    denoised = scheduler.step(noise - batch["latents"], scheduler.timesteps[0], noisy, return_dict=False)[0]
+    torch.testing.assert_close(denoised, batch["latents"], rtol=1e-5, atol=1e-5)
+
+
 def test_changed_caption_reencodes_only_its_text(cached, tiny_models, monkeypatch):
     cfg, data, root, _ = cached
     loads: list[str] = []
