@@ -573,9 +573,8 @@ def changed_inputs(sidecar: dict) -> list[str]:
     for kind, path, recorded in files:
         if not Path(path).is_file():
             problems.append(f"the {kind} {path} is gone")
-        elif recorded and file_sha256(path) != recorded:
-            problems.append(f"the {kind} {path} has changed since (sha256 {recorded[:12]} then, "
-                            f"{file_sha256(path)[:12]} now)")
+        elif recorded and (now := file_sha256(path)) != recorded:
+            problems.append(f"the {kind} {path} has changed since (sha256 {recorded[:12]} then, {now[:12]} now)")
     return problems
 
 

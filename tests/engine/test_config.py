@@ -191,7 +191,8 @@ def test_frame_buckets_must_be_4k_plus_1(tmp_path):
     path.write_text('resolutions = [256]\nframe_buckets = [17]\n[[directory]]\npath = "a"\nframe_buckets = [20]\n')
     with pytest.raises(ConfigError, match=r"frame bucket 20 .*4k\+1.*use 17 or 21"):
         load_dataset_config(path)
-    cfg = load_dataset_config(path.write_text(path.read_text().replace("[20]", "[21]")) and path)
+    path.write_text(path.read_text().replace("[20]", "[21]"))
+    cfg = load_dataset_config(path)
     with pytest.raises(ConfigError, match="frame bucket 32"):
         apply_overrides(cfg, {"frame_buckets": [32]})
 
