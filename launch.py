@@ -9,11 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.core.hardware import describe_device
+from engine.core.layout import Project, studio_home
+from engine.core.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
 from engine.demo import ensure_demo_project
-from engine.hardware import describe_device
 from engine.jobs import JobRunner
-from engine.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
-from engine.project import Project, studio_home
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

@@ -1,6 +1,6 @@
 """Caching cost per clip with real-size Wan 2.1 encoders (random weights): the Wan VAE, CLIP ViT-H/14 and UMT5-XXL.
 
-Times engine.dataset's encode_frames (clip latents + I2V condition + CLIP image context) on random frames and
+Times engine.training.dataset's encode_frames (clip latents + I2V condition + CLIP image context) on random frames and
 encode_caption, and prints the peak GPU memory of each stage (stages run one after another, as cache_dataset does).
 
     python bench/cache_speed.py [--frames 81] [--height 480] [--width 832] [--device cuda]
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.dataset import encode_caption, encode_frames
-from engine.models import ensure_tiny_kits, load_wan_tokenizer
+from engine.core.models import ensure_tiny_kits, load_wan_tokenizer
+from engine.training.cache import encode_caption, encode_frames
 
 # Architectures of the encoders in Wan-AI/Wan2.1-I2V-14B-480P-Diffusers.
 CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.captions import (  # noqa: E402
-    Blip2Captioner, CaptionerSettings, CaptionStore, read_clip_frames, suggest_captions,
-)
-from engine.ffmpeg import write_video  # noqa: E402
-from engine.models import TINY_BLIP2_DIRNAME, ensure_tiny_kits  # noqa: E402
+from engine.captions.captioners import Blip2Captioner, CaptionerSettings, read_clip_frames, suggest_captions
+from engine.captions.store import CaptionStore
+from engine.core.ffmpeg import write_video
+from engine.core.models import TINY_BLIP2_DIRNAME, ensure_tiny_kits
 
 # Salesforce/blip2-opt-2.7b, from its config.json.
 BLIP2_OPT_2_7B = dict(
@@ -77,8 +76,13 @@ def placeholder_opt_tokenizer():
 def build_real_arch(tokenizer, device: str, dtype: torch.dtype, layers_scale: float):
     """(processor, model): BLIP-2 opt-2.7b's architecture with random weights, built directly on `device`."""
     from transformers import (
-        Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
-        BlipImageProcessor, OPTConfig,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
     )
 
     def scaled(layers: int) -> int:

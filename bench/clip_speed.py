@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.clips import Cut, cut_clips, suggest_windows  # noqa: E402
-from engine.ffmpeg import ffmpeg_exe  # noqa: E402
-from engine.video import build_preview_proxy, frame_at, probe_video  # noqa: E402
+from engine.clips.cut import Cut, cut_clips
+from engine.clips.suggest import suggest_windows
+from engine.core.ffmpeg import ffmpeg_exe
+from engine.core.video import build_preview_proxy, frame_at, probe_video
 
 
 def make_source(path: Path, seconds: float) -> Path:

@@ -39,7 +39,7 @@ def part_rates(tokens: int) -> list[tuple[str, float, str]]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from engine.accel import FLOAT8_DTYPE, _quantize_rows
+    from engine.speed.float8 import FLOAT8_DTYPE, _quantize_rows
 
     rows: list[tuple[str, float, str]] = []
     d, ffn, heads = 5120, 13824, 40
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     args = parser.parse_args(argv)
 
-    from engine import accel, infer
+    from engine.generate.pipeline import apply_loras
+    from engine.speed.inference import prepare_pipeline_for_inference
 
     device = "cpu" if args.tiny else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="genbreak-"))
     pipe = build_pipeline(args.tiny, device, work / "kits").to(device)
     lora = write_lora(pipe.transformer, work / "lora", 4 if args.tiny else LORA_RANK)
-    accel.prepare_pipeline_for_inference(pipe, **({"compile_backend": "aot_eager"} if args.tiny else {}))
-    infer.apply_loras(pipe, [(str(lora), 1.0)])
+    prepare_pipeline_for_inference(pipe, **({"compile_backend": "aot_eager"} if args.tiny else {}))
+    apply_loras(pipe, [(str(lora), 1.0)])
     x = velocity_inputs(pipe, frames, height, width, device, args.tiny)[0]
 
     def one_pass(inputs):
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     batch2 = {key: torch.cat([value, value]) for key, value in x.items()}
     one_pass(batch2)  # compiles the batch-2 shape
     results["pass_s batch 2 (both guidance branches at once)"] = wall(batch2)
-    infer.apply_loras(pipe, [])
+    apply_loras(pipe, [])
     results["pass_s no LoRA"] = wall(x)
     if torch.cuda.is_available():
         results["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB

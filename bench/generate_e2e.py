@@ -1,4 +1,4 @@
-"""End-to-end generation on the real Wan 2.1 I2V 14B architecture (random weights) through engine.infer.
+"""End-to-end generation on the real Wan 2.1 I2V 14B architecture (random weights) through engine.generate.
 
 Measures, in one process on one GPU, at 480x832x81 with guidance: seconds per denoising step of plain diffusers'
 WanImageToVideoPipeline, of our generation path without a LoRA and with a rank-32 LoRA at strength 1 (loaded the
@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine.infer  # noqa: E402
-from engine.infer import (  # noqa: E402
-    GenerationRequest, PipelineCache, PipelineOptions, apply_loras, generate_with_cache, read_sidecar, render_video,
-)
-from engine.lora_io import save_lora  # noqa: E402
-from engine.models import build_wan_14b_transformer, load_wan_tokenizer, make_tiny_wan  # noqa: E402
+import engine.generate  # noqa: E402
+from engine.core.models import build_wan_14b_transformer, load_wan_tokenizer, make_tiny_wan
+from engine.generate.lora_files import save_lora
+from engine.generate.pipeline import PipelineCache, PipelineOptions, apply_loras
+from engine.generate.render import generate_with_cache, read_sidecar, render_video
+from engine.generate.request import GenerationRequest
 
 
 def write_with_opencv(frames, path, fps: float, crf: int = 18) -> Path:
@@ -69,7 +69,7 @@ def build_pipeline(device: torch.device, work: Path):
 
 def random_lora(transformer, out_dir: Path, rank: int = 32) -> Path:
     """A rank-32 LoRA on every block Linear (diffusion-pipe's targets) with small random weights."""
-    from engine.lora_io import wan_module_names
+    from engine.generate.lora_files import wan_module_names
 
     state, generator = {}, torch.Generator().manual_seed(0)
     targets = set(wan_module_names().values())
@@ -105,7 +105,7 @@ def check_modes(work: Path, out: Path) -> None:
     """PipelineCache on the GPU with the tiny kit: plain, CPU offload + VAE tiling, plain again, fast mode."""
     from PIL import Image
 
-    from engine.models import load_wan_transformer
+    from engine.core.models import load_wan_transformer
 
     model = str(make_tiny_wan(work / "tiny-wan"))
     image = work / "small.png"
@@ -146,7 +146,7 @@ def main() -> int:
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        engine.infer.write_video = write_with_opencv
+        engine.generate.write_video = write_with_opencv
     device = torch.device("cuda")
     work = Path(tempfile.mkdtemp(prefix="gen-e2e-"))
     out = args.out or work / "out"
@@ -189,7 +189,7 @@ def main() -> int:
 
     # 2. our path without a LoRA, 3. with a rank-32 LoRA at strength 1
     lora = random_lora(pipe.transformer, work / "lora" / "epoch1")
-    variants = (("engine.infer, no LoRA", []), ("engine.infer, rank-32 LoRA at strength 1", [(str(lora), 1.0)]))
+    variants = (("engine.generate, no LoRA", []), ("engine.generate, rank-32 LoRA at strength 1", [(str(lora), 1.0)]))
     for label, loras in variants:
         clock = StepClock()
         torch.cuda.reset_peak_memory_stats()

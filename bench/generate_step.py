@@ -4,10 +4,10 @@
     python bench/generate_step.py --tiny     # the same code on the tiny kit, on the CPU
 
 The pipeline is a real WanImageToVideoPipeline in memory: the 14B transformer (random weights, bf16), the Wan 2.1
-VAE and the CLIP ViT-H/14 image encoder at their real sizes (random weights, float32, as engine.infer loads them),
+VAE and the CLIP ViT-H/14 image encoder at their real sizes (random weights, float32, as engine.generate loads them),
 a 2-layer UMT5 of the real width (the prompt is encoded once, outside the timed steps) and the tiny kit's tokenizer.
-Our path is engine.infer.generate (LoRA applied by apply_loras, as the Generate tab does) with and without
-engine.accel.prepare_pipeline_for_inference (the `fast` option of infer's PipelineCache). Step times come from the
+Our path is engine.generate.generate (LoRA applied by apply_loras, as the Generate tab does) with and without
+engine.speed.prepare_pipeline_for_inference (the `fast` option of infer's PipelineCache). Step times come from the
 generation's own per-step progress; the first step (image/condition encoding, compilation) is not counted.
 Quality: relative error of the predicted velocity against the bf16 path on the same inputs, PSNR of final frames.
 """
@@ -40,7 +40,7 @@ def build_pipeline(tiny: bool, device: str, kit_dir: Path):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    from engine.models import build_wan_14b_transformer, ensure_tiny_kits, load_wan_pipeline, load_wan_tokenizer
+    from engine.core.models import build_wan_14b_transformer, ensure_tiny_kits, load_wan_pipeline, load_wan_tokenizer
 
     kits = ensure_tiny_kits(kit_dir)
     if tiny:
@@ -67,7 +67,7 @@ def write_lora(transformer, out_dir: Path, rank: int) -> Path:
     """A random rank-`rank` LoRA on every block Linear, saved as the trainer saves them (diffusion-pipe format)."""
     import re
 
-    from engine.lora_io import PEFT_TARGET_MODULES, save_lora
+    from engine.generate.lora_files import PEFT_TARGET_MODULES, save_lora
 
     gen = torch.Generator().manual_seed(7)
     state = {}
@@ -79,7 +79,7 @@ def write_lora(transformer, out_dir: Path, rank: int) -> Path:
 
 
 class StepClock:
-    """Times each denoising step from engine.infer's progress messages ("step k/N", then "decoding video")."""
+    """Times each denoising step from engine.generate's progress messages ("step k/N", then "decoding video")."""
 
     def __init__(self):
         self.marks: list[tuple[str, float]] = []
@@ -99,12 +99,12 @@ class StepClock:
 
 
 def run_generate(pipe, request, label: str, results: dict) -> np.ndarray:
-    from engine import infer
+    from engine.generate.render import generate
 
     clock = StepClock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    generated = infer.generate(pipe, request, on_progress=clock)
+    generated = generate(pipe, request, on_progress=clock)
     end = time.perf_counter()
     steps = clock.step_seconds()
     entry = {"step_seconds": steps, "median_step_s": statistics.median(steps[1:]) if len(steps) > 1 else steps[0],
@@ -118,9 +118,9 @@ def run_generate(pipe, request, label: str, results: dict) -> np.ndarray:
 
 def run_plain(pipe, request, results: dict) -> None:
     """Plain diffusers: the pipeline's own __call__, no LoRA, default everything."""
-    from engine import infer
+    from engine.generate.request import open_image, prepare_image
 
-    image = infer.prepare_image(infer.open_image(request.image), request.height, request.width)
+    image = prepare_image(open_image(request.image), request.height, request.width)
     times: list[float] = []
 
     def on_step(pipeline, step, timestep, kwargs):
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     args = parser.parse_args(argv)
 
-    from engine import accel, infer
+    from engine.generate.pipeline import apply_loras
+    from engine.generate.request import GenerationRequest
+    from engine.speed.inference import prepare_pipeline_for_inference
 
     device = "cpu" if args.tiny else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     image_path = work / "start.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(image_path)
-    request = infer.GenerationRequest(image=str(image_path), prompt="a warrior runs across a field", seed=0,
+    request = GenerationRequest(image=str(image_path), prompt="a warrior runs across a field", seed=0,
                                       steps=args.steps, guidance=5.0, frames=frames, height=height, width=width,
                                       loras=[(str(lora), 1.0)])
 
@@ -209,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # As the Generate tab does it: the fast path is applied to a pipeline without LoRA layers, the LoRA comes after.
     pipe.unload_lora_weights()
-    for key in ("_studio_adapters", "_studio_adapter_info"):  # engine.infer's record of loaded adapters
+    for key in ("_studio_adapters", "_studio_adapter_info"):  # engine.generate's record of loaded adapters
         pipe.__dict__.pop(key, None)
     t0 = time.perf_counter()
-    report = accel.prepare_pipeline_for_inference(pipe, compile=not args.no_compile)
+    report = prepare_pipeline_for_inference(pipe, compile=not args.no_compile)
     results["fast_setup_s"] = time.perf_counter() - t0
     results["fast_notes"] = report.notes
     print(f"fast path: {report.notes} in {results['fast_setup_s']:.1f} s", flush=True)
-    warm = infer.GenerationRequest(**{**request.__dict__, "steps": 2})
+    warm = GenerationRequest(**{**request.__dict__, "steps": 2})
     t0 = time.perf_counter()
     run_generate(pipe, warm, "fast warm-up (compiles)", results)
     results["fast_warmup_s"] = time.perf_counter() - t0
@@ -226,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     results["frames_psnr_db"] = psnr(frames_fast, frames_bf16)
 
     t0 = time.perf_counter()
-    infer.apply_loras(pipe, [(str(lora), 0.5)])
+    apply_loras(pipe, [(str(lora), 0.5)])
     results["strength_change_s"] = time.perf_counter() - t0
-    run_generate(pipe, infer.GenerationRequest(**{**request.__dict__, "loras": [(str(lora), 0.5)], "steps": 3}),
+    run_generate(pipe, GenerationRequest(**{**request.__dict__, "loras": [(str(lora), 0.5)], "steps": 3}),
                  "ours fast + LoRA 0.5 (after a strength change)", results)
-    run_generate(pipe, infer.GenerationRequest(**{**request.__dict__, "loras": [], "steps": 3}),
+    run_generate(pipe, GenerationRequest(**{**request.__dict__, "loras": [], "steps": 3}),
                  "ours fast, no LoRA", results)
 
     tokens = video_tokens(frames, height, width)

@@ -5,7 +5,7 @@
 
 Each run is `torchrun --nproc_per_node N bench/multi_gpu.py --worker`: every rank joins through the trainer's
 start_world (DeepSpeed's init_distributed), builds the transformer (random weights) on its GPU, prepares it with
-engine.train's prepare_transformer (the fastest settings found by bench/train_step.py), and steps with the trainer's
+engine.training's prepare_transformer (the fastest settings found by bench/train_step.py), and steps with the trainer's
 stepper: DeepSpeedStepper (ZeRO stage 0, gradients averaged every step) on several ranks, LocalStepper on one.
 Every rank trains on its own micro-batch, so samples per step = number of ranks.
 """
@@ -34,9 +34,11 @@ SETTINGS = {"model.transformer_dtype": "bfloat16", "activation_checkpointing": T
 def worker(args) -> int:
     from train_step import make_batch, run_config
 
-    from engine.models import build_wan_14b_transformer
-    from engine.train import (DeepSpeedStepper, LocalStepper, TimestepSampling, build_optimizer, flow_matching_loss,
-                              micro_batch_generator, prepare_transformer, start_world)
+    from engine.core.models import build_wan_14b_transformer
+    from engine.training.model import prepare_transformer
+    from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator
+    from engine.training.optim import build_optimizer
+    from engine.training.parallel import DeepSpeedStepper, LocalStepper, start_world
 
     world, device = start_world()
     cfg = run_config(dict(SETTINGS), tiny=False)

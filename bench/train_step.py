@@ -5,7 +5,7 @@
     python bench/train_step.py --tiny                  # the same code paths on a tiny transformer, on the CPU
 
 Each (variant, frames) runs in its own process (a fresh CUDA context: the 24 GiB cap and pinned memory do not leak
-into the next one). A variant is our trainer's code path -- engine.train.prepare_transformer with a RunConfig,
+into the next one). A variant is our trainer's code path -- engine.training.prepare_transformer with a RunConfig,
 flow_matching_loss, build_optimizer, LocalStepper -- or the plain reference: diffusers' own gradient checkpointing,
 a peft LoRA in float32, bf16 autocast, torch AdamW. Batch: one clip of the cached-item shapes (latents
 [1,16,F',60,104], condition [1,20,F',60,104], text [1,512,4096], CLIP [1,257,1280]). FLOPs are counted from the
@@ -246,7 +246,8 @@ def make_batch(frames: int, device, tiny: bool, dtype=torch.bfloat16) -> dict[st
 
 
 def run_config(overrides: dict, tiny: bool):
-    from engine.config import RunConfig, apply_overrides
+    from engine.training.form import apply_overrides
+    from engine.training.schema import RunConfig
 
     overrides = {k: v for k, v in overrides.items() if not k.startswith("bench.")}  # bench-only switches
     cfg = apply_overrides(RunConfig(output_dir="bench-run", dataset="dataset.toml"),
@@ -258,8 +259,11 @@ def run_config(overrides: dict, tiny: bool):
 
 
 def prepare_ours(transformer, overrides: dict, device, tiny: bool):
-    """Our trainer's path: prepare_transformer + build_optimizer + LocalStepper, as engine.train runs them."""
-    from engine.train import LocalStepper, TimestepSampling, build_optimizer, prepare_transformer
+    """Our trainer's path: prepare_transformer + build_optimizer + LocalStepper, as engine.training runs them."""
+    from engine.training.model import prepare_transformer
+    from engine.training.objective import TimestepSampling
+    from engine.training.optim import build_optimizer
+    from engine.training.parallel import LocalStepper
 
     cfg = run_config(overrides, tiny)
     trainable = prepare_transformer(transformer, cfg, device)
@@ -267,7 +271,7 @@ def prepare_ours(transformer, overrides: dict, device, tiny: bool):
     stepper = LocalStepper(optimizer, trainable.parameters, 1, cfg.gradient_clipping)
     notes = [*trainable.notes, note]
     if "bench.float8_backward" in overrides:
-        from engine.accel import Float8Linear
+        from engine.speed.float8 import Float8Linear
 
         for module in trainable.module.modules():
             if isinstance(module, Float8Linear):
@@ -282,8 +286,9 @@ def prepare_reference(transformer, device):
     """Plain diffusers + peft: the documented way (enable_gradient_checkpointing, fp32 LoRA, torch AdamW)."""
     from peft import LoraConfig
 
-    from engine.lora_io import PEFT_TARGET_MODULES
-    from engine.train import LocalStepper, TimestepSampling
+    from engine.generate.lora_files import PEFT_TARGET_MODULES
+    from engine.training.objective import TimestepSampling
+    from engine.training.parallel import LocalStepper
 
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=PEFT_TARGET_MODULES))
@@ -301,14 +306,14 @@ def host_peak_gib() -> float:
 
 
 def run_one(variant: str, frames: int, *, steps: int, warmup: int, tiny: bool, cap_gib: float | None) -> Outcome:
-    from engine.train import flow_matching_loss, micro_batch_generator
+    from engine.training.objective import flow_matching_loss, micro_batch_generator
 
     device = "cpu" if tiny else "cuda"
     tokens = video_tokens(frames, 64, 64) if tiny else video_tokens(frames)
     outcome = Outcome(variant, frames, tokens, ok=False)
     transformer = _tiny_transformer(device) if tiny else None
     if transformer is None:
-        from engine.models import build_wan_14b_transformer
+        from engine.core.models import build_wan_14b_transformer
 
         transformer = build_wan_14b_transformer("cuda", torch.bfloat16)
     swapper = None
@@ -369,14 +374,14 @@ def run_one(variant: str, frames: int, *, steps: int, warmup: int, tiny: bool, c
 def gradient_parity(frames: int, tiny: bool) -> dict:
     """Loss and LoRA gradients of one step on the same batch and noise: bf16 base weights vs float8 matmuls with the
     backward in bf16 vs in float8 (the model is converted in place, after peft, as the trainer does)."""
-    from engine.accel import Float8Linear, apply_float8_compute
-    from engine.train import flow_matching_loss, micro_batch_generator
+    from engine.speed.float8 import Float8Linear, apply_float8_compute
+    from engine.training.objective import flow_matching_loss, micro_batch_generator
 
     device = "cpu" if tiny else "cuda"
     if tiny:
         transformer = _tiny_transformer(device)
     else:
-        from engine.models import build_wan_14b_transformer
+        from engine.core.models import build_wan_14b_transformer
 
         transformer = build_wan_14b_transformer("cuda", torch.bfloat16)
     model, _, timesteps, _, _, _ = prepare_ours(

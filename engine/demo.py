@@ -9,11 +9,11 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from engine.clips import Cut, cut_clips
-from engine.files import atomic_write_text
-from engine.ffmpeg import write_video
-from engine.models import ModelChoice, ensure_tiny_kits
-from engine.project import Project, studio_home
+from engine.clips.cut import Cut, cut_clips
+from engine.core.ffmpeg import write_video
+from engine.core.files import atomic_write_text
+from engine.core.layout import Project, studio_home
+from engine.core.models import ModelChoice, ensure_tiny_kits
 
 DEMO_SOURCE_NAME = "demo source.mp4"  # a space on purpose: paths with spaces must work everywhere
 DEMO_SCENE_SECONDS = (8.0, 7.0, 9.0, 6.0)  # four scenes, 30 s in all

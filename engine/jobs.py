@@ -33,14 +33,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from engine.files import atomic_write_json
-from engine.project import STOP_REQUEST_FILE
+from engine.core.files import atomic_write_json
+from engine.core.layout import STOP_REQUEST_FILE
 
 JOB_FILE = "job.json"
+
+
 LOG_FILE = "job.log"
+
+
 EXIT_FILE = "job-exit.json"
+
+
 GPU_LOCK_FILE = "gpu.lock"
+
+
 GPU_HOLDER_FILE = "gpu-holder.json"
+
 
 RUNNING_STATES = ("running", "stopping")
 
@@ -446,82 +455,13 @@ def _engine_pythonpath(env: dict[str, str]) -> str:
 
 
 def training_argv(config_path: str | os.PathLike, *, resume: bool = False, num_gpus: int = 1) -> list[str]:
-    """The command that trains a run: `python -m engine.train --config run.toml [--resume]`, under DeepSpeed's
+    """The command that trains a run: `python -m engine.training --config run.toml [--resume]`, under DeepSpeed's
     launcher when more than one GPU is used."""
     args = ["--config", str(config_path), *(["--resume"] if resume else [])]
     if num_gpus > 1:
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
-                "--module", "engine.train", *args]
-    return [sys.executable, "-m", "engine.train", *args]
-
-
-# --- training runs --------------------------------------------------------------------------------------------
-
-METRICS_FILE = "metrics.jsonl"
-RUN_TOML = "run.toml"
-DATASET_TOML = "dataset.toml"
-_PHASE_STATES = {"done": "finished", "stopped": "stopped", "error": "failed"}
-
-
-@dataclass
-class RunSummary:
-    """One training run as its folder tells it: for the runs list and the live view."""
-
-    name: str
-    run_dir: Path
-    state: str  # a JobStatus state, or from the last phase event when the run has no job record
-    message: str
-    phase: str | None = None
-    step: int | None = None
-    max_steps: int | None = None
-    epoch: int | None = None
-    final_loss: float | None = None
-    duration_s: float | None = None
-    loras: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, adapter_model.safetensors)
-    samples: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, mp4)
-
-
-def run_loras(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The LoRA files a run has written, by epoch: runs/<run>/epochN/adapter_model.safetensors."""
-    found = []
-    for path in Path(run_dir).glob("epoch*/adapter_model.safetensors"):
-        number = path.parent.name.removeprefix("epoch")
-        if number.isdigit():
-            found.append((int(number), path))
-    return sorted(found)
-
-
-def summarize_run(run_dir: str | os.PathLike, events: list[dict], job: Job | None) -> RunSummary:
-    """What a run did, from its events (metrics.jsonl), its files and its job record (if the studio started it)."""
-    run_dir = Path(run_dir)
-    steps = [e for e in events if e.get("event") == "step"]
-    phases = [e for e in events if e.get("event") == "phase"]
-    last_step = steps[-1] if steps else {}
-    last_phase = phases[-1].get("phase") if phases else None
-    if job is not None:
-        status = job.status(tail_lines=0)
-        state, message = status.state, status.message
-        if state in ("finished", "stopped", "failed") and last_phase in _PHASE_STATES:
-            state = _PHASE_STATES[last_phase]  # the trainer's own last word: e.g. "done" although a stop came late
-    else:
-        state = _PHASE_STATES.get(last_phase, "incomplete" if events else "not started")
-        message = f"{run_dir.name}: {state}"
-    errors = [e for e in events if e.get("event") == "error"]
-    if state == "failed" and errors:
-        message = f"{message} {errors[-1].get('message', '')} {errors[-1].get('hint', '')}".strip()
-    times = [e["time"] for e in events if isinstance(e.get("time"), (int, float))]
-    samples = []
-    for event in events:
-        if event.get("event") == "sample" and event.get("path"):
-            path = Path(event["path"])
-            path = path if path.is_absolute() else run_dir / path
-            if path.exists():
-                samples.append((int(event.get("epoch", 0)), path))
-    return RunSummary(
-        name=run_dir.name, run_dir=run_dir, state=state, message=message, phase=last_phase,
-        step=last_step.get("step"), max_steps=last_step.get("max_steps"), epoch=last_step.get("epoch"),
-        final_loss=last_step.get("loss"), duration_s=(max(times) - min(times)) if len(times) > 1 else None,
-        loras=run_loras(run_dir), samples=samples)
+                "--module", "engine.training", *args]
+    return [sys.executable, "-m", "engine.training", *args]
 
 
 # --- the supervisor --------------------------------------------------------------------------------------------

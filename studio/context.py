@@ -6,9 +6,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.core.layout import Project
+from engine.core.models import ModelChoice
 from engine.jobs import JobRunner
-from engine.models import ModelChoice
-from engine.project import Project
 
 
 @dataclass

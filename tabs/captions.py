@@ -16,14 +16,35 @@ from typing import Iterator
 import gradio as gr
 from gradio.context import Context
 
-from engine.captions import (
-    Blip2Captioner, CaptionChange, CaptionError, CaptionerOutOfMemory, CaptionerSettings, CaptionStore,
-    StyleRules, TokenCounter, apply_style_to_clips, default_device, export_captions, find_banned_words,
-    find_replace_in_clips, format_replacement_lines, import_captions, load_style_rules, parse_replacement_lines,
-    preview_style, save_style_rules, suggest_captions, word_diff,
+from engine.captions.captioners import (
+    Blip2Captioner,
+    CaptionerOutOfMemory,
+    CaptionerSettings,
+    default_device,
+    suggest_captions,
 )
+from engine.captions.store import (
+    CaptionStore,
+    apply_style_to_clips,
+    export_captions,
+    find_replace_in_clips,
+    import_captions,
+)
+from engine.captions.style import (
+    CaptionChange,
+    StyleRules,
+    find_banned_words,
+    format_replacement_lines,
+    load_style_rules,
+    parse_replacement_lines,
+    preview_style,
+    save_style_rules,
+    word_diff,
+)
+from engine.captions.text import CaptionError
+from engine.captions.tokens import TokenCounter
+from engine.core.models import ModelFolderError
 from engine.jobs import GpuBusyError
-from engine.models import ModelFolderError
 from studio.context import AppContext
 
 TITLE = "Captions"

@@ -1,7 +1,7 @@
 """Clips tab: open a source video, scrub it frame by frame, build a cut list (by hand, from a timestamps file or from
 motion suggestions) and export Wan-ready clips into the project's clips/ folder.
 
-Thin UI over engine.clips and engine.video. The cut list of each source is saved as a timestamps file under
+Thin UI over engine.clips and engine.core.video. The cut list of each source is saved as a timestamps file under
 cache/cuts/ on every change, so a page reload or a restart shows the same list.
 """
 
@@ -16,13 +16,32 @@ from pathlib import Path
 import gradio as gr
 from gradio.context import Context
 
-from engine.clips import (ClipError, Cut, ExportStopped, clip_frames, cut_clip, cut_clips, fitted_frames,
-                          format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest, suggest_windows,
-                          validate_cuts)
-from engine.files import atomic_write_text
-from engine.project import VIDEO_EXTENSIONS
-from engine.video import (VideoError, VideoInfo, build_preview_proxy, format_time, frame_at, preview_proxy_path,
-                          probe_video, thumbnails)
+from engine.clips.cut import (
+    ClipError,
+    Cut,
+    ExportStopped,
+    clip_frames,
+    cut_clip,
+    cut_clips,
+    fitted_frames,
+    parse_size,
+    read_manifest,
+    validate_cuts,
+)
+from engine.clips.suggest import suggest_windows
+from engine.clips.timestamps import format_timestamps, parse_time, parse_timestamps
+from engine.core.files import atomic_write_text
+from engine.core.layout import VIDEO_EXTENSIONS
+from engine.core.video import (
+    VideoError,
+    VideoInfo,
+    build_preview_proxy,
+    format_time,
+    frame_at,
+    preview_proxy_path,
+    probe_video,
+    thumbnails,
+)
 from studio.context import AppContext
 
 TITLE = "Clips"

@@ -1,7 +1,7 @@
 """Generate tab: image-to-video with the project's LoRAs at adjustable strengths, sweeps in a synchronised grid,
 an outputs gallery whose settings can be sent back to the form, and ComfyUI workflow export.
 
-Thin UI over engine.infer. The pipeline stays loaded between generations (Unload frees it); changing a LoRA or a
+Thin UI over engine.generate. The pipeline stays loaded between generations (Unload frees it); changing a LoRA or a
 strength never reloads the base model. Every video lands in the project's outputs/ with a JSON sidecar.
 """
 
@@ -19,15 +19,24 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.context import Context
 
-from engine.infer import (
-    DEFAULT_SWEEP_STRENGTHS, STRENGTH_MAX, STRENGTH_MIN, WAN_NEGATIVE_PROMPT, GenerationCancelled, GenerationError,
-    GenerationRequest, PipelineCache, PipelineOptions, changed_inputs, export_comfyui_workflow, lora_label,
-    memory_advice, new_output_path, open_image, output_size, read_sidecar, render_sweep, render_video,
+from engine.core.models import ModelFolderError
+from engine.core.video import frame_at, probe_video
+from engine.generate.comfyui import export_comfyui_workflow
+from engine.generate.lora_files import LoraFileError, LoraMismatchError
+from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
+from engine.generate.render import changed_inputs, new_output_path, read_sidecar, render_video
+from engine.generate.request import (
+    STRENGTH_MAX,
+    STRENGTH_MIN,
+    WAN_NEGATIVE_PROMPT,
+    GenerationCancelled,
+    GenerationError,
+    GenerationRequest,
+    open_image,
+    output_size,
 )
+from engine.generate.sweep import DEFAULT_SWEEP_STRENGTHS, lora_label, render_sweep
 from engine.jobs import GpuBusyError
-from engine.lora_io import LoraFileError, LoraMismatchError
-from engine.models import ModelFolderError
-from engine.video import frame_at, probe_video
 from studio.context import AppContext
 
 TITLE = "Generate"

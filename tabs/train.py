@@ -1,6 +1,6 @@
 """Train tab: one click trains a LoRA on the project's clips; a live loss plot, stop and resume, runs and samples.
 
-Thin UI over engine.config (presets, generated form, TOML), engine.dataset (the pre-flight report) and engine.jobs
+Thin UI over engine.training.config (presets, generated form, TOML), engine.training.dataset (the pre-flight report) and engine.jobs
 (the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
 page reload or a studio restart picks a running or finished run up where it is.
 """
@@ -20,14 +20,15 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from engine.config import (PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, ConfigError, DatasetConfig,
-                           RunConfig, apply_overrides, describe_fields, load_dataset_config, load_run_config,
-                           preset_configs, presets, save_dataset_config, save_run_config, to_toml)
-from engine.dataset import scan_dataset
-from engine.hardware import list_gpus
-from engine.jobs import (DATASET_TOML, METRICS_FILE, RUN_TOML, GpuBusyError, Job, JobError, JobRunner,
-                         JsonLinesFollower, RunSummary, summarize_run, training_argv)
-from engine.project import studio_home
+from engine.core.hardware import list_gpus
+from engine.core.layout import studio_home
+from engine.jobs import GpuBusyError, Job, JobError, JobRunner, JsonLinesFollower, training_argv
+from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
+from engine.training.dataset import scan_dataset
+from engine.training.form import apply_overrides, describe_fields
+from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
+from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, summarize_run
+from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 from studio.context import AppContext
 
 TITLE = "Train"

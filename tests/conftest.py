@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """ModelChoice with paths of the tiny Wan I2V pipeline and tiny BLIP-2 folders (built once)."""
-    from engine.models import ensure_tiny_kits
+    from engine.core.models import ensure_tiny_kits
 
     return ensure_tiny_kits(tmp_path_factory.mktemp("models"))
 
@@ -35,7 +35,7 @@ def one_torch_thread():
 @pytest.fixture
 def project(tmp_path, tiny_models):
     """An empty project in a folder whose name has a space, a quote and non-ASCII characters."""
-    from engine.project import Project
+    from engine.core.layout import Project
 
     return Project.open(tmp_path / "my 'project' é", wan_model=tiny_models.wan,
                         captioner_model=tiny_models.captioner)

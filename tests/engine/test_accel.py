@@ -1,4 +1,4 @@
-"""engine.accel on tiny Wan transformers with a peft LoRA: float8 weights, checkpointing, block swap, compile."""
+"""engine.speed on tiny Wan transformers with a peft LoRA: float8 weights, checkpointing, block swap, compile."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from engine import accel
+from engine.speed.blocks import (
+    _SDPA_OPS,
+    AccelError,
+    BlockSwapper,
+    _frozen_tensors,
+    _keep_self_attention,
+    compile_blocks,
+    enable_checkpointing,
+    offloaded_activation_bytes,
+)
+from engine.speed.float8 import Float8Linear, apply_float8_compute, apply_float8_storage, quantize_rowwise
+from engine.speed.inference import apply_fast_inference
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.0.proj", "ffn.net.2"]
 
@@ -89,7 +100,7 @@ def reference():
 
 def test_quantize_rowwise_round_trip():
     w = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different magnitude
-    q, scale = accel.quantize_rowwise(w)
+    q, scale = quantize_rowwise(w)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
     back = q.float() * scale[:, None]
     per_row = ((back - w).norm(dim=1) / w.norm(dim=1))
@@ -99,12 +110,12 @@ def test_quantize_rowwise_round_trip():
 def test_float8_storage_after_peft_keeps_lora_and_loss(reference):
     model, loss, grads = reference
     f8 = copy.deepcopy(model)
-    report = accel.apply_float8_storage(f8, compute_dtype=torch.float32)
+    report = apply_float8_storage(f8, compute_dtype=torch.float32)
     assert report.mode == "storage" and report.converted == 3 * 12  # 12 base Linears per block
     assert report.bytes_after < report.bytes_before / 3
     for name, module in f8.named_modules():
         if name.endswith("base_layer") and ".blocks." in f".{name}":
-            assert isinstance(module, accel.Float8Linear), name
+            assert isinstance(module, Float8Linear), name
             assert module.weight.dtype == torch.float8_e4m3fn and not module.weight.requires_grad
         if "lora_A" in name and isinstance(module, nn.Linear):
             assert module.weight.dtype == torch.float32 and module.weight.requires_grad
@@ -119,7 +130,7 @@ def test_float8_before_peft_gives_lora_the_compute_dtype():
 
     model = _tiny_transformer(num_layers=1).to(torch.bfloat16)
     model.requires_grad_(False)
-    accel.apply_float8_storage(model, compute_dtype=torch.bfloat16)
+    apply_float8_storage(model, compute_dtype=torch.bfloat16)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.bfloat16 for p in lora)  # not float8: peft reads `compute_dtype`
@@ -131,12 +142,12 @@ def test_float8_before_peft_gives_lora_the_compute_dtype():
 def test_float8_compute_matches_storage_on_cpu(reference, float8_backward):
     model, loss, grads = reference
     storage, compute = copy.deepcopy(model), copy.deepcopy(model)
-    accel.apply_float8_storage(storage, compute_dtype=torch.float32)
-    report = accel.apply_float8_compute(compute, compute_dtype=torch.float32, float8_backward=float8_backward,
+    apply_float8_storage(storage, compute_dtype=torch.float32)
+    report = apply_float8_compute(compute, compute_dtype=torch.float32, float8_backward=float8_backward,
                                         require_float8_device=False)
     assert report.mode == "compute"
     assert all(m.scaled_mm and m.float8_backward == float8_backward
-               for m in compute.modules() if isinstance(m, accel.Float8Linear))
+               for m in compute.modules() if isinstance(m, Float8Linear))
     loss_s, grads_s = _loss_and_grads(storage, _batch())
     loss_c, grads_c = _loss_and_grads(compute, _batch())
     assert abs(loss_c - loss_s) / loss_s < 0.02
@@ -146,9 +157,9 @@ def test_float8_compute_matches_storage_on_cpu(reference, float8_backward):
 
 def test_float8_compute_falls_back_with_a_message_on_cpu():
     model = _tiny_transformer(num_layers=1)
-    report = accel.apply_float8_compute(model, compute_dtype=torch.float32)
+    report = apply_float8_compute(model, compute_dtype=torch.float32)
     assert report.mode == "storage" and "float8 matmuls unavailable" in report.message
-    assert all(not m.scaled_mm for m in model.modules() if isinstance(m, accel.Float8Linear))
+    assert all(not m.scaled_mm for m in model.modules() if isinstance(m, Float8Linear))
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
@@ -157,37 +168,37 @@ def test_float8_compute_falls_back_with_a_message_on_cpu():
 def test_checkpoint_modes_give_the_same_gradients(reference, mode):
     model, loss, grads = reference
     ckpt = copy.deepcopy(model)
-    accel.enable_checkpointing(ckpt, mode)
+    enable_checkpointing(ckpt, mode)
     loss_c, grads_c = _loss_and_grads(ckpt, _batch())
     torch.testing.assert_close(loss_c, loss)
     _assert_same_grads(grads, grads_c)
-    assert accel.offloaded_activation_bytes(ckpt) == 0  # every stash was consumed by the backward pass
+    assert offloaded_activation_bytes(ckpt) == 0  # every stash was consumed by the backward pass
 
 
 def test_offload_holds_block_inputs_on_host_until_backward(reference):
     model, _, _ = reference
     ckpt = copy.deepcopy(model)
-    accel.enable_checkpointing(ckpt, "offload")
+    enable_checkpointing(ckpt, "offload")
     out = ckpt(**_batch(), return_dict=False)[0]
     tokens = 3 * 4 * 4
-    assert accel.offloaded_activation_bytes(ckpt) == 3 * tokens * 32 * 4  # 3 blocks x [1, tokens, 32] float32
+    assert offloaded_activation_bytes(ckpt) == 3 * tokens * 32 * 4  # 3 blocks x [1, tokens, 32] float32
     out.square().mean().backward()
-    assert accel.offloaded_activation_bytes(ckpt) == 0
+    assert offloaded_activation_bytes(ckpt) == 0
 
 
 def test_checkpointing_rejects_unknown_mode(reference):
-    with pytest.raises(accel.AccelError, match="unsloth"):
-        accel.enable_checkpointing(copy.deepcopy(reference[0]), "unsloth")
+    with pytest.raises(AccelError, match="unsloth"):
+        enable_checkpointing(copy.deepcopy(reference[0]), "unsloth")
 
 
 def test_selective_policy_saves_self_attention_only():
     from torch.utils.checkpoint import CheckpointPolicy
 
-    op = next(iter(accel._SDPA_OPS))
+    op = next(iter(_SDPA_OPS))
     q, k_self, k_cross = torch.empty(1, 2, 48, 16), torch.empty(1, 2, 48, 16), torch.empty(1, 2, 517, 16)
-    assert accel._keep_self_attention(None, op, q, k_self, k_self) == CheckpointPolicy.MUST_SAVE
-    assert accel._keep_self_attention(None, op, q, k_cross, k_cross) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert accel._keep_self_attention(None, torch.ops.aten.mm.default, q, q) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _keep_self_attention(None, op, q, k_self, k_self) == CheckpointPolicy.MUST_SAVE
+    assert _keep_self_attention(None, op, q, k_cross, k_cross) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _keep_self_attention(None, torch.ops.aten.mm.default, q, q) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # ---------------------------------------------------------------------------------------------- block swap
@@ -196,9 +207,9 @@ def test_selective_policy_saves_self_attention_only():
 def test_block_swap_gives_the_same_gradients(reference, mode):
     model, loss, grads = reference
     swapped = copy.deepcopy(model)
-    accel.enable_checkpointing(swapped, mode)
-    swapper = accel.BlockSwapper(swapped, blocks_to_swap=2, device="cpu")
-    assert all(p.numel() == 0 for p in accel._frozen_tensors(swapped.blocks[0]))  # really moved out
+    enable_checkpointing(swapped, mode)
+    swapper = BlockSwapper(swapped, blocks_to_swap=2, device="cpu")
+    assert all(p.numel() == 0 for p in _frozen_tensors(swapped.blocks[0]))  # really moved out
     assert swapper.host_bytes > 0
     for step in range(2):  # the second step starts from the state the first one left
         loss_s, grads_s = _loss_and_grads(swapped, _batch())
@@ -207,13 +218,13 @@ def test_block_swap_gives_the_same_gradients(reference, mode):
     # step 1: forward loads 0 and 1, backward reloads 1 and 0; step 2 finds 0 still resident: 4 + 3 loads
     assert swapper.loads == 7
     assert swapper.resident <= {0, 1}
-    assert all(p.numel() == 0 for p in accel._frozen_tensors(swapped.blocks[1]))
+    assert all(p.numel() == 0 for p in _frozen_tensors(swapped.blocks[1]))
 
 
 def test_block_swap_in_inference(reference):
     model, _, _ = reference
     swapped = copy.deepcopy(model)
-    swapper = accel.BlockSwapper(swapped, blocks_to_swap=3, device="cpu")
+    swapper = BlockSwapper(swapped, blocks_to_swap=3, device="cpu")
     with torch.no_grad():
         expected = model(**_batch(), return_dict=False)[0]
         for _ in range(2):
@@ -222,8 +233,8 @@ def test_block_swap_in_inference(reference):
 
 
 def test_block_swap_rejects_too_many_blocks(reference):
-    with pytest.raises(accel.AccelError, match="between 0 and 3"):
-        accel.BlockSwapper(copy.deepcopy(reference[0]), blocks_to_swap=4, device="cpu")
+    with pytest.raises(AccelError, match="between 0 and 3"):
+        BlockSwapper(copy.deepcopy(reference[0]), blocks_to_swap=4, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- compile
@@ -233,8 +244,8 @@ def test_block_swap_rejects_too_many_blocks(reference):
 def test_compiled_blocks_give_the_same_gradients(reference, mode, backend):
     model, loss, grads = reference
     compiled = copy.deepcopy(model)
-    accel.enable_checkpointing(compiled, mode)
-    accel.compile_blocks(compiled, backend=backend)
+    enable_checkpointing(compiled, mode)
+    compile_blocks(compiled, backend=backend)
     torch._dynamo.reset()
     loss_c, grads_c = _loss_and_grads(compiled, _batch())
     torch.testing.assert_close(loss_c, loss)
@@ -247,7 +258,7 @@ def test_fast_inference_lora_strength_changes_do_not_recompile():
     from torch._dynamo.utils import counters
 
     eager, fast = _tiny_transformer(num_layers=2, seed=3), _tiny_transformer(num_layers=2, seed=3)
-    report = accel.apply_fast_inference(fast, compile_backend="eager")
+    report = apply_fast_inference(fast, compile_backend="eager")
     assert report.compiled and report.float8 is None and "float8 off" in report.notes[0]  # CPU: no float8 matmuls
     torch._dynamo.reset()
     counters.clear()
@@ -274,10 +285,14 @@ def test_fast_inference_lora_strength_changes_do_not_recompile():
 
 def test_fast_inference_converts_a_freshly_loaded_transformer(monkeypatch):
     """from_pretrained leaves weights trainable; the fast path must still pack every block Linear into float8."""
-    monkeypatch.setattr(accel, "float8_compute_support", lambda device=None: (True, ""))
+    import engine.speed.float8 as float8
+    import engine.speed.inference as fast_inference
+
+    for module in (float8, fast_inference):
+        monkeypatch.setattr(module, "float8_compute_support", lambda device=None: (True, ""))
     model, fast = _tiny_transformer(num_layers=2, seed=4), _tiny_transformer(num_layers=2, seed=4)
     assert all(p.requires_grad for p in fast.parameters())
-    report = accel.apply_fast_inference(fast, compile_backend="eager")
+    report = apply_fast_inference(fast, compile_backend="eager")
     torch._dynamo.reset()
     assert report.float8 is not None and report.float8.mode == "compute" and report.float8.converted == 2 * 12
     with torch.no_grad():

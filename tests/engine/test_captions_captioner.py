@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from engine.captions import (
-    Blip2Captioner, CaptionerOutOfMemory, CaptionerSettings, CaptionStore, ClipDecodeError, caption_clip, main,
-    read_clip_frames, suggest_captions,
+from engine.captions.__main__ import main
+from engine.captions.captioners import (
+    Blip2Captioner,
+    CaptionerOutOfMemory,
+    CaptionerSettings,
+    ClipDecodeError,
+    caption_clip,
+    read_clip_frames,
+    suggest_captions,
 )
-from engine.ffmpeg import write_video
-from engine.models import ModelFolderError
+from engine.captions.store import CaptionStore
+from engine.core.ffmpeg import write_video
+from engine.core.models import ModelFolderError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,11 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from engine.captions import (
-    CaptionError, CaptionStore, StyleRules, TokenCounter, apply_style_to_clips, export_captions,
-    find_replace_in_clips, import_captions,
+from engine.captions.store import (
+    CaptionStore,
+    apply_style_to_clips,
+    export_captions,
+    find_replace_in_clips,
+    import_captions,
 )
-from engine.ffmpeg import write_video
+from engine.captions.style import StyleRules
+from engine.captions.text import CaptionError
+from engine.captions.tokens import TokenCounter
+from engine.core.ffmpeg import write_video
 
 
 def make_clip(clips_dir, name, frames=9, size=(64, 48), seed=0):

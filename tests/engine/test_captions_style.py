@@ -4,11 +4,25 @@ import json
 
 import pytest
 
-from engine.captions import (
-    CaptionError, StyleRules, add_trigger, apply_replacements, apply_style, find_banned_words, find_replace,
-    format_replacement_lines, format_word_diff, load_style_rules, merge_captions, normalize_caption,
-    parse_replacement_lines, preview_style, save_style_rules, split_phrases, word_diff,
+from engine.captions.captioners import merge_captions
+from engine.captions.style import (
+    StyleRules,
+    add_trigger,
+    apply_replacements,
+    apply_style,
+    find_banned_words,
+    find_replace,
+    format_replacement_lines,
+    format_word_diff,
+    load_style_rules,
+    normalize_caption,
+    parse_replacement_lines,
+    preview_style,
+    save_style_rules,
+    split_phrases,
+    word_diff,
 )
+from engine.captions.text import CaptionError
 
 NAMES = {"Son Goku": "a warrior with spiky black hair", "Goku": "a warrior", "Dr. Gero": "an old scientist",
          "C-3PO": "a golden robot", "Zoë": "a woman"}

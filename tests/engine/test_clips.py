@@ -13,13 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.clips import (MANIFEST_NAME, ClipError, Cut, ExportStopped, analyze_motion, clip_name, cut_clips,
-                          fitted_frames, format_timestamps, parse_size, parse_time, parse_timestamps, read_manifest,
-                          suggest_windows, validate_cuts)
-from engine.ffmpeg import ffmpeg_exe
-from engine.video import (FRAME_TIME_TOLERANCE, VideoError, build_preview_proxy, frame_at, preview_proxy_path,
-                          probe_video, read_frame, thumbnails)
-
+from engine.clips.cut import (
+    MANIFEST_NAME,
+    ClipError,
+    Cut,
+    ExportStopped,
+    clip_name,
+    cut_clips,
+    fitted_frames,
+    parse_size,
+    read_manifest,
+    validate_cuts,
+)
+from engine.clips.suggest import analyze_motion, suggest_windows
+from engine.clips.timestamps import format_timestamps, parse_time, parse_timestamps
+from engine.core.ffmpeg import ffmpeg_exe
+from engine.core.video import (
+    FRAME_TIME_TOLERANCE,
+    VideoError,
+    build_preview_proxy,
+    frame_at,
+    preview_proxy_path,
+    probe_video,
+    read_frame,
+    thumbnails,
+)
 from tests.engine.test_clips_videos import decode_all, make_indexed_video, make_scenes_video, read_index
 
 REPO = Path(__file__).resolve().parents[2]
@@ -278,7 +296,7 @@ def test_suggestions_find_scene_changes_and_rank_motion(workdir):
 def test_suggestions_read_the_preview_proxy_and_keep_their_analysis(workdir, monkeypatch):
     """With a project cache, the analysis reads the preview proxy (a film's full-size decode is most of its time),
     finds what the source gives, and is kept: asking again decodes nothing. A proxy of another video is ignored."""
-    import engine.clips as clips
+    import engine.clips.suggest as clips
 
     source = make_scenes_video(workdir / "scenes.mp4")
     info = probe_video(source)

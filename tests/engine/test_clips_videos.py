@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.ffmpeg import ffmpeg_exe
+from engine.core.ffmpeg import ffmpeg_exe
 
 BITS = 10
 
@@ -50,7 +50,7 @@ def make_indexed_video(path: Path, rate: str, frames: int, *, size=(160, 96), pi
 
 def decode_all(path: Path) -> list[np.ndarray]:
     """Every frame of a video (as displayed), by ffmpeg, for checking exported clips."""
-    from engine.video import probe_video
+    from engine.core.video import probe_video
 
     info = probe_video(path)
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",

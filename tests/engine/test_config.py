@@ -10,20 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (
-    ConfigError,
-    DatasetConfig,
-    RunConfig,
-    apply_overrides,
-    dataset_presets,
-    describe_fields,
-    load_dataset_config,
-    load_run_config,
-    preset_configs,
-    presets,
-    save_dataset_config,
-    save_run_config,
-)
+from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config
+from engine.training.form import apply_overrides, describe_fields
+from engine.training.presets import dataset_presets, preset_configs, presets
+from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 REPO = Path(__file__).resolve().parents[2]
@@ -268,13 +258,13 @@ def test_presets_build_valid_configs_that_round_trip(tmp_path):
 
 
 def test_check_command(fixtures):
-    ok = subprocess.run([sys.executable, "-m", "engine.config", "check", str(fixtures / "min_vram.toml")],
+    ok = subprocess.run([sys.executable, "-m", "engine.training.config", "check", str(fixtures / "min_vram.toml")],
                         cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert 'transformer_dtype = "float8"' in ok.stdout and "[[directory]]" in ok.stdout
     assert "shift = 1.0" in ok.stdout and "float8_matmuls = false" in ok.stdout  # resolved: defaults shown
     bad = _write_variant(fixtures, "epochs = 1000", "epoch = 1000")
-    failed = subprocess.run([sys.executable, "-m", "engine.config", "check", str(bad)], cwd=REPO,
+    failed = subprocess.run([sys.executable, "-m", "engine.training.config", "check", str(bad)], cwd=REPO,
                             capture_output=True, text=True)
     assert failed.returncode == 1 and "'epoch'" in failed.stderr
 

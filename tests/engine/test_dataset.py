@@ -7,22 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-import engine.models
-from engine.config import DatasetConfig, DirectoryConfig, apply_overrides
-from engine.dataset import (
-    CachedDataset,
-    CachedItem,
-    CachingStopped,
-    DatasetError,
-    cache_dataset,
-    fit_frame,
-    frame_windows,
-    read_item_frames,
-    scan_dataset,
-    size_buckets,
-)
-from engine.ffmpeg import write_video
-
+import engine.core.models
+from engine.core.ffmpeg import write_video
+from engine.training.cache import CachedDataset, CachedItem, CachingStopped, cache_dataset
+from engine.training.dataset import DatasetError, fit_frame, frame_windows, read_item_frames, scan_dataset, size_buckets
+from engine.training.form import apply_overrides
+from engine.training.schema import DatasetConfig, DirectoryConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,7 +177,7 @@ def test_cache_layout_and_progress(cached):
 
 def test_cached_tensors_equal_what_the_pipeline_computes(cached, tiny_models):
     cfg, data, root, _ = cached
-    pipe = engine.models.load_wan_pipeline(tiny_models.wan, torch_dtype=torch.float32)
+    pipe = engine.core.models.load_wan_pipeline(tiny_models.wan, torch_dtype=torch.float32)
     item = scan_dataset(cfg).items[0]
     frames = read_item_frames(item)
     got = data.load(0)
@@ -223,10 +213,10 @@ def test_a_training_step_feeds_the_transformer_what_the_pipeline_feeds_it(cached
     flow shift, x_t)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from engine.train_blocks import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
+    from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
 
     cfg, data, _, _ = cached
-    pipe = engine.models.load_wan_pipeline(tiny_models.wan, torch_dtype=torch.float32)
+    pipe = engine.core.models.load_wan_pipeline(tiny_models.wan, torch_dtype=torch.float32)
     calls: list[dict] = []
     pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
     batch = stack_items([data.load(0)], torch.device("cpu"))
@@ -266,8 +256,8 @@ def test_changed_caption_reencodes_only_its_text(cached, tiny_models, monkeypatc
     cfg, data, root, _ = cached
     loads: list[str] = []
     for name in ("load_wan_vae", "load_wan_image_encoder", "load_wan_text_encoder"):
-        original = getattr(engine.models, name)
-        monkeypatch.setattr(engine.models, name, lambda *a, _o=original, _n=name, **k: (loads.append(_n), _o(
+        original = getattr(engine.core.models, name)
+        monkeypatch.setattr(engine.core.models, name, lambda *a, _o=original, _n=name, **k: (loads.append(_n), _o(
             *a, **k))[1])
     before = {f: f.stat().st_mtime_ns for f in (root / "cache").rglob("*.safetensors")}
 

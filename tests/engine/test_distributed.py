@@ -24,7 +24,7 @@ SETTINGS = {"max_steps": 6, "epochs": 100, "optimizer.lr": 5e-3, "studio.state_e
 
 @pytest.fixture(scope="module")
 def dist_project(tmp_path_factory, tiny_models, one_torch_thread):
-    from engine.project import Project
+    from engine.core.layout import Project
 
     project = Project.open(tmp_path_factory.mktemp("dist") / "proj", wan_model=tiny_models.wan)
     write_clips(project.clips_dir, count=4)
@@ -35,7 +35,7 @@ def _torchrun(run_toml: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29517"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "engine.train", "--config", str(run_toml), *extra],
+         "-m", "engine.training", "--config", str(run_toml), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -70,7 +70,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dist_project):
     # Resume on another GPU count: the 2-rank state of step 3, continued by one process with accumulation 2.
     moved = write_run(dist_project, "moved", {**SETTINGS, "gradient_accumulation_steps": 2})
     shutil.copytree(double.parent / "state" / "step3", moved.parent / "state" / "step3")
-    from engine.train import train
+    from engine.training.stages import train
 
     assert train(moved, resume=True) == 0
     assert [e["step"] for e in events_of(moved, "step")] == [4, 5, 6]
@@ -80,7 +80,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(dist_project):
 
 
 def test_each_rank_gets_its_own_shard(dist_project):
-    from engine.train import DataStream, World
+    from engine.training.parallel import DataStream, World
 
     dataset = build_trainer(write_run(dist_project, "shards", SETTINGS)).dataset
     whole = DataStream(dataset, seed=42, batch_size=1, world=World())

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from engine.ffmpeg import write_video
-from engine.files import append_jsonl, atomic_path, atomic_write_text, read_jsonl
-from engine.project import Project
+from engine.core.ffmpeg import write_video
+from engine.core.files import append_jsonl, atomic_path, atomic_write_text, read_jsonl
+from engine.core.layout import Project
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):

@@ -12,13 +12,29 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.infer import (
-    CLI_SETTING_NAMES, GenerationCancelled, GenerationError, GenerationRequest, PipelineCache, PipelineOptions,
-    comfyui_workflow, export_comfyui_workflow, fit_size, memory_advice, motion_score, open_image,
-    options_from_sidecar, output_size, plan_sweep, read_sidecar, render_sweep, render_video, reproduce,
-    request_from_sidecar, resolve_request, sample_with_transformer,
+from engine.generate.__main__ import CLI_SETTING_NAMES
+from engine.generate.comfyui import comfyui_workflow, export_comfyui_workflow
+from engine.generate.lora_files import LoraMismatchError, load_lora, save_lora, save_lora_file
+from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
+from engine.generate.render import (
+    motion_score,
+    options_from_sidecar,
+    read_sidecar,
+    render_video,
+    reproduce,
+    request_from_sidecar,
+    sample_with_transformer,
 )
-from engine.lora_io import LoraMismatchError, load_lora, save_lora, save_lora_file
+from engine.generate.request import (
+    GenerationCancelled,
+    GenerationError,
+    GenerationRequest,
+    fit_size,
+    open_image,
+    output_size,
+    resolve_request,
+)
+from engine.generate.sweep import plan_sweep, render_sweep
 from tests.engine.test_lora_io import make_lora_dir, random_peft_lora
 
 SMALL = dict(prompt="a warrior jumps", seed=7, steps=2, frames=9, height=16, width=32)  # small: the VAE dominates
@@ -219,7 +235,8 @@ def test_one_side_given_keeps_the_image_aspect(image_path):
 
 
 def test_out_of_memory_names_the_settings_still_off(tiny_models, image_path, tmp_path, capsys, monkeypatch):
-    from engine import infer
+    import engine.generate.__main__ as infer
+    from engine.generate.__main__ import main
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
@@ -227,7 +244,7 @@ def test_out_of_memory_names_the_settings_still_off(tiny_models, image_path, tmp
     monkeypatch.setattr(infer, "render_video", out_of_memory)
     argv = ["--model", tiny_models.wan, "--image", str(image_path), "--prompt", "x", "--device", "cpu",
             "--out", str(tmp_path)]
-    assert infer.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "ran out of memory" in err and "--cpu-offload and --vae-tiling" in err and "--frames" in err
     offloaded = PipelineOptions(model="m", cpu_offload=True, vae_tiling=True)
@@ -335,8 +352,8 @@ def test_comfyui_workflow_matches_the_nodes_and_our_sampling(pipe, image_path, l
 def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path, tmp_path):
     from peft import LoraConfig
 
-    from engine.lora_io import PEFT_TARGET_MODULES
-    from engine.models import load_wan_transformer
+    from engine.core.models import load_wan_transformer
+    from engine.generate.lora_files import PEFT_TARGET_MODULES
 
     transformer = load_wan_transformer(tiny_models.wan, torch.float32)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGET_MODULES))
@@ -348,7 +365,7 @@ def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path
 
 
 def test_cli_sweep_over_epochs(tiny_models, image_path, lora_file, tmp_path, capsys):
-    from engine.infer import main
+    from engine.generate.__main__ import main
 
     epoch2 = make_lora_dir(tiny_models.wan, lora_file.parent.parent / "epoch2", seed=5)
     code = main(["--model", tiny_models.wan, "--image", str(image_path), "--prompt", "a warrior jumps",

@@ -12,8 +12,16 @@ import time
 
 import pytest
 
-from engine.jobs import (GpuBusyError, JobError, JobRunner, JsonLinesFollower, process_alive, process_start_ticks,
-                         read_json_lines_since, training_argv)
+from engine.jobs import (
+    GpuBusyError,
+    JobError,
+    JobRunner,
+    JsonLinesFollower,
+    process_alive,
+    process_start_ticks,
+    read_json_lines_since,
+    training_argv,
+)
 
 FAKE_CHILD = textwrap.dedent("""
     import json, os, signal, sys, time
@@ -106,7 +114,7 @@ def test_stop_is_graceful_when_the_child_listens(runner, fake_child, tmp_path):
 
 
 def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fake_child, tmp_path):
-    from engine.project import STOP_REQUEST_FILE
+    from engine.core.layout import STOP_REQUEST_FILE
 
     run_dir = tmp_path / "run"
     job = runner.start("watcher", fake_child("graceful", 0, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
@@ -234,11 +242,11 @@ def test_json_lines_reader_leaves_a_torn_line_for_later(tmp_path):
 
 def test_training_command_is_an_argument_list(tmp_path):
     config = tmp_path / "it's a run" / "run.toml"
-    assert training_argv(config, resume=True) == [sys.executable, "-m", "engine.train", "--config", str(config),
+    assert training_argv(config, resume=True) == [sys.executable, "-m", "engine.training", "--config", str(config),
                                                    "--resume"]
     multi = training_argv(config, num_gpus=2)
     assert multi[:4] == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus"]
-    assert multi[-4:] == ["--module", "engine.train", "--config", str(config)]
+    assert multi[-4:] == ["--module", "engine.training", "--config", str(config)]
 
 
 def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_child, tmp_path):
@@ -252,8 +260,8 @@ def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_
 
 
 def test_a_run_is_summarized_from_its_files(tmp_path):
-    from engine.files import append_jsonl, read_jsonl
-    from engine.jobs import run_loras, summarize_run
+    from engine.core.files import append_jsonl, read_jsonl
+    from engine.training.runs import run_loras, summarize_run
 
     run_dir = tmp_path / "runs" / "r 1"
     for epoch in (1, 2, 10):

@@ -8,9 +8,19 @@ import re
 import pytest
 import torch
 
-from engine.lora_io import (
-    ADAPTER_CONFIG_FILE, FORMATS, PEFT_TARGET_MODULES, LoraFileError, LoraMismatchError, check_keys_match_model,
-    load_lora, parse_lora_state, save_lora, save_lora_file, to_original_module, wan_module_names,
+from engine.generate.lora_files import (
+    ADAPTER_CONFIG_FILE,
+    FORMATS,
+    PEFT_TARGET_MODULES,
+    LoraFileError,
+    LoraMismatchError,
+    check_keys_match_model,
+    load_lora,
+    parse_lora_state,
+    save_lora,
+    save_lora_file,
+    to_original_module,
+    wan_module_names,
 )
 
 RANK, ALPHA = 4, 8.0  # alpha != rank so every format has to carry the scale correctly
@@ -35,7 +45,7 @@ def random_peft_lora(transformer, seed: int = 0, rank: int = RANK, alpha: float 
 
 def make_lora_dir(tiny_wan: str, out_dir, seed: int = 0, **metadata) -> "object":
     """Save a random LoRA for the tiny transformer with save_lora; returns the .safetensors path."""
-    from engine.models import load_wan_transformer
+    from engine.core.models import load_wan_transformer
 
     transformer = load_wan_transformer(tiny_wan, torch.float32)
     return save_lora(random_peft_lora(transformer, seed), out_dir, rank=RANK, alpha=ALPHA,
@@ -44,7 +54,7 @@ def make_lora_dir(tiny_wan: str, out_dir, seed: int = 0, **metadata) -> "object"
 
 @pytest.fixture(scope="module")
 def transformer(tiny_models):
-    from engine.models import load_wan_transformer
+    from engine.core.models import load_wan_transformer
 
     return load_wan_transformer(tiny_models.wan, torch.float32)
 
@@ -192,7 +202,7 @@ def test_musubi_and_comfy_key_names(peft_state):
 
 def test_diffusers_load_lora_weights_accepts_every_format_alike(tiny_models, peft_state, tmp_path):
     """diffusers' WanImageToVideoPipeline loads our files; the output changes and is the same for every format."""
-    from engine.models import load_wan_pipeline
+    from engine.core.models import load_wan_pipeline
 
     pipe = load_wan_pipeline(tiny_models.wan, torch.float32)
     weights = parse_lora_state(peft_state, default_alpha=ALPHA)
@@ -261,7 +271,7 @@ def test_incomplete_pair_is_refused(peft_state):
 
 
 def test_cli_info_and_convert(peft_state, tmp_path, capsys):
-    from engine.lora_io import main
+    from engine.generate.lora_files import main
 
     file = save_lora(peft_state, tmp_path / "e", rank=RANK, alpha=ALPHA, metadata={"steps": 3})
     assert main(["convert", str(file), str(tmp_path / "m.safetensors"), "--format", "musubi"]) == 0

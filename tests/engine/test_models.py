@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import models
+from engine.core import models
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_make_tiny_cli_writes_loadable_folders(tmp_path):
     out = tmp_path / "kits ü"
-    proc = subprocess.run([sys.executable, "-m", "engine.models", "make-tiny", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "engine.core.models", "make-tiny", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     wan = out / models.TINY_WAN_DIRNAME
@@ -43,9 +43,8 @@ def test_kits_are_deterministic_for_a_seed(tmp_path):
 
 
 def test_tiny_pipeline_generates_a_9_frame_video(tiny_models, tmp_path):
-    from diffusers.utils import export_to_video
-
     import cv2
+    from diffusers.utils import export_to_video
 
     pipe = models.load_wan_pipeline(tiny_models.wan)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8))
@@ -66,7 +65,7 @@ def test_incomplete_wan_folder_names_the_missing_component(tiny_models, tmp_path
     shutil.rmtree(broken / component)
     with pytest.raises(models.ModelFolderError, match=f"'{component}'"):
         models.load_wan_pipeline(broken)
-    proc = subprocess.run([sys.executable, "-m", "engine.models", "check", str(broken)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "engine.core.models", "check", str(broken)], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and component in proc.stderr
 

@@ -3,7 +3,7 @@
 import cv2
 import pytest
 
-from engine.project import Project, ProjectSettings
+from engine.core.layout import Project, ProjectSettings
 
 
 def test_layout_created_with_odd_path(tmp_path):
@@ -54,7 +54,7 @@ def test_demo_project_has_a_source_with_motion_and_scene_changes(demo_home):
 
 
 def test_demo_project_has_captioned_clips_ready_for_training(demo_home):
-    from engine.clips import count_frames
+    from engine.clips.cut import count_frames
     from engine.demo import DEMO_CLIPS
 
     p = Project.open(demo_home / "demo", create=False)

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import apply_overrides, load_run_config, preset_configs, save_dataset_config, save_run_config
-from engine.files import read_jsonl
+from engine.core.files import read_jsonl
+from engine.training.config import load_run_config, save_dataset_config, save_run_config
+from engine.training.form import apply_overrides
+from engine.training.presets import preset_configs
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -30,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def write_clips(clips_dir: Path, count: int = 2, frames: int = 17, size: int = 64) -> None:
     """Short 16 fps clips with different motion, each with its caption."""
-    from engine.ffmpeg import write_video
+    from engine.core.ffmpeg import write_video
 
     clips_dir.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -73,14 +75,14 @@ def saved_lora(path: Path) -> dict[str, torch.Tensor]:
 
 
 def run_cli(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "engine.train", *args], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "engine.training", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
 
 
 def eval_loss(module, dataset, timesteps) -> float:
     """Loss over every item with fixed t and noise: comparable before and after training."""
-    from engine.train import flow_matching_loss, micro_batch_generator, stack_items
+    from engine.training.objective import flow_matching_loss, micro_batch_generator, stack_items
 
     with torch.no_grad():
         losses = [flow_matching_loss(module, stack_items([dataset.load(i)], torch.device("cpu")),
@@ -91,7 +93,7 @@ def eval_loss(module, dataset, timesteps) -> float:
 
 @pytest.fixture(scope="module")
 def train_project(tmp_path_factory, tiny_models):
-    from engine.project import Project
+    from engine.core.layout import Project
 
     project = Project.open(tmp_path_factory.mktemp("train") / "proj 'é'", wan_model=tiny_models.wan)
     write_clips(project.clips_dir)
@@ -99,9 +101,13 @@ def train_project(tmp_path_factory, tiny_models):
 
 
 def build_trainer(run_toml: Path):
-    """A Trainer on the cached dataset, in this process (as engine.train.train builds it)."""
-    from engine.models import load_wan_transformer
-    from engine.train import EventLog, RunPaths, Trainer, World, cache, load_configs, storage_dtype, validate
+    """A Trainer on the cached dataset, in this process (as engine.training.train builds it)."""
+    from engine.core.models import load_wan_transformer
+    from engine.training.events import EventLog
+    from engine.training.loop import RunPaths, Trainer
+    from engine.training.model import storage_dtype
+    from engine.training.parallel import World
+    from engine.training.stages import cache, load_configs, validate
 
     run_cfg, dataset_cfg = load_configs(run_toml)
     paths = RunPaths.for_run(run_cfg)
@@ -118,7 +124,8 @@ def build_trainer(run_toml: Path):
 # ------------------------------------------------------------------------------------------ building blocks
 
 def test_lr_schedules_and_timestep_shift():
-    from engine.train import TimestepSampling, lr_factor
+    from engine.training.objective import TimestepSampling
+    from engine.training.optim import lr_factor
 
     assert [lr_factor(s, warmup_steps=4, total_steps=10, schedule="constant") for s in range(5)] == [
         0.25, 0.5, 0.75, 1.0, 1.0]
@@ -136,7 +143,7 @@ def test_lr_schedules_and_timestep_shift():
 
 def test_flow_matching_loss_is_the_documented_objective(train_project):
     """The loss equals MSE(model(cat[x_t, cond], t*1000, text, image), n - x) computed by hand."""
-    from engine.train import TimestepSampling, flow_matching_loss, micro_batch_generator
+    from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator
 
     trainer = build_trainer(write_run(train_project, "objective"))
     model = trainer.trainable.module
@@ -157,7 +164,7 @@ def test_flow_matching_loss_is_the_documented_objective(train_project):
 
 
 def test_lora_targets_every_block_linear(train_project):
-    from engine.lora_io import wan_module_names
+    from engine.generate.lora_files import wan_module_names
 
     trainer = build_trainer(write_run(train_project, "targets"))
     state = trainer.trainable.lora_state_dict()
@@ -233,7 +240,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(train_project):
     stopped_at = events_of(broken, "save")[-1]
     assert stopped_at["kind"] == "state" and 14 <= stopped_at["step"] < 24
 
-    from engine.train import train
+    from engine.training.stages import train
 
     assert train(broken, resume=True) == 0  # the last leg in this process (saves a start-up)
     assert events_of(broken, "phase")[-1]["phase"] == "done"
@@ -255,8 +262,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(train_project):
 
 def test_saved_lora_loads_in_diffusers_and_matches_the_trainer(train_project):
     """Every key maps to an original Wan module; diffusers' load_lora_weights reproduces the trained model."""
-    from engine.lora_io import check_keys_match_model, wan_module_names
-    from engine.models import load_wan_pipeline
+    from engine.core.models import load_wan_pipeline
+    from engine.generate.lora_files import check_keys_match_model, wan_module_names
 
     run_toml = write_run(train_project, "export", {"max_steps": 8, "epochs": 100, "optimizer.lr": 1e-2,
                                                    "save_dtype": "float32", "studio.samples.epochs": [2],
@@ -328,16 +335,10 @@ def test_low_memory_modes_switched_on(train_project):
 @pytest.mark.parametrize("fixture", ["min_vram.toml", "studio_extras.toml"])
 def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_path):
     """diffusion-pipe's files load; on the tiny model (2 blocks) with its own model path, one step trains."""
-    from engine.train import (
-        TimestepSampling,
-        build_optimizer,
-        flow_matching_loss,
-        load_configs,
-        micro_batch_generator,
-        prepare_transformer,
-    )
-
-    from engine.train import unused_settings
+    from engine.training.model import prepare_transformer
+    from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator
+    from engine.training.optim import build_optimizer
+    from engine.training.stages import load_configs, unused_settings
 
     run_cfg, dataset_cfg = load_configs(FIXTURES / fixture)
     assert dataset_cfg.directory and run_cfg.adapter.rank in (16, 32)
@@ -347,7 +348,7 @@ def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_pat
     assert run_cfg.optimizer.type in note
     run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": train_project.settings().wan_model,
                                         "blocks_to_swap": min(run_cfg.blocks_to_swap, 1), "compile": False})
-    from engine.models import load_wan_transformer
+    from engine.core.models import load_wan_transformer
 
     trainable = prepare_transformer(load_wan_transformer(run_cfg.model.ckpt_path, torch.float32), run_cfg, "cpu")
     shapes = {"latents": (1, 16, 2, 4, 4), "condition": (1, 20, 2, 4, 4), "image_embeds": (1, 17, 8),
@@ -362,24 +363,26 @@ def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_pat
 # ------------------------------------------------------------------------------------------------- errors
 
 def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, capsys):
-    from engine import train as train_module
-    from engine.project import Project
+    import engine.training.loop as train_module
+    from engine.core.layout import Project
+    from engine.training.stages import train
+    from engine.training.state import save_training_state
 
     missing_model = write_run(train_project, "no model", {"model.ckpt_path": str(tmp_path / "nowhere")})
-    assert train_module.train(missing_model) == 2
+    assert train(missing_model) == 2
     error = events_of(missing_model, "error")[-1]
     assert "not found" in error["message"] and "ckpt_path" in error["hint"]
     assert events_of(missing_model, "phase")[-1]["phase"] == "error"
 
     bad_key = tmp_path / "bad.toml"
     bad_key.write_text(missing_model.read_text(encoding="utf-8") + "\nmystery_option = 3\n", encoding="utf-8")
-    assert train_module.train(bad_key) == 2  # the config is unreadable: the error still reaches stdout
+    assert train(bad_key) == 2  # the config is unreadable: the error still reaches stdout
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed[-2]["event"] == "error" and "mystery_option" in printed[-2]["message"]
 
     empty = Project.open(tmp_path / "empty", wan_model=train_project.settings().wan_model)
     empty_run = write_run(empty, "run")
-    assert train_module.train(empty_run) == 2
+    assert train(empty_run) == 2
     assert "no video clips" in events_of(empty_run, "error")[-1]["message"]
 
     full = write_run(train_project, "disk full", {"max_steps": 4, "studio.state_every_n_steps": 2})
@@ -389,9 +392,9 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(*args, **kwargs)
 
-    real_save = train_module.save_training_state
+    real_save = save_training_state
     monkeypatch.setattr(train_module, "save_training_state", no_space)
-    assert train_module.train(full) == 3
+    assert train(full) == 3
     error = events_of(full, "error")[-1]
     assert "disk is full" in error["message"] and "resume" in error["hint"]
     assert [p.name for p in (full.parent / "state").iterdir()] == ["step2"]  # the last good state is intact
@@ -402,7 +405,7 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(train_module, "flow_matching_loss", out_of_memory)
-    assert train_module.train(oom) == 2
+    assert train(oom) == 2
     error = events_of(oom, "error")[-1]
     assert "out of memory" in error["message"]
     assert "transformer_dtype = 'float8'" in error["hint"] and "blocks_to_swap" in error["hint"]
@@ -411,8 +414,8 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
 
 
 def test_memory_hint_skips_settings_in_use():
-    from engine.config import RunConfig
-    from engine.train import memory_hint
+    from engine.training.loop import memory_hint
+    from engine.training.schema import RunConfig
 
     low = apply_overrides(RunConfig(), {"model.transformer_dtype": "float8", "activation_checkpointing": "unsloth",
                                         "blocks_to_swap": 39})
@@ -422,7 +425,7 @@ def test_memory_hint_skips_settings_in_use():
 
 
 def test_stop_request_saves_state_and_fresh_start_keeps_old_states(train_project):
-    from engine.train import train
+    from engine.training.stages import train
 
     run_toml = write_run(train_project, "stop early", {"max_steps": 10, "epochs": 100})
 
@@ -441,7 +444,7 @@ def test_stop_request_saves_state_and_fresh_start_keeps_old_states(train_project
 
 
 def test_optimizer_state_round_trip_without_pickles(tmp_path):
-    from engine.trainer_state import TrainingState, capture_rng_state, load_training_state, save_training_state
+    from engine.training.state import TrainingState, capture_rng_state, load_training_state, save_training_state
 
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99))
@@ -465,7 +468,7 @@ def test_optimizer_state_round_trip_without_pickles(tmp_path):
 
 
 def test_block_swap_runs_ask_for_expandable_segments(tmp_path, monkeypatch):
-    from engine.train import _prefer_expandable_segments
+    from engine.training.__main__ import _prefer_expandable_segments
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     config = FIXTURES / "min_vram.toml"  # blocks_to_swap = 32
@@ -477,8 +480,8 @@ def test_block_swap_runs_ask_for_expandable_segments(tmp_path, monkeypatch):
 
 
 def test_a_stop_request_file_stops_the_run_and_an_old_one_is_ignored(train_project):
-    from engine.project import STOP_REQUEST_FILE
-    from engine.train import train
+    from engine.core.layout import STOP_REQUEST_FILE
+    from engine.training.stages import train
 
     run_toml = write_run(train_project, "stop by file", {"max_steps": 3, "epochs": 100})
     request = run_toml.parent / STOP_REQUEST_FILE

@@ -20,7 +20,7 @@ GPU = {"model.dtype": "bfloat16", "model.transformer_dtype": "bfloat16", "epochs
 
 @pytest.fixture(scope="module")
 def gpu_project(tmp_path_factory, tiny_models):
-    from engine.project import Project
+    from engine.core.layout import Project
 
     project = Project.open(tmp_path_factory.mktemp("gpu") / "proj", wan_model=tiny_models.wan)
     write_clips(project.clips_dir)
@@ -32,7 +32,7 @@ def _final(run_toml):
 
 
 def test_8bit_adamw_stop_and_resume_on_gpu(gpu_project):
-    from engine.train import train
+    from engine.training.stages import train
 
     settings = {**GPU, "max_steps": 6, "optimizer.type": "adamw8bit", "studio.state_every_n_steps": 2}
     straight = write_run(gpu_project, "straight", settings)
@@ -52,7 +52,7 @@ def test_8bit_adamw_stop_and_resume_on_gpu(gpu_project):
 
 
 def test_low_memory_modes_on_gpu(gpu_project):
-    from engine.train import train
+    from engine.training.stages import train
 
     for name, extra in {
         "lowmem": {"model.transformer_dtype": "float8", "blocks_to_swap": 1, "activation_checkpointing": "unsloth",
@@ -70,12 +70,12 @@ def test_low_memory_modes_on_gpu(gpu_project):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_gpus_under_the_deepspeed_launcher_equal_one_gpu(gpu_project):
-    """`deepspeed --num_gpus 2 --module engine.train` (NCCL) == one GPU with twice the gradient accumulation."""
+    """`deepspeed --num_gpus 2 --module engine.training` (NCCL) == one GPU with twice the gradient accumulation."""
     import os
     import subprocess
     import sys
 
-    from engine.train import train
+    from engine.training.stages import train
     from tests.engine.test_train import REPO
 
     settings = {**GPU, "max_steps": 4, "optimizer.type": "adamw8bit", "gradient_clipping": 0.05}
@@ -84,7 +84,7 @@ def test_two_gpus_under_the_deepspeed_launcher_equal_one_gpu(gpu_project):
     double = write_run(gpu_project, "two gpus", {**settings, "gradient_accumulation_steps": 1})
     result = subprocess.run(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29533",
-         "--module", "engine.train", "--config", str(double)],
+         "--module", "engine.training", "--config", str(double)],
         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert [e["step"] for e in events_of(double, "step")] == [1, 2, 3, 4]  # one writer

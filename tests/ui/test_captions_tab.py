@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from engine.captions import CaptionStore
-from engine.ffmpeg import write_video
+from engine.captions.store import CaptionStore
+from engine.core.ffmpeg import write_video
 from tests.ui.conftest import wait_idle
 
 CLIPS = ("captions test A.mp4", "captions test B é.mp4")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect
 
-from engine.video import probe_video
+from engine.core.video import probe_video
 from tests.ui.conftest import wait_idle
 
 
@@ -74,8 +74,8 @@ def test_tab_handlers_without_a_browser(tmp_path):
     import gradio as gr
     import pytest
 
-    from engine.models import ModelChoice
-    from engine.project import Project
+    from engine.core.layout import Project
+    from engine.core.models import ModelChoice
     from studio.context import AppContext
     from tabs.clips import ClipsTab
     from tests.engine.test_clips_videos import make_indexed_video

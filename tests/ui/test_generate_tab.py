@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from engine.models import TINY_WAN_DIRNAME
+from engine.core.models import TINY_WAN_DIRNAME
 from tests.engine.test_lora_io import make_lora_dir
 from tests.ui.conftest import wait_idle
 
@@ -94,7 +94,7 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
 
 
 def test_form_helpers(tmp_path):
-    from engine.infer import GenerationError
+    from engine.generate.request import GenerationError
     from tabs.generate import grid_html, parse_strengths, run_epochs
 
     assert parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]

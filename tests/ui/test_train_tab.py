@@ -19,7 +19,7 @@ from tests.ui.conftest import running_studio, wait_idle
 
 def demo_clips(project_root: Path) -> list[Path]:
     """The demo project's captioned clips (engine.demo ships them pre-cut)."""
-    from engine.project import Project
+    from engine.core.layout import Project
 
     project = Project(project_root)
     clips = project.list_clips()
@@ -156,7 +156,7 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     assert steps_after == list(range(saved + 1, saved + 1 + len(steps_after)))
     samples = [e for e in events if e["event"] == "sample"]
     assert [e["epoch"] for e in samples] == [1] and Path(samples[0]["path"]).stat().st_size > 0
-    from engine.config import load_run_config
+    from engine.training.config import load_run_config
 
     assert load_run_config(run_dir / "run.toml").studio.samples.image == str(run_dir / "sample start.png")
     assert (run_dir / "sample start.png").read_bytes() == still.read_bytes()  # the chosen still, kept with the run
@@ -193,8 +193,10 @@ def test_loss_curves_keep_the_last_value_of_a_repeated_step_and_smooth_from_the_
 
 
 def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_path):
-    from engine.config import PRESET_CPU_DEMO, ConfigError, load_run_config, to_toml
-    from engine.project import Project
+    from engine.core.layout import Project
+    from engine.training.config import load_run_config, to_toml
+    from engine.training.presets import PRESET_CPU_DEMO
+    from engine.training.schema import ConfigError
     from tabs.train import (
         configs_from_text,
         draft_configs,
@@ -237,10 +239,10 @@ def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_pa
 
 def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
     """The tab's handlers, on a studio built in-process (no browser): import the min-VRAM example, export a pair."""
-    from engine.config import load_dataset_config, load_run_config
+    from engine.core.layout import Project
+    from engine.core.models import ModelChoice
     from engine.jobs import JobRunner
-    from engine.models import ModelChoice
-    from engine.project import Project
+    from engine.training.config import load_dataset_config, load_run_config
     from studio.app import build
     from studio.context import AppContext
 

@@ -6,7 +6,7 @@ of the same classes with random weights and saved with `save_pretrained` in the 
 demo go through exactly the code path that real 14B folders go through. Weights are only ever read from
 safetensors, never from pickles.
 
-Command line: `python -m engine.models make-tiny --out DIR [--seed N]` and `python -m engine.models check PATH`.
+Command line: `python -m engine.core.models make-tiny --out DIR [--seed N]` and `python -m engine.core.models check PATH`.
 """
 
 from __future__ import annotations
@@ -143,8 +143,13 @@ def make_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
 def make_tiny_blip2(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny BLIP-2 (OPT) folder laid out like `Salesforce/blip2-opt-2.7b`: config, weights, processor."""
     from transformers import (
-        Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
-        BlipImageProcessor, OPTConfig,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
     )
 
     out_dir = Path(out_dir)
@@ -353,7 +358,7 @@ def build_wan_14b_transformer(device: str = "cuda", dtype: torch.dtype = torch.b
 # ---------------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.core.models", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny", help="write tiny Wan I2V and BLIP-2 folders (random weights, no network)")
     tiny.add_argument("--out", required=True, type=Path, help="folder that receives the two model folders")

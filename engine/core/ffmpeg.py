@@ -8,7 +8,7 @@ from typing import Iterable
 
 import numpy as np
 
-from engine.files import atomic_path
+from engine.core.files import atomic_path
 
 
 def ffmpeg_exe() -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.files import atomic_write_json
+from engine.core.files import atomic_write_json
 
 STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"

@@ -23,8 +23,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from engine.ffmpeg import ffmpeg_exe
-from engine.files import atomic_path
+from engine.core.ffmpeg import ffmpeg_exe
+from engine.core.files import atomic_path
 
 FRAME_TIME_TOLERANCE = 0.001  # seconds; far below one frame (16.7 ms at 60 fps)
 

@@ -1,234 +1,24 @@
-"""Speed and memory tools for the Wan transformer, used by the trainer and the generation path.
-
-- float8 base weights: frozen block Linears stored as float8 e4m3 with one scale per output row, either computed in
-  bf16 after dequantising (`apply_float8_storage`, any device) or with float8 matmuls on Hopper
-  (`apply_float8_compute`, `torch._scaled_mm` with row-wise scales). Backward gives only the input gradient (the
-  base weights are frozen), so a LoRA upstream trains; LoRA layers themselves are never converted.
-- activation checkpointing of the transformer blocks (`enable_checkpointing`): 'full' recomputes the whole block,
-  'selective' keeps the self-attention outputs (the expensive part) and recomputes the rest, 'offload' recomputes
-  the whole block and keeps its saved input in pinned CPU memory.
-- `BlockSwapper`: the frozen weights of N blocks live in pinned CPU memory and are copied to the GPU on a side
-  stream one block ahead of use (forward and backward), then dropped again.
-- `compile_blocks`: regional `torch.compile` of the block body (one graph shared by all blocks).
-- `apply_fast_inference`: what the generation path applies (float8 matmuls where the card has them, compiled blocks).
-
-Every tool works after peft has wrapped the Linears: peft's `lora.Linear` keeps the original Linear as
-`base_layer`, and that is what gets converted or swapped. Order when combining: float8 first, then LoRA (any time),
-then checkpointing, block swap and compile. On a CPU every path runs (the swapper's copies become plain tensor
-swaps), so the CPU tests exercise the same logic as the GPU.
-"""
+"""The per-block runner of the transformer and what wraps each block: activation checkpointing (full, selective:
+keep attention, offloaded to CPU memory), block swap (frozen weights in CPU memory until the block runs), the
+attention order, and regional compile."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import types
 from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
-
-FLOAT8_DTYPE = torch.float8_e4m3fn
-FLOAT8_MAX = torch.finfo(FLOAT8_DTYPE).max  # 448
 CheckpointMode = Literal["full", "selective", "offload"]
+
+
 CHECKPOINT_MODES: tuple[str, ...] = ("full", "selective", "offload")
 
 
 class AccelError(RuntimeError):
     """A speed/memory option that cannot be applied, with what to change."""
-
-
-# ---------------------------------------------------------------------------------------------- float8 weights
-
-def float8_compute_support(device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether float8 matmuls (`torch._scaled_mm`) run on `device`, and a sentence saying why not."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
-        return False, f"float8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer; the device is {device}."
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        return False, f"{name} (compute capability {major}.{minor}) has no float8 matmuls; 8.9+ (Ada, Hopper) does."
-    return True, ""
-
-
-def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8 e4m3 weight and float32 scale per output row, so that weight ~= q * scale[:, None]."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / FLOAT8_MAX
-    q = (w / scale[:, None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8_DTYPE)
-    return q, scale
-
-
-def _dequantize(weight8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight8.to(dtype) * scale.to(dtype)[:, None]
-
-
-class _Float8StorageLinear(torch.autograd.Function):
-    """y = x @ dequant(W).T + b, saving only the float8 weight: backward recomputes dequant(W) for grad_input."""
-
-    @staticmethod
-    def forward(ctx, x, weight8, scale, bias, compute_dtype):
-        ctx.save_for_backward(weight8, scale)
-        ctx.compute_dtype, ctx.input_dtype = compute_dtype, x.dtype
-        return F.linear(x.to(compute_dtype), _dequantize(weight8, scale, compute_dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        weight8, scale = ctx.saved_tensors
-        grad_in = grad_out.to(ctx.compute_dtype) @ _dequantize(weight8, scale, ctx.compute_dtype)
-        return grad_in.to(ctx.input_dtype), None, None, None, None
-
-
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float8 rows and their float32 scales [rows, 1] (an activation or gradient before a scaled matmul)."""
-    x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FLOAT8_MAX
-    return (x / x_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8_DTYPE), x_scale
-
-
-class _Float8ScaledMatmulLinear(torch.autograd.Function):
-    """float8 matmuls: activations quantised per row, weights per output row.
-
-    Backward (input gradient only) runs in float8 too when `float8_backward`: the weight's row scales are folded
-    into the gradient's columns, the gradient is quantised per row, and the weight is used transposed (a 1-byte
-    copy per call, cheaper than storing both layouts). Otherwise backward dequantises to bf16.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight8, scale, bias, compute_dtype, float8_backward):
-        ctx.save_for_backward(weight8, scale)
-        ctx.compute_dtype, ctx.input_dtype, ctx.float8_backward = compute_dtype, x.dtype, float8_backward
-        x8, x_scale = _quantize_rows(x.reshape(-1, x.shape[-1]).float())
-        out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=compute_dtype)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], weight8.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
-        weight8, scale = ctx.saved_tensors
-        if not ctx.float8_backward:
-            grad_in = grad_out.to(ctx.compute_dtype) @ _dequantize(weight8, scale, ctx.compute_dtype)
-            return grad_in.to(ctx.input_dtype), None, None, None, None, None
-        g8, g_scale = _quantize_rows(grad_out.reshape(-1, grad_out.shape[-1]).float() * scale[None, :])
-        ones = torch.ones(1, weight8.shape[1], device=weight8.device, dtype=torch.float32)
-        grad_in = torch._scaled_mm(g8, weight8.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
-                                   out_dtype=ctx.compute_dtype)
-        return grad_in.reshape(*grad_out.shape[:-1], weight8.shape[1]).to(ctx.input_dtype), None, None, None, None, None
-
-
-class Float8Linear(nn.Linear):
-    """A frozen Linear whose weight is stored as float8 e4m3 with a float32 scale per output row.
-
-    A subclass of nn.Linear so peft wraps it like any Linear; `compute_dtype` tells peft which dtype the LoRA
-    beside it should take (peft reads it instead of the float8 weight's dtype).
-    """
-
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, scaled_mm: bool, float8_backward: bool = False):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight8, scale = quantize_rowwise(linear.weight)
-        self.weight = nn.Parameter(weight8, requires_grad=False)
-        self.register_buffer("weight_scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(
-            linear.bias.detach().to(compute_dtype), requires_grad=False)
-        self.compute_dtype = compute_dtype
-        self.scaled_mm = scaled_mm
-        self.float8_backward = float8_backward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scaled_mm:
-            return _Float8ScaledMatmulLinear.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype,
-                                                   self.float8_backward)
-        return _Float8StorageLinear.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
-
-    def extra_repr(self) -> str:
-        mode = ("float8 matmul" + (" (and backward)" if self.float8_backward else "")) if self.scaled_mm else \
-            "float8 storage"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {mode}, compute={self.compute_dtype}"
-
-
-@dataclasses.dataclass
-class Float8Report:
-    """What a float8 conversion did: how many Linears, in which mode, and the bytes saved."""
-
-    converted: int
-    mode: Literal["storage", "compute"]
-    bytes_before: int
-    bytes_after: int
-    message: str = ""
-
-
-def _frozen_block_linears(transformer: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, linear) of every frozen base Linear inside the transformer blocks, LoRA layers excluded."""
-    found = []
-    for block in _blocks(transformer):
-        for parent_name, parent in block.named_modules():
-            if "lora_" in parent_name:
-                continue
-            for attr, child in parent.named_children():
-                if (type(child) is nn.Linear and not child.weight.requires_grad and "lora_" not in attr
-                        and child.weight.dtype != FLOAT8_DTYPE):
-                    found.append((parent, attr, child))
-    return found
-
-
-def _convert_to_float8(transformer: nn.Module, compute_dtype: torch.dtype, scaled_mm: bool,
-                       float8_backward: bool = False) -> tuple[int, int, int]:
-    count = before = after = 0
-    found = _frozen_block_linears(transformer)
-    while found:  # drop each bf16 weight as soon as its float8 copy exists
-        parent, attr, linear = found.pop(0)
-        use_mm = scaled_mm and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-        new = Float8Linear(linear, compute_dtype, use_mm, float8_backward and use_mm)
-        before += linear.weight.numel() * linear.weight.element_size()
-        after += new.weight.numel() + new.weight_scale.numel() * 4
-        setattr(parent, attr, new)
-        del linear
-        count += 1
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return count, before, after
-
-
-def apply_float8_storage(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> Float8Report:
-    """Store every frozen base Linear of the blocks as float8 e4m3 (+ row scales); matmuls stay in `compute_dtype`.
-
-    Halves the blocks' weight memory against bf16. Trainable Linears and LoRA layers are left alone; the embedders
-    and the output projection (small) stay as they are.
-    """
-    count, before, after = _convert_to_float8(transformer, compute_dtype, scaled_mm=False)
-    return Float8Report(count, "storage", before, after)
-
-
-def apply_float8_compute(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, *,
-                         float8_backward: bool = True, require_float8_device: bool = True) -> Float8Report:
-    """float8 weights and float8 matmuls (`torch._scaled_mm`, row-wise scales) for the blocks' frozen Linears.
-
-    `float8_backward`: the input gradient (what flows to the LoRA of earlier layers) is computed in float8 too;
-    False keeps that matmul in bf16.
-    Only where the card has float8 matmuls (Ada/Hopper); elsewhere falls back to float8 storage with bf16 matmuls and
-    says so in the report's message (and the log). `require_float8_device=False` runs `_scaled_mm` wherever
-    PyTorch provides it (the CPU tests use this to check the arithmetic).
-    """
-    device = next((p.device for p in transformer.parameters()), torch.device("cpu"))
-    supported, why = float8_compute_support(device)
-    if require_float8_device and not supported:
-        report = apply_float8_storage(transformer, compute_dtype)
-        report.message = f"float8 matmuls unavailable ({why}) Using float8 storage with {compute_dtype} matmuls."
-        log.warning(report.message)
-        return report
-    count, before, after = _convert_to_float8(transformer, compute_dtype, scaled_mm=True,
-                                              float8_backward=float8_backward)
-    return Float8Report(count, "compute", before, after)
 
 
 # ---------------------------------------------------------------------------------------------- block runner
@@ -298,13 +88,6 @@ def _selective(body: Callable) -> Callable:
         return checkpoint(body, forward, block, hidden_states, encoder_hidden_states, temb, rotary_emb,
                           use_reentrant=False, context_fn=_selective_context)
     return run
-
-
-# Compiled, the attention backend is fixed when the graph (recompute included) is traced inside the runner's
-# context. Eager, the recompute runs later in backward and must choose the same backend as the forward did, or the
-# saved attention results are not found: so the body enters the context itself.
-_run_block_selective = _selective(_run_block)
-_run_block_selective_eager = _selective(_run_block_ordered)
 
 
 class _RecomputedBlock(torch.autograd.Function):
@@ -460,9 +243,6 @@ def _prepare_lora_layers(block: nn.Module) -> None:
                 values[name] = module.scaling[name]
 
 
-_COMPILED: dict[tuple, Callable] = {}
-
-
 def _compiled(fn: Callable, options: dict) -> Callable:
     """One compiled function per (body, options), shared by all blocks so the graph is compiled once."""
     key = (fn, tuple(sorted(options.items())))
@@ -481,6 +261,35 @@ def _runners(transformer: nn.Module) -> list[_BlockRunner]:
             block.forward = runner
         runners.append(runner)
     return runners
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+def compile_blocks(transformer: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool = False) -> None:
+    """Regional torch.compile: the block body is compiled once and shared by all blocks.
+
+    Composes with checkpointing (for 'selective' the checkpoint itself is compiled, so the save policy applies
+    inside the graph) and with block swap (swap hooks stay outside the compiled code).
+    """
+    options = {"backend": backend, "dynamic": dynamic}
+    if mode is not None:
+        options["mode"] = mode
+    for runner in _runners(transformer):
+        runner.compile_options = options
+        runner.rebuild()
+
+
+# Compiled, the attention backend is fixed when the graph (recompute included) is traced inside the runner's
+# context. Eager, the recompute runs later in backward and must choose the same backend as the forward did, or the
+# saved attention results are not found: so the body enters the context itself.
+_run_block_selective = _selective(_run_block)
+
+
+_run_block_selective_eager = _selective(_run_block_ordered)
+
+
+_COMPILED: dict[tuple, Callable] = {}
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
@@ -662,78 +471,3 @@ def _frozen_tensors(block: nn.Module) -> list[torch.Tensor]:
     tensors = [p for p in block.parameters() if not p.requires_grad]
     tensors += [b for b in block.buffers() if b.numel() > 0]
     return tensors
-
-
-# ---------------------------------------------------------------------------------------------- compile
-
-def compile_blocks(transformer: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool = False) -> None:
-    """Regional torch.compile: the block body is compiled once and shared by all blocks.
-
-    Composes with checkpointing (for 'selective' the checkpoint itself is compiled, so the save policy applies
-    inside the graph) and with block swap (swap hooks stay outside the compiled code).
-    """
-    options = {"backend": backend, "dynamic": dynamic}
-    if mode is not None:
-        options["mode"] = mode
-    for runner in _runners(transformer):
-        runner.compile_options = options
-        runner.rebuild()
-
-
-# ---------------------------------------------------------------------------------------------- inference
-
-@dataclasses.dataclass
-class FastInferenceReport:
-    """What `apply_fast_inference` changed, in words the UI can show."""
-
-    float8: Float8Report | None
-    compiled: bool
-    notes: list[str]
-
-
-def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile: bool = True,
-                         compile_backend: str = "inductor") -> FastInferenceReport:
-    """The generation path's speed-ups: float8 matmuls for the frozen block Linears (only where the card has them;
-    elsewhere nothing changes, since float8 storage alone would slow inference) and compiled blocks (GPU only,
-    unless a backend is named), with LoRA strengths read from tensors so strength changes never recompile.
-
-    Call before loading LoRAs (they sit beside the float8 base layers in bf16) and never fuse LoRAs afterwards.
-    """
-    device = next(p.device for p in transformer.parameters())
-    notes: list[str] = []
-    report = None
-    # Loaded with from_pretrained every weight still requires grad; float8 packs only frozen Linears, and nothing
-    # trains here (LoRAs loaded later by diffusers are frozen by peft anyway).
-    transformer.requires_grad_(False)
-    if float8:
-        supported, why = float8_compute_support(device)
-        if supported:
-            report = apply_float8_compute(transformer)
-            notes.append(f"float8 matmuls on {report.converted} block linears")
-        else:
-            notes.append(f"float8 off: {why}")
-    compiled = compile and (device.type == "cuda" or compile_backend != "inductor")
-    if compiled:
-        compile_blocks(transformer, backend=compile_backend)
-        for runner in _runners(transformer):
-            runner.inference_lora = True
-        notes.append("blocks compiled (the first generation at a new size compiles them: slower)")
-    return FastInferenceReport(report, compiled, notes)
-
-
-def prepare_pipeline_for_inference(pipe, device: torch.device | str | None = None, **options) -> FastInferenceReport:
-    """`apply_fast_inference` on a WanImageToVideoPipeline's transformer, on the GPU it will run on.
-
-    A transformer still on the CPU is moved to `device` first (default: the GPU when there is one), because float8
-    packing and the float8 check need the card. Options are passed on (float8=, compile=).
-    """
-    transformer = pipe.transformer
-    current = next(p.device for p in transformer.parameters())
-    target = torch.device(device) if device is not None else (
-        torch.device("cuda") if current.type == "cpu" and torch.cuda.is_available() else current)
-    if target != current:
-        transformer.to(target)
-    report = apply_fast_inference(transformer, **options)
-    pipe.__dict__["_accel_report"] = report
-    return report

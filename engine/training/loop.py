@@ -1,52 +1,22 @@
-"""The Wan 2.1 I2V LoRA trainer: `python -m engine.train --config run.toml [--resume]`.
-
-Stages: validate (config, model folder, dataset report) -> cache (latents and embeddings to disk, encoders freed)
--> train (peft LoRA on the frozen WanTransformer3DModel, flow matching) -> done. Every stage reports JSON-line events
-on stdout and in `runs/<run>/metrics.jsonl` (see CONTRACTS.md "Training events"), loss and LR also to TensorBoard.
-
-Determinism: each micro-batch draws its timestep and noise from a generator seeded by (seed, global micro-batch
-index), and the data order is a function of (seed, epoch), so a run resumed from a saved state continues exactly
-as the uninterrupted run would have; and 2 ranks with gradient accumulation k see the same micro-batches, noise and
-averaged gradient as 1 rank with 2k.
-
-Multi-GPU: `deepspeed --num_gpus N -m engine.train --config run.toml` (or torchrun) trains data-parallel through
-DeepSpeed (engine/train_parallel.py); rank 0 alone writes files and events. Building blocks the GPU benchmark shares
-live in engine/train_blocks.py, resume states in engine/trainer_state.py.
-"""
+"""The training loop: epochs of micro-batches, gradient accumulation, saves, samples and resume states."""
 
 from __future__ import annotations
 
-import argparse
 import errno
-import gc
-import json
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from engine.files import append_jsonl
-from engine.project import PROJECT_FILE, STOP_REQUEST_FILE
-from engine.train_blocks import (
-    TimestepSampling,
-    TrainableTransformer,
-    TrainingError,
-    build_optimizer,
-    compute_dtype,
-    flow_matching_loss,
-    lr_factor,
-    micro_batch_generator,
-    prepare_transformer,
-    stack_items,
-    storage_dtype,
-)
-from engine.train_parallel import (
+from engine.core.layout import PROJECT_FILE
+from engine.training.events import EventLog, TrainingError
+from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
+from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
+from engine.training.optim import build_optimizer, lr_factor
+from engine.training.parallel import (
     DataStream,
     DeepSpeedStepper,
     LocalStepper,
@@ -54,69 +24,13 @@ from engine.train_parallel import (
     all_ranks_mean,
     any_rank,
     barrier,
-    start_world,
 )
-from engine.trainer_state import (
-    TrainingState,
-    capture_rng_state,
-    latest_state_dir,
-    load_training_state,
-    restore_rng_state,
-    save_training_state,
-)
+from engine.training.state import TrainingState, capture_rng_state, restore_rng_state, save_training_state
 
 STATES_KEPT = 2  # resume states kept on disk: the newest two, should the newest be damaged on disk
+
+
 EXIT_OK, EXIT_DISK_FULL = 0, 3  # configuration and data errors exit 2 (TrainingError.exit_code)
-
-
-# ====================================================================================================== events
-
-class EventLog:
-    """JSON-line events on stdout + metrics.jsonl, and TensorBoard scalars. Only rank 0 writes, except errors: a
-    rank that fails says so itself (tagged with its rank), since rank 0 may not know why the others stopped."""
-
-    def __init__(self, run_dir: Path | None, world: World):
-        self.run_dir, self.world = run_dir, world  # no run_dir (config unreadable): stdout only
-        self._tensorboard = None
-
-    def emit(self, event: str, **fields: Any) -> dict:
-        record = {"event": event, "time": time.time(), **fields}
-        if event == "error" and self.world.distributed:
-            record["rank"] = self.world.rank
-        if self.world.is_main or event == "error":
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-            if self.run_dir is None:
-                return record
-            append_jsonl(self.run_dir / "metrics.jsonl", record)
-            if event == "step":
-                self._scalars(record)
-        return record
-
-    def phase(self, phase: str, message: str) -> None:
-        self.emit("phase", phase=phase, message=message)
-
-    def log(self, message: str) -> None:
-        """A note for people reading the log (e.g. which optimizer a diffusion-pipe name became)."""
-        self.emit("log", message=message)
-
-    def _scalars(self, record: dict) -> None:
-        if self._tensorboard is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # scalars stay in metrics.jsonl; TensorBoard is a convenience
-                self._tensorboard = False
-                self.log("TensorBoard is not installed: metrics go to metrics.jsonl only.")
-                return
-            self._tensorboard = SummaryWriter(str(self.run_dir / "tb"))
-        if self._tensorboard is False:
-            return
-        for name in ("loss", "lr", "steps_per_s"):
-            self._tensorboard.add_scalar(f"train/{name}", record[name], record["step"])
-        self._tensorboard.flush()
-
-    def close(self) -> None:
-        if self._tensorboard:
-            self._tensorboard.close()
 
 
 class StopFlag:
@@ -134,7 +48,6 @@ class StopFlag:
 
     def __call__(self) -> bool:
         return self.requested
-
 
 
 # =============================================================================================== the training run
@@ -211,10 +124,10 @@ class Trainer:
                 named[name].copy_(tensor.to(named[name].device))
 
     def _init_from_existing(self, path: Path) -> None:
-        """Start from an earlier LoRA file (any format engine.lora_io reads), keeping its effective weights."""
+        """Start from an earlier LoRA file (any format engine.generate.lora_files reads), keeping its effective weights."""
         from peft import set_peft_model_state_dict
 
-        from engine.lora_io import LoraFileError, LoraMismatchError, check_keys_match_model, load_lora
+        from engine.generate.lora_files import LoraFileError, LoraMismatchError, check_keys_match_model, load_lora
 
         try:
             weights = load_lora(path)
@@ -320,7 +233,7 @@ class Trainer:
             self._render_sample(finished_epoch)
 
     def _save_lora(self, folder: str, epoch: int) -> None:
-        from engine.lora_io import save_lora
+        from engine.generate.lora_files import save_lora
 
         if self.world.is_main:
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
@@ -331,7 +244,7 @@ class Trainer:
                 metadata={"base_model": self.cfg.model.ckpt_path, "rank": self.cfg.adapter.rank,
                           "alpha": self.cfg.lora_alpha, "steps": self.step, "epoch": epoch,
                           "dataset_fingerprint": self.fingerprint, "seed": self.seed,
-                          "trainer": "wan-lora-studio engine.train"}), self.paths.run_dir / folder)
+                          "trainer": "wan-lora-studio engine.training"}), self.paths.run_dir / folder)
             self.events.emit("save", kind="lora", epoch=epoch, step=self.step, path=str(path))
         barrier(self.world)
 
@@ -398,8 +311,9 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
 
 
 def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_dir: Path, epoch: int) -> Path:
-    """Render the configured sample with the in-memory LoRA transformer (engine.infer restores its train mode)."""
-    from engine.infer import GenerationRequest, sample_with_transformer
+    """Render the configured sample with the in-memory LoRA transformer (engine.generate restores its train mode)."""
+    from engine.generate.render import sample_with_transformer
+    from engine.generate.request import GenerationRequest
 
     samples = run_cfg.studio.samples
     first = dataset.items[0]
@@ -426,197 +340,3 @@ def _first_frame(clip: str | Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out), frame)
     return out
-
-
-# ================================================================================================ the stages
-
-def load_configs(config_path: str | Path):
-    from engine.config import ConfigError, load_dataset_config, load_run_config
-
-    try:
-        run_cfg = load_run_config(config_path)
-        dataset_cfg = load_dataset_config(run_cfg.dataset_path())
-    except ConfigError as err:
-        raise TrainingError(str(err), "Fix the named key (python -m engine.config check RUN.toml shows the "
-                                      "resolved settings).") from err
-    return run_cfg, dataset_cfg
-
-
-def unused_settings(run_cfg) -> list[str]:
-    """diffusion-pipe settings a file may set that this trainer does not act on, each with what happens instead."""
-    notes = []
-    if run_cfg.eval_every_n_epochs:
-        notes.append("eval_every_n_epochs is not used: set [studio.samples] epochs to watch the LoRA instead.")
-    if run_cfg.monitoring.enable_wandb:
-        notes.append("[monitoring] enable_wandb is not used: metrics go to metrics.jsonl and TensorBoard (tb/).")
-    if run_cfg.is_explicit("partition_method"):
-        notes.append("partition_method is not used: the studio trains data-parallel, without pipeline stages.")
-    if run_cfg.caching_batch_size != 1:
-        notes.append("caching_batch_size is not used: clips are cached one at a time.")
-    return notes
-
-
-def validate(run_cfg, dataset_cfg, events: EventLog):
-    """Model folder and dataset report: errors stop the run, warnings are logged."""
-    from engine.dataset import scan_dataset
-    from engine.models import ModelFolderError, check_wan_folder
-
-    events.phase("validate", f"Checking the model folder and the dataset {dataset_cfg.source}.")
-    for note in unused_settings(run_cfg):
-        events.log(note)
-    try:
-        check_wan_folder(run_cfg.model.ckpt_path)
-    except ModelFolderError as err:
-        raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V folder.") from err
-    report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.clip_mode)
-    for warning in report.warnings:
-        events.log(f"Dataset warning: {warning.file}: {warning.message}")
-    if report.errors:
-        listed = "; ".join(f"{e.file}: {e.message}" for e in report.errors[:10])
-        more = f" (and {len(report.errors) - 10} more)" if len(report.errors) > 10 else ""
-        raise TrainingError(f"The dataset has {len(report.errors)} error(s): {listed}{more}",
-                            "Fix these clips or captions (the Clips and Captions tabs), then start again.")
-    if not report.clips:
-        folders = ", ".join(str(d.path) for d in dataset_cfg.directory)
-        raise TrainingError(f"The dataset is empty: no clips found in {folders}.",
-                            "Add clips with captions (clip.mp4 + clip.txt) to the folder, or fix its path.")
-    return report
-
-
-def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: torch.device, events: EventLog,
-          should_stop: Callable[[], bool]):
-    """Encode what is not cached yet (each rank its share); None when stopped on request."""
-    from engine.dataset import CachingStopped, cache_dataset
-
-    events.phase("cache", f"Caching latents and embeddings in {paths.cache_dir}.")
-
-    def progress(fraction: float, message: str) -> None:
-        events.emit("progress", phase="cache", fraction=float(fraction), message=message)
-
-    try:
-        dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
-                                dtype=compute_dtype(run_cfg, device), rank=world.rank, world_size=world.world_size,
-                                video_clip_mode=run_cfg.clip_mode, report=report, on_progress=progress,
-                                should_stop=should_stop)
-    except CachingStopped:
-        dataset = None
-    if any_rank(dataset is None, world, device):
-        return None
-    barrier(world)  # every rank has written its share
-    missing = dataset.missing_files()
-    if missing:
-        raise TrainingError(f"{len(missing)} cache files are missing after caching, e.g. {missing[0]}.",
-                            "Check the free disk space and start again: finished files are reused.")
-    gc.collect()  # the encoders are gone: give their memory back before the transformer loads
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dataset
-
-
-def train(config_path: str | Path, *, resume: bool = False, should_stop: Callable[[], bool] | None = None) -> int:
-    """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
-    world, device = start_world()
-    should_stop = should_stop or (lambda: False)
-    events = EventLog(None, world)
-    try:
-        run_cfg, dataset_cfg = load_configs(config_path)
-        paths = RunPaths.for_run(run_cfg)
-        events = EventLog(paths.run_dir, world)
-        should_stop = _or_stop_requested(should_stop, paths.run_dir / STOP_REQUEST_FILE)
-        torch.manual_seed(run_cfg.studio.seed)
-        state = _resume_state(paths, resume, events, world)
-        report = validate(run_cfg, dataset_cfg, events)
-        dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, should_stop)
-        if dataset is None:
-            events.phase("stopped", "Stopped while caching; cached clips are kept and reused next time.")
-            return EXIT_OK
-        trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=should_stop,
-                          paths=paths)
-        if state is not None and state.global_micro_batches % world.world_size:
-            events.log(f"The saved data position ({state.global_micro_batches} micro-batches) does not split evenly "
-                       f"over {world.world_size} ranks: up to {world.world_size - 1} micro-batches are repeated.")
-        from engine.models import load_wan_transformer
-
-        transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
-        try:
-            trainer.build(transformer, state)
-        except torch.OutOfMemoryError as err:
-            raise TrainingError(f"CUDA out of memory while placing the model on {device}: {str(err).splitlines()[0]}",
-                                memory_hint(run_cfg, dataset.items[0].bucket)) from err
-        return trainer.run()
-    except TrainingError as err:
-        events.emit("error", message=str(err), hint=err.hint)
-        events.phase("error", str(err))
-        return err.exit_code
-    except Exception as err:  # anything unforeseen still ends with an event the Train tab can show
-        events.emit("error", message=f"{type(err).__name__}: {err}", hint="See the log for the traceback.")
-        events.phase("error", str(err))
-        raise
-    finally:
-        events.close()
-        if world.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> Callable[[], bool]:
-    """should_stop, or a stop request written into the run folder after this run started (an older request, left
-    from a stop before a resume, is ignored)."""
-    started = time.time()
-
-    def stop_requested() -> bool:
-        if should_stop():
-            return True
-        try:
-            return request_file.stat().st_mtime >= started
-        except FileNotFoundError:
-            return False
-
-    return stop_requested
-
-
-def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:
-    """The latest saved state when resuming. A fresh start moves earlier states aside, so a later --resume can
-    never pick up a state of the earlier run (nothing is deleted)."""
-    if not resume:
-        if world.is_main and latest_state_dir(paths.state_root) is not None:
-            aside = paths.state_root.with_name(f"state.before-{time.strftime('%Y%m%d-%H%M%S')}")
-            paths.state_root.rename(aside)
-            events.log(f"Started without --resume: the earlier run's resume states were moved to {aside}.")
-        barrier(world)
-        return None
-    state_dir = latest_state_dir(paths.state_root)
-    if state_dir is None:
-        events.log(f"No saved state in {paths.state_root}: starting from step 0.")
-        return None
-    state = load_training_state(state_dir)
-    events.log(f"Resuming from {state_dir} (step {state.step}).")
-    return state
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, type=Path, help="run TOML (diffusion-pipe format + [studio])")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest state in <output_dir>/state")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
-    args = parser.parse_args(argv)
-    stop = StopFlag()
-    stop.install()
-    _prefer_expandable_segments(args.config)
-    return train(args.config, resume=args.resume, should_stop=stop)
-
-
-def _prefer_expandable_segments(config_path: Path) -> None:
-    """Block swap frees and refills GPU memory every step; without expandable segments the caching allocator
-    fragments and a 24 GiB card runs out of memory (bench/NOTES.md). Must be set before CUDA allocates anything."""
-    from engine.config import ConfigError, load_run_config
-
-    try:
-        swaps = load_run_config(config_path).blocks_to_swap
-    except (ConfigError, OSError):
-        return  # train() reports the problem as an event
-    if swaps > 0:
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

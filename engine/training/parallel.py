@@ -1,6 +1,6 @@
 """Data parallel training: this process's rank, collective decisions, the gradient steppers and the data stream.
 
-Under `deepspeed --num_gpus N -m engine.train ...` (or torchrun) the LoRA parameters go to a DeepSpeed engine
+Under `deepspeed --num_gpus N -m engine.training ...` (or torchrun) the LoRA parameters go to a DeepSpeed engine
 (ZeRO stage 0: plain data parallel; a LoRA's optimizer state is too small to be worth sharding) that averages
 gradients, accumulates, clips and steps. The frozen base model stays outside DeepSpeed, so it is never broadcast or
 cast, and float8 storage and block swap keep working. Without a launcher the LocalStepper does the same in-process.
@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from engine.train_blocks import TrainingError
+from engine.training.events import TrainingError
 
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 

@@ -11,7 +11,7 @@ musubi-tuner's `lora_unet_blocks_{i}_self_attn_q.lora_down.weight`. Everything i
 
 Only safetensors are read: a pickled .pt/.ckpt can run code when loaded.
 
-Command line: `python -m engine.lora_io info FILE` and `python -m engine.lora_io convert IN OUT --format NAME`.
+Command line: `python -m engine.generate.lora_files info FILE` and `python -m engine.generate.lora_files convert IN OUT --format NAME`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from engine.files import atomic_path, atomic_write_json
+from engine.core.files import atomic_path, atomic_write_json
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -416,7 +416,7 @@ def check_keys_match_model(lora: LoraWeights | Mapping[str, torch.Tensor] | Iter
 # ---------------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.lora_io", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.generate.lora_files", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show a LoRA file's format, rank, alpha, modules and metadata")
     info.add_argument("path", type=Path)

@@ -1,0 +1,178 @@
+"""Suggested clips: the most dynamic windows (optical-flow motion) that do not cross a scene change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, Cut, ExportStopped, _TimedFrames, check_frames
+from engine.core.ffmpeg import ffmpeg_exe
+from engine.core.files import atomic_write_json
+from engine.core.progress import ProgressFn, StopFn
+from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, preview_proxy_path, probe_video
+
+
+@dataclass
+class Suggestion:
+    start: float
+    end: float
+    score: float  # mean motion in the window: percent of the frame width moved per second
+    scene: int  # index of the scene (between detected cuts) the window lies in
+
+
+# ---------------------------------------------------------------- suggestions
+
+ANALYSIS_WIDTH = 160  # pixels; motion and scene cuts are judged on small grey frames
+
+
+def _source_greys(info: VideoInfo, analysis_fps: float, width: int, height: int) -> Iterator[tuple[float, np.ndarray]]:
+    """(time, grey frame) every 1 / analysis_fps seconds, decoded from the source itself."""
+    vf = f"fps={analysis_fps}:start_time={info.start_time},scale={width}:{height}:flags=area"
+    stream = _TimedFrames(info, 0.0, vf, width, height, pix_fmt="gray")
+    try:
+        yield from stream
+    finally:
+        stream.close()
+
+
+def _proxy_greys(info: VideoInfo, proxy: Path, analysis_fps: float, width: int,
+                 height: int) -> Iterator[tuple[float, np.ndarray]]:
+    """The same samples read from the preview proxy, whose frame i is source frame i: a film's full-resolution
+    decode is most of the analysis time, and the small proxy decodes many times faster."""
+    times = np.arange(0.0, info.duration, 1.0 / analysis_fps)
+    wanted = [info.frame_index_at(float(t)) for t in times]
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(proxy), "-map", "0:v:0",
+           "-vf", f"scale={width}:{height}:flags=area", "-fps_mode", "passthrough", "-an", "-sn", "-f", "rawvideo",
+           "-pix_fmt", "gray", "-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    size, sample = width * height, 0
+    try:
+        for index in range(info.frame_count):
+            if sample == len(wanted):
+                return
+            data = proc.stdout.read(size)
+            if len(data) < size:
+                return
+            while sample < len(wanted) and wanted[sample] == index:
+                yield float(times[sample]), np.frombuffer(data, np.uint8).reshape(height, width)
+                sample += 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = 8.0, proxy: Path | None = None,
+                   on_progress: ProgressFn | None = None,
+                   should_stop: StopFn | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """One pass over the video at `analysis_fps`: sample times, motion per sample (Farneback optical flow, percent
+    of the frame width per second) and scene-change times (a sharp jump in the grey-level histogram).
+
+    `proxy`, the source's preview proxy, is read instead of the source when it has every source frame."""
+    info = source if isinstance(source, VideoInfo) else probe_video(source)
+    width = min(ANALYSIS_WIDTH, info.width - info.width % 2)
+    height = max(2, int(round(info.height * width / info.width / 2)) * 2)
+    if proxy is not None and probe_video(proxy).frame_count == info.frame_count:
+        samples = _proxy_greys(info, proxy, analysis_fps, width, height)
+    else:
+        samples = _source_greys(info, analysis_fps, width, height)
+    times, motion, hist_jump = [], [], []
+    prev_grey, prev_hist = None, None
+    expected = max(1, int(info.duration * analysis_fps))
+    try:
+        for t, grey in samples:
+            if should_stop is not None and should_stop():
+                raise ExportStopped("Suggestion analysis stopped.")
+            hist = cv2.calcHist([grey], [0], None, [32], [0, 256]).ravel()
+            hist /= hist.sum() or 1
+            if prev_grey is None:
+                motion.append(0.0)
+                hist_jump.append(0.0)
+            else:
+                flow = cv2.calcOpticalFlowFarneback(prev_grey, grey, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+                magnitude = float(np.linalg.norm(flow, axis=2).mean())
+                motion.append(100 * magnitude / width * analysis_fps)
+                hist_jump.append(0.5 * float(np.abs(hist - prev_hist).sum()))  # total variation distance, 0..1
+            times.append(t)
+            prev_grey, prev_hist = grey, hist
+            if on_progress is not None and len(times) % 16 == 0:
+                on_progress(min(0.99, len(times) / expected), f"analysing motion: {t:.1f} s")
+    finally:
+        samples.close()
+    if not times:
+        raise VideoError(f"Could not decode any frame of {info.path.name} for analysis.")
+    jumps = np.asarray(hist_jump)
+    grey_diff_cut = [i for i in range(1, len(jumps)) if jumps[i] > 0.35 and jumps[i] > 3 * np.median(
+        jumps[max(1, i - 8): i + 9]) + 0.05]
+    scene_changes = [float((times[i - 1] + times[i]) / 2) for i in grey_diff_cut]
+    motion_arr = np.asarray(motion)
+    for i in grey_diff_cut:  # the flow across a cut is not motion
+        motion_arr[i] = motion_arr[i - 1] if i > 0 else 0.0
+    return np.asarray(times), motion_arr, scene_changes
+
+
+def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_progress: ProgressFn | None,
+                     should_stop: StopFn | None) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """analyze_motion, kept in cache_dir/analysis per exact source file, and read from its preview proxy once one
+    has been built: asking again (more windows, after new cuts) costs nothing."""
+    proxy = preview_proxy_path(info, cache_dir)
+    target = cache_dir / "analysis" / f"{proxy.stem}-{analysis_fps:g}fps-{ANALYSIS_WIDTH}px.json"
+    try:
+        kept = json.loads(target.read_text(encoding="utf-8"))
+        return np.asarray(kept["times"], float), np.asarray(kept["motion"], float), [float(t) for t in kept["scenes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not analysed yet, or an unreadable file: analyse again
+    times, motion, scenes = analyze_motion(info, analysis_fps=analysis_fps, proxy=proxy if proxy.exists() else None,
+                                           on_progress=on_progress, should_stop=should_stop)
+    atomic_write_json(target, {"source": str(info.path), "times": times.tolist(), "motion": motion.tolist(),
+                               "scenes": scenes})
+    return times, motion, scenes
+
+
+def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = DEFAULT_FRAMES,
+                    fps: float = DEFAULT_FPS, step: float = 0.5, avoid: Sequence[Cut] = (),
+                    analysis_fps: float = 8.0, cache_dir: str | os.PathLike | None = None,
+                    on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
+    """The `count` most dynamic clip windows (frames / fps seconds) that cross no scene change and overlap neither
+    each other nor the cuts in `avoid`, best first, with their motion score.
+
+    With `cache_dir` (a project's cache folder) the motion analysis is kept there and read from the source's
+    preview proxy when one has been built."""
+    info = probe_video(source)
+    check_frames(frames)
+    span = frames / fps
+    if info.duration + FRAME_TIME_TOLERANCE < span:
+        raise ClipError(f"{info.path.name} lasts {info.duration:.3f} s, shorter than one clip "
+                        f"({frames} frames at {fps:g} fps = {span:.3f} s).")
+    if cache_dir is not None:
+        times, motion, scene_changes = _cached_analysis(info, Path(cache_dir), analysis_fps, on_progress, should_stop)
+    else:
+        times, motion, scene_changes = analyze_motion(info, analysis_fps=analysis_fps, on_progress=on_progress,
+                                                      should_stop=should_stop)
+    bounds = [0.0, *scene_changes, info.duration]
+    taken = [(c.start, c.start + span) for c in avoid]
+    candidates = []
+    for scene, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        start = np.ceil(lo / step) * step
+        while start + span <= hi + FRAME_TIME_TOLERANCE:
+            inside = (times >= start) & (times < start + span)
+            if inside.any():
+                candidates.append(Suggestion(round(float(start), 3), round(float(start + span), 4),
+                                             round(float(motion[inside].mean()), 2), scene))
+            start += step
+    chosen: list[Suggestion] = []
+    for candidate in sorted(candidates, key=lambda s: (-s.score, s.start)):
+        if len(chosen) == count:
+            break
+        if all(candidate.end <= a or candidate.start >= b for a, b in taken):
+            chosen.append(candidate)
+            taken.append((candidate.start, candidate.end))
+    if on_progress is not None:
+        on_progress(1.0, f"{len(chosen)} windows suggested, {len(scene_changes)} scene changes found")
+    return chosen

@@ -1,0 +1,92 @@
+"""ComfyUI API-format workflow export of a generated video's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core.files import atomic_write_json
+from engine.generate.render import read_sidecar, sidecar_path
+from engine.generate.request import WAN_480P_SCHEDULER, GenerationError, GenerationRequest
+
+# ---------------------------------------------------------------------------------------------- ComfyUI export
+
+@dataclass(frozen=True)
+class ComfyModelFiles:
+    """File names inside ComfyUI's models/ folders (the Comfy-Org repackaged Wan 2.1 names by default)."""
+
+    diffusion_model: str = "wan2.1_i2v_480p_14B_bf16.safetensors"
+    text_encoder: str = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    clip_vision: str = "clip_vision_h.safetensors"
+    vae: str = "wan_2.1_vae.safetensors"
+
+
+def comfy_lora_name(path: str | Path) -> str:
+    """The name to copy a LoRA under in ComfyUI/models/loras: runs/<run>/epoch3/adapter_model.safetensors ->
+    <run>_epoch3.safetensors (so epochs do not overwrite each other)."""
+    path = Path(path)
+    if path.name == "adapter_model.safetensors":
+        return f"{path.parent.parent.name}_{path.parent.name}.safetensors"
+    return path.name
+
+
+def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyModelFiles(),
+                     scheduler: dict | None = None) -> dict:
+    """An API-format ComfyUI workflow (node id -> {class_type, inputs}) for the same image, prompt, LoRAs at the
+    same strengths, size, frames, steps, guidance, seed and sampling (`scheduler`: a sidecar's record of the
+    diffusers scheduler). ComfyUI draws its noise differently, so the video is alike in settings, not identical
+    in pixels."""
+    scheduler = scheduler or WAN_480P_SCHEDULER
+    if scheduler.get("class") != "UniPCMultistepScheduler":
+        raise GenerationError(f"ComfyUI export knows Wan's flow UniPC scheduler only; this video used "
+                              f"{scheduler.get('class')}.")
+    nodes: dict[str, dict] = {}
+
+    def add(class_type: str, title: str | None = None, **inputs) -> str:
+        node_id = str(len(nodes) + 1)
+        nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            nodes[node_id]["_meta"] = {"title": title}
+        return node_id
+
+    unet = add("UNETLoader", unet_name=files.diffusion_model, weight_dtype="default")
+    model = [unet, 0]
+    for path, strength in request.loras:
+        name = comfy_lora_name(path)
+        model = [add("LoraLoaderModelOnly", title=f"LoRA: copy {path} to models/loras/{name}", model=model,
+                     lora_name=name, strength_model=float(strength)), 0]
+    # ModelSamplingSD3 shifts sigmas as diffusers' flow_shift does: s*t / (1 + (s-1)*t).
+    model = [add("ModelSamplingSD3", model=model, shift=float(scheduler["flow_shift"])), 0]
+    clip = add("CLIPLoader", clip_name=files.text_encoder, type="wan", device="default")
+    positive = add("CLIPTextEncode", clip=[clip, 0], text=request.prompt)
+    negative = add("CLIPTextEncode", clip=[clip, 0], text=request.negative_prompt)
+    vae = add("VAELoader", vae_name=files.vae)
+    image = add("LoadImage", title=f"Start image: copy {request.image} to ComfyUI's input folder",
+                image=Path(request.image).name)
+    vision = add("CLIPVisionLoader", clip_name=files.clip_vision)
+    # diffusers' CLIPImageProcessor (as Wan's own code) resizes the short side and crops the centre; "none" would
+    # squash the whole frame into the square instead.
+    vision_out = add("CLIPVisionEncode", clip_vision=[vision, 0], image=[image, 0], crop="center")
+    i2v = add("WanImageToVideo", positive=[positive, 0], negative=[negative, 0], vae=[vae, 0],
+              clip_vision_output=[vision_out, 0], start_image=[image, 0], width=request.width,
+              height=request.height, length=request.frames, batch_size=1)
+    # diffusers skips guidance at <= 1 (the prompt alone), which is cfg 1 in ComfyUI; its cfg 0 would be the
+    # negative prompt alone. ComfyUI's "uni_pc" is UniPC's bh1 variant, "uni_pc_bh2" the bh2 one.
+    sampler = add("KSampler", model=model, positive=[i2v, 0], negative=[i2v, 1], latent_image=[i2v, 2],
+                  seed=int(request.seed or 0), steps=request.steps, cfg=max(float(request.guidance), 1.0),
+                  sampler_name="uni_pc_bh2" if scheduler["solver_type"] == "bh2" else "uni_pc",
+                  scheduler="simple", denoise=1.0)
+    decoded = add("VAEDecode", samples=[sampler, 0], vae=[vae, 0])
+    video = add("CreateVideo", images=[decoded, 0], fps=request.fps)
+    add("SaveVideo", video=[video, 0], filename_prefix="video/wan_lora_studio", format="auto", codec="auto")
+    return nodes
+
+
+def export_comfyui_workflow(sidecar: str | Path, out_path: str | Path | None = None,
+                            files: ComfyModelFiles = ComfyModelFiles()) -> Path:
+    """Write the ComfyUI workflow of a generated video (from its sidecar) beside it as <video>.comfyui.json."""
+    source = sidecar_path(sidecar) if Path(sidecar).suffix.lower() != ".json" else Path(sidecar)
+    data = read_sidecar(source)
+    out_path = Path(out_path) if out_path else source.with_name(source.stem + ".comfyui.json")
+    workflow = comfyui_workflow(GenerationRequest.from_dict(data["request"]), files, data.get("scheduler"))
+    return atomic_write_json(out_path, workflow)

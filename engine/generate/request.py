@@ -1,0 +1,182 @@
+"""What to generate: the request, its checks, output sizes and the start image."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+# Wan's usual negative prompt (the one its authors ship as the default), in the original Chinese.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+PIXEL_BUDGET_480P = 832 * 480
+
+
+SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
+
+
+STRENGTH_MIN, STRENGTH_MAX = -1.0, 2.0
+
+
+MAX_IMAGE_SIDE = 4096  # bigger inputs are scaled down first: the model sees about 832x480 anyway
+
+
+
+
+
+
+class GenerationError(ValueError):
+    """A request that cannot be rendered as given: which parameter or file, and what to do."""
+
+
+class GenerationCancelled(RuntimeError):
+    """The person pressed stop; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------- the request
+
+@dataclass
+class GenerationRequest:
+    """Everything that decides a video. `seed`, `height`, `width` left as None are chosen and recorded."""
+
+    image: str
+    prompt: str
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    seed: int | None = None  # None or negative: a random seed, written to the sidecar
+    steps: int = 30  # denoising steps, 1-200
+    guidance: float = 5.0  # classifier-free guidance scale; <= 1 turns guidance off (one pass per step)
+    frames: int = 81  # 4k+1 (81 = 5.06 s at 16 fps); other counts are adjusted
+    height: int | None = None  # None: from the image's aspect at `pixel_budget`, multiples of 16
+    width: int | None = None
+    pixel_budget: int = PIXEL_BUDGET_480P  # width x height aimed at when the size comes from the image
+    fps: float = 16.0  # Wan's native rate
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, strength -1..2), stacked
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationRequest":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["loras"] = [(str(p), float(s)) for p, s in values.get("loras", [])]
+        return cls(**values)
+
+
+def _multiple_of_16(value: float) -> int:
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def fit_size(image_width: int, image_height: int, pixel_budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
+    """(height, width) with the image's aspect and about `pixel_budget` pixels, both multiples of 16."""
+    scale = math.sqrt(pixel_budget / (image_width * image_height))
+    return _multiple_of_16(image_height * scale), _multiple_of_16(image_width * scale)
+
+
+def output_size(image_size: tuple[int, int], height: int | None = None, width: int | None = None,
+                pixel_budget: int = PIXEL_BUDGET_480P) -> tuple[int, int]:
+    """(height, width) to render, multiples of 16. A side left empty (None or 0) follows the image's aspect from
+    the side given, so giving only a width never crops a landscape image to a portrait; none given: `fit_size`."""
+    image_width, image_height = image_size
+    if not height and not width:
+        return fit_size(image_width, image_height, pixel_budget)
+    width = _multiple_of_16(width or height * image_width / image_height)
+    height = _multiple_of_16(height or width * image_height / image_width)
+    return height, width
+
+
+def nearest_valid_frames(frames: int) -> int:
+    """The nearest 4k+1 frame count (at least 5): the VAE packs 4 frames per latent after the first."""
+    return max(5, 4 * round((frames - 1) / 4) + 1)
+
+
+def open_image(path: str | Path):
+    """Open an image as RGB with its EXIF rotation applied; transparency is flattened onto white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"Image not found: {path}.")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.width * img.height > MAX_IMAGE_SIDE * MAX_IMAGE_SIDE:
+                img.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))  # shrink before the mode conversion: less memory
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                flat = Image.new("RGB", rgba.size, (255, 255, 255))
+                flat.paste(rgba, mask=rgba.getchannel("A"))
+                return flat
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = img.point(lambda v: v / 256).convert("L")  # 16-bit greyscale down to 8 bits
+            return img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise GenerationError(f"{path.name} is too large to open safely ({err}). Scale it down first.") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise GenerationError(f"{path.name} is not a readable image ({err}). Use a PNG, JPEG or WebP file.") from err
+
+
+def prepare_image(image, height: int, width: int):
+    """Scale the image to cover height x width and crop the centre, so nothing is stretched."""
+    from PIL import Image
+
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> tuple[GenerationRequest, list[str]]:
+    """Check every parameter; return the request with seed, size and frames made concrete, and notes on changes."""
+    notes: list[str] = []
+    if request.prompt is None:
+        raise GenerationError("prompt is missing: describe the motion you want (it may be empty text).")
+    if not 1 <= int(request.steps) <= 200:
+        raise GenerationError(f"steps must be between 1 and 200, not {request.steps}.")
+    if not 0 <= float(request.guidance) <= 30:
+        raise GenerationError(f"guidance must be between 0 and 30 (5 is usual), not {request.guidance}.")
+    if not float(request.fps) > 0:
+        raise GenerationError(f"fps must be positive, not {request.fps}.")
+    frames = int(request.frames)
+    if frames < 1:
+        raise GenerationError(f"frames must be at least 1, not {frames}.")
+    if (frames - 1) % 4 or frames < 5:
+        adjusted = nearest_valid_frames(frames)
+        notes.append(f"frames {frames} is not 4k+1 (the VAE packs 4 frames per latent); using {adjusted}.")
+        frames = adjusted
+    loras = []
+    for path, strength in request.loras:
+        strength = float(strength)
+        if not STRENGTH_MIN <= strength <= STRENGTH_MAX:
+            raise GenerationError(f"LoRA strength {strength} for {Path(path).name} is outside "
+                                  f"{STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
+        if not Path(path).exists():
+            raise GenerationError(f"LoRA file not found: {path}.")
+        loras.append((str(Path(path).resolve()), strength))
+    for name, value in (("height", request.height), ("width", request.width)):
+        if value and int(value) < SIZE_MULTIPLE:
+            raise GenerationError(f"{name} must be at least {SIZE_MULTIPLE} pixels (or 0: from the image), "
+                                  f"not {value}.")
+    height, width = output_size(image_size, request.height, request.width, request.pixel_budget)
+    uneven = [f"{name} {value}" for name, value, used in (("width", request.width, width),
+                                                          ("height", request.height, height))
+              if value and int(value) != used]
+    if uneven:
+        notes.append(f"{', '.join(uneven)}: not a multiple of 16; using {width}x{height}.")
+    seed = request.seed
+    if seed is None or int(seed) < 0:
+        seed = secrets.randbelow(2**31)
+    return replace(request, image=str(Path(request.image).resolve()), seed=int(seed), frames=frames,
+                   height=int(height), width=int(width), steps=int(request.steps), loras=loras), notes
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+# The scheduler Wan2.1-I2V-14B-480P-Diffusers ships (UniPC, flow shift 3, variant bh2): for sidecars that predate
+# the scheduler record.
+WAN_480P_SCHEDULER = {"class": "UniPCMultistepScheduler", "flow_shift": 3.0, "solver_type": "bh2"}

@@ -1,0 +1,402 @@
+"""Run and dataset configuration files: reading and writing diffusion-pipe-compatible TOML.
+
+A run TOML holds diffusion-pipe's keys (top level, `[model]`, `[adapter]`, `[optimizer]`, `[monitoring]`) plus our
+own extras in a `[studio]` table, so a file exported from the studio stays a diffusion-pipe file. A diffusion-pipe key
+only ever holds a value diffusion-pipe accepts, with diffusion-pipe's meaning; a studio mode that goes further is a
+`[studio]` switch refining one such value (e.g. `transformer_dtype = 'float8'` + `[studio] float8_matmuls = true`), so
+diffusion-pipe runs the same file with its nearest equivalent. A dataset TOML holds the bucket settings and
+`[[directory]]` entries.
+
+Earlier studio versions wrote their own values into diffusion-pipe keys ('float8_compute', 'selective', 'cosine',
+'multiple_overlapping') and kept `compile` and the timestep shift under `[studio]`: such files (runs to resume) still
+load, meaning the same, and are written back in the current form.
+
+Every field carries `metadata["help"]` (unit, range, why); the Train tab builds its form from `describe_fields` and
+applies edits with `apply_overrides`, both of which validate exactly like loading a file does.
+
+Round trip: loading remembers which keys the file set; saving writes those keys, the required keys and any value that
+differs from its default, so a file read and written again has the same keys and values, and nothing else.
+
+Command line: `python -m engine.training.config check RUN.toml` prints the resolved run and dataset configs or the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import os
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from engine.core.files import atomic_write_text
+from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, RunConfig, _Section
+
+# ------------------------------------------------------------------------------------------------- validation
+
+# Studio modes that refine one value of a diffusion-pipe key (which diffusion-pipe then runs as that value):
+# ([studio] switch, diffusion-pipe key, the value it refines, what earlier studio versions wrote into that key).
+_REFINEMENTS = (
+    ("float8_matmuls", "model.transformer_dtype", "float8", "float8_compute"),
+    ("selective_checkpointing", "activation_checkpointing", True, "selective"),
+    ("cosine_schedule", "lr_scheduler", "linear", "cosine"),
+    ("overlapping_clips", "video_clip_mode", "single_beginning", "multiple_overlapping"),
+)
+
+
+# What earlier studio versions wrote, read as what it meant: its own values in diffusion-pipe keys, and keys it kept
+# under [studio] that diffusion-pipe has with the same meaning.
+_LEGACY_VALUES = {(key, old): {key: refined, f"studio.{switch}": True} for switch, key, refined, old in _REFINEMENTS}
+
+
+_MOVED_KEYS = {"studio.compile": "compile", "studio.timestep_shift": "model.shift"}
+
+
+def _where(file: Path | str | None) -> str:
+    return f" in {file}" if file else ""
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        args = typing.get_args(hint)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if hint is list:
+        return "list"
+    return {bool: "true/false", int: "integer", float: "number", str: "text"}.get(hint, getattr(hint, "__name__",
+                                                                                               str(hint)))
+
+
+def _check_bucket_list(key: str, value: Any, file, *, pairs_ok: bool, integer: bool) -> list:
+    """resolutions / ar_buckets: numbers, or [w, h] pairs of positive integers."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"'{key}'{_where(file)} must be a non-empty list, got {value!r}.")
+    out = []
+    for item in value:
+        if pairs_ok and isinstance(item, (list, tuple)):
+            if len(item) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item):
+                raise ConfigError(f"'{key}'{_where(file)}: {item!r} must be a [width, height] pair of positive "
+                                  "integers.")
+            out.append([int(v) for v in item])
+        elif isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0 and (
+                not integer or float(item).is_integer()):
+            out.append(int(item) if integer else float(item) if isinstance(item, float) else item)
+        else:
+            kind = "positive integer" if integer else "positive number"
+            raise ConfigError(f"'{key}'{_where(file)}: {item!r} must be a {kind}"
+                              + (" or a [width, height] pair." if pairs_ok else "."))
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str, file) -> Any:
+    """Check `value` against a type hint, converting only where no information is lost (int -> float)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, file)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{key}'{_where(file)} must be {_type_name(hint)}, got {value!r}.")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # a UI number box gives 3.0 for 3
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(hint) is list:
+        if isinstance(value, (list, tuple)):
+            (item_hint,) = typing.get_args(hint)
+            try:
+                return [_coerce(v, item_hint, key, file) for v in value]
+            except ConfigError:
+                pass
+    elif hint is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    raise ConfigError(f"'{key}'{_where(file)} must be {_type_name(hint)}, got {value!r}.")
+
+
+def _check_value(section: Any, name: str, value: Any, key: str, file) -> Any:
+    """Validate one value for field `name` of a section instance; return the value to store."""
+    f = section.__dataclass_fields__[name]
+    hint = typing.get_type_hints(type(section))[name]
+    meta = f.metadata
+    if name in ("resolutions", "ar_buckets") and value is not None:
+        return _check_bucket_list(key, value, file, pairs_ok=True, integer=name == "resolutions")
+    if value is None and not (isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)):
+        raise ConfigError(f"'{key}'{_where(file)} cannot be unset: {meta['help']}")
+    value = _coerce(value, hint, key, file)
+    if value is None:
+        return None
+    choices = meta.get("choices")
+    if choices is not None:
+        matches = [c for c in choices if c == value and type(c) is type(value) or (
+            meta.get("ignore_case") and isinstance(c, str) and isinstance(value, str) and c.lower() == value.lower())]
+        if not matches:
+            allowed = ", ".join(_toml_literal(c) for c in choices)
+            raise ConfigError(f"'{key}'{_where(file)} is {_toml_literal(value)}; allowed values: {allowed}.")
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        low, high = meta.get("minimum"), meta.get("maximum")
+        if (low is not None and item < low) or (high is not None and item > high):
+            span = f"{low if low is not None else '-inf'} .. {high if high is not None else 'inf'}"
+            raise ConfigError(f"'{key}'{_where(file)} is {item!r}, outside the range {span}: {meta['help']}")
+    return value
+
+
+def _toml_literal(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else repr(value)
+
+
+def _section_fields(section: Any) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(section) if not f.metadata.get("internal")]
+
+
+def _is_section(value: Any) -> bool:
+    return isinstance(value, _Section)
+
+
+def _fill_section(section: _Section, data: dict, prefix: str, file) -> None:
+    """Set a section's fields from a parsed TOML table, rejecting unknown keys and bad values."""
+    known = {f.name: f for f in _section_fields(section)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+            table = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+            raise ConfigError(f"Unknown key '{dotted}'{_where(file)}.{hint} Keys allowed in {table}: "
+                              f"{', '.join(known)}.")
+        current = getattr(section, key)
+        if key == "directory" and isinstance(section, DatasetConfig):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"'directory'{_where(file)} must be [[directory]] tables with a path each.")
+            dirs = []
+            for i, table in enumerate(value):
+                directory = DirectoryConfig()
+                _fill_section(directory, table, f"directory.{i}.", file)
+                _require(directory, f"directory.{i}.", file)
+                dirs.append(directory)
+            section.directory = dirs
+        elif _is_section(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}'{_where(file)} must be a table ([{dotted}]), got {value!r}.")
+            _fill_section(current, value, f"{dotted}.", file)
+        else:
+            setattr(section, key, _check_value(section, key, value, dotted, file))
+        section.mark_explicit(key)
+
+
+def _require(section: _Section, prefix: str, file) -> None:
+    for f in _section_fields(section):
+        value = getattr(section, f.name)
+        if _is_section(value):
+            if section.is_explicit(f.name) or any(g.metadata.get("required") for g in _section_fields(value)):
+                _require(value, f"{prefix}{f.name}.", file)
+        elif f.metadata.get("required") and not section.is_explicit(f.name):
+            raise ConfigError(f"Missing key '{prefix}{f.name}'{_where(file)}: {f.metadata['help']}")
+
+
+def _check_consistency(cfg: RunConfig | DatasetConfig, file) -> None:
+    """Rules across keys, checked after every load and override."""
+    if isinstance(cfg, DatasetConfig):
+        for i, directory in enumerate(cfg.directory):
+            settings = cfg.bucket_settings(directory)
+            if settings["min_ar"] > settings["max_ar"]:
+                raise ConfigError(f"'min_ar' ({settings['min_ar']}) is above 'max_ar' ({settings['max_ar']})"
+                                  f"{_where(file)} for directory {i}.")
+            if not directory.path:
+                raise ConfigError(f"'directory.{i}.path'{_where(file)} is empty: name a folder of clips.")
+        for buckets in [cfg.frame_buckets, *(d.frame_buckets for d in cfg.directory)]:
+            for frames in buckets or []:
+                if frames % 4 != 1:  # the VAE packs 4 frames per latent frame after the first
+                    lower = frames - (frames - 1) % 4
+                    raise ConfigError(f"frame bucket {frames}{_where(file)} is not 4k+1, which Wan needs: use "
+                                      f"{lower} or {lower + 4}.")
+    else:
+        if cfg.adapter.init_from_existing == "":
+            raise ConfigError(f"'adapter.init_from_existing'{_where(file)} is empty: name a LoRA folder or leave it "
+                              "out.")
+        for switch, key, refined, _ in _REFINEMENTS:
+            value = functools.reduce(getattr, key.split("."), cfg)
+            if getattr(cfg.studio, switch) and value != refined:
+                raise ConfigError(f"'studio.{switch}' = true{_where(file)} needs '{key}' = {_toml_literal(refined)}, "
+                                  f"not {_toml_literal(value)}: set that, or set 'studio.{switch}' = false.")
+
+
+def _check_save_cadence(cfg: RunConfig, file) -> None:
+    """diffusion-pipe refuses a run TOML that sets no LoRA save cadence, so we neither read nor write one. Checked on
+    load and save only: configs built in code get their cadence after construction."""
+    if cfg.save_every_n_epochs is None and cfg.save_every_n_steps is None:
+        raise ConfigError(f"Set 'save_every_n_epochs' or 'save_every_n_steps'{_where(file)}: diffusion-pipe refuses "
+                          "a run without either (e.g. save_every_n_epochs = 1).")
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+def _upgrade_legacy(settings: dict[tuple[str, ...], Any], file) -> dict[tuple[str, ...], Any]:
+    """Run settings {key path: value} with earlier studio versions' keys and values rewritten to the current form
+    (same meaning); two settings that then disagree are an error."""
+    out: dict[tuple[str, ...], Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for path, value in settings.items():
+        key = ".".join(path)
+        old = (key, value) if isinstance(value, str) else None
+        for new_key, new_value in _LEGACY_VALUES.get(old, {_MOVED_KEYS.get(key, key): value}).items():
+            new_path = tuple(new_key.split("."))
+            if new_path in out and out[new_path] != new_value:
+                raise ConfigError(f"'{origin[new_path]}' and '{key}'{_where(file)} disagree: read in the current form "
+                                  f"they set '{new_key}' to {_toml_literal(out[new_path])} and "
+                                  f"{_toml_literal(new_value)}. Keep one of them.")
+            out[new_path], origin[new_path] = new_value, key
+    return out
+
+
+def _flatten(table: dict, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """{key path: value} of a parsed TOML table; empty tables stay values, so they are read as set."""
+    flat: dict[tuple[str, ...], Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, (*path, key)))
+        else:
+            flat[(*path, key)] = value
+    return flat
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    table: dict = {}
+    for path, value in flat.items():
+        parent = table
+        for part in path[:-1]:
+            parent = parent.setdefault(part, {})
+            if not isinstance(parent, dict):  # e.g. `model = 3`: _fill_section names that key
+                break
+        else:
+            parent[path[-1]] = value
+    return table
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """Read a diffusion-pipe run TOML (+ `[studio]`); ConfigError names any unknown, missing or bad key."""
+    path = Path(path).expanduser().resolve()
+    cfg = RunConfig(source=path)
+    _fill_section(cfg, _nest(_upgrade_legacy(_flatten(_read_toml(path)), path)), "", path)
+    _require(cfg, "", path)
+    _check_consistency(cfg, path)
+    _check_save_cadence(cfg, path)
+    return cfg
+
+
+def load_dataset_config(path: str | os.PathLike) -> DatasetConfig:
+    """Read a diffusion-pipe dataset TOML; ConfigError names any unknown, missing or bad key."""
+    path = Path(path).expanduser().resolve()
+    cfg = DatasetConfig(source=path)
+    _fill_section(cfg, _read_toml(path), "", path)
+    _require(cfg, "", path)
+    if not cfg.directory:
+        raise ConfigError(f"{path} has no [[directory]] table: add one with the path of your clips folder.")
+    _check_consistency(cfg, path)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+def _section_dict(section: _Section, full: bool) -> dict:
+    """The TOML table of a section: explicit, required and non-default keys (every set key when `full`)."""
+    out: dict[str, Any] = {}
+    for f in _section_fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, list) and value and all(_is_section(v) for v in value):
+            out[f.name] = [_section_dict(v, full) for v in value]
+        elif _is_section(value):
+            table = _section_dict(value, full)
+            if table or section.is_explicit(f.name):
+                out[f.name] = table
+        elif value is not None:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if full or section.is_explicit(f.name) or f.metadata.get("required") or value != default:
+                out[f.name] = value
+    return out
+
+
+def to_toml(cfg: RunConfig | DatasetConfig, full: bool = False) -> str:
+    """TOML text of a config; `full` also writes keys left at their defaults (what the trainer will use)."""
+    data = _section_dict(cfg, full)
+    directories = data.pop("directory", None) if isinstance(cfg, DatasetConfig) else None
+    text = tomli_w.dumps(data)
+    for table in directories or []:  # [[directory]] tables, as diffusion-pipe's examples write them
+        text += "\n[[directory]]\n" + tomli_w.dumps(table)
+    return text
+
+
+def save_run_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write a run TOML atomically (after checking it); relative paths in it resolve against its new folder."""
+    _check_consistency(cfg, path)
+    _check_save_cadence(cfg, path)
+    path = Path(path)
+    atomic_write_text(path, to_toml(cfg))
+    return path
+
+
+def save_dataset_config(cfg: DatasetConfig, path: str | os.PathLike) -> Path:
+    """Write a dataset TOML atomically, [[directory]] tables last."""
+    _check_consistency(cfg, path)
+    path = Path(path)
+    atomic_write_text(path, to_toml(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.training.config", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="load a run TOML and its dataset TOML; print them with defaults filled in")
+    check.add_argument("run_toml")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.run_toml)
+        dataset = load_dataset_config(run.dataset_path())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"# run config: {run.source}\n{to_toml(run, full=True)}")
+    print(f"# dataset config: {dataset.source}\n{to_toml(dataset, full=True)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""A training run in stages: validate (config, model folder, dataset) -> cache -> train."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.core.layout import STOP_REQUEST_FILE
+from engine.training.events import EventLog, TrainingError
+from engine.training.loop import EXIT_OK, RunPaths, Trainer, memory_hint
+from engine.training.model import compute_dtype, storage_dtype
+from engine.training.parallel import World, any_rank, barrier, start_world
+from engine.training.state import TrainingState, latest_state_dir, load_training_state
+
+# ================================================================================================ the stages
+
+def load_configs(config_path: str | Path):
+    from engine.training.config import load_dataset_config, load_run_config
+    from engine.training.schema import ConfigError
+
+    try:
+        run_cfg = load_run_config(config_path)
+        dataset_cfg = load_dataset_config(run_cfg.dataset_path())
+    except ConfigError as err:
+        raise TrainingError(str(err), "Fix the named key (python -m engine.training.config check RUN.toml shows the "
+                                      "resolved settings).") from err
+    return run_cfg, dataset_cfg
+
+
+def unused_settings(run_cfg) -> list[str]:
+    """diffusion-pipe settings a file may set that this trainer does not act on, each with what happens instead."""
+    notes = []
+    if run_cfg.eval_every_n_epochs:
+        notes.append("eval_every_n_epochs is not used: set [studio.samples] epochs to watch the LoRA instead.")
+    if run_cfg.monitoring.enable_wandb:
+        notes.append("[monitoring] enable_wandb is not used: metrics go to metrics.jsonl and TensorBoard (tb/).")
+    if run_cfg.is_explicit("partition_method"):
+        notes.append("partition_method is not used: the studio trains data-parallel, without pipeline stages.")
+    if run_cfg.caching_batch_size != 1:
+        notes.append("caching_batch_size is not used: clips are cached one at a time.")
+    return notes
+
+
+def validate(run_cfg, dataset_cfg, events: EventLog):
+    """Model folder and dataset report: errors stop the run, warnings are logged."""
+    from engine.core.models import ModelFolderError, check_wan_folder
+    from engine.training.dataset import scan_dataset
+
+    events.phase("validate", f"Checking the model folder and the dataset {dataset_cfg.source}.")
+    for note in unused_settings(run_cfg):
+        events.log(note)
+    try:
+        check_wan_folder(run_cfg.model.ckpt_path)
+    except ModelFolderError as err:
+        raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V folder.") from err
+    report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.clip_mode)
+    for warning in report.warnings:
+        events.log(f"Dataset warning: {warning.file}: {warning.message}")
+    if report.errors:
+        listed = "; ".join(f"{e.file}: {e.message}" for e in report.errors[:10])
+        more = f" (and {len(report.errors) - 10} more)" if len(report.errors) > 10 else ""
+        raise TrainingError(f"The dataset has {len(report.errors)} error(s): {listed}{more}",
+                            "Fix these clips or captions (the Clips and Captions tabs), then start again.")
+    if not report.clips:
+        folders = ", ".join(str(d.path) for d in dataset_cfg.directory)
+        raise TrainingError(f"The dataset is empty: no clips found in {folders}.",
+                            "Add clips with captions (clip.mp4 + clip.txt) to the folder, or fix its path.")
+    return report
+
+
+def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: torch.device, events: EventLog,
+          should_stop: Callable[[], bool]):
+    """Encode what is not cached yet (each rank its share); None when stopped on request."""
+    from engine.training.cache import CachingStopped, cache_dataset
+
+    events.phase("cache", f"Caching latents and embeddings in {paths.cache_dir}.")
+
+    def progress(fraction: float, message: str) -> None:
+        events.emit("progress", phase="cache", fraction=float(fraction), message=message)
+
+    try:
+        dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
+                                dtype=compute_dtype(run_cfg, device), rank=world.rank, world_size=world.world_size,
+                                video_clip_mode=run_cfg.clip_mode, report=report, on_progress=progress,
+                                should_stop=should_stop)
+    except CachingStopped:
+        dataset = None
+    if any_rank(dataset is None, world, device):
+        return None
+    barrier(world)  # every rank has written its share
+    missing = dataset.missing_files()
+    if missing:
+        raise TrainingError(f"{len(missing)} cache files are missing after caching, e.g. {missing[0]}.",
+                            "Check the free disk space and start again: finished files are reused.")
+    gc.collect()  # the encoders are gone: give their memory back before the transformer loads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dataset
+
+
+def train(config_path: str | Path, *, resume: bool = False, should_stop: Callable[[], bool] | None = None) -> int:
+    """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
+    world, device = start_world()
+    should_stop = should_stop or (lambda: False)
+    events = EventLog(None, world)
+    try:
+        run_cfg, dataset_cfg = load_configs(config_path)
+        paths = RunPaths.for_run(run_cfg)
+        events = EventLog(paths.run_dir, world)
+        should_stop = _or_stop_requested(should_stop, paths.run_dir / STOP_REQUEST_FILE)
+        torch.manual_seed(run_cfg.studio.seed)
+        state = _resume_state(paths, resume, events, world)
+        report = validate(run_cfg, dataset_cfg, events)
+        dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, should_stop)
+        if dataset is None:
+            events.phase("stopped", "Stopped while caching; cached clips are kept and reused next time.")
+            return EXIT_OK
+        trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=should_stop,
+                          paths=paths)
+        if state is not None and state.global_micro_batches % world.world_size:
+            events.log(f"The saved data position ({state.global_micro_batches} micro-batches) does not split evenly "
+                       f"over {world.world_size} ranks: up to {world.world_size - 1} micro-batches are repeated.")
+        from engine.core.models import load_wan_transformer
+
+        transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
+        try:
+            trainer.build(transformer, state)
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(f"CUDA out of memory while placing the model on {device}: {str(err).splitlines()[0]}",
+                                memory_hint(run_cfg, dataset.items[0].bucket)) from err
+        return trainer.run()
+    except TrainingError as err:
+        events.emit("error", message=str(err), hint=err.hint)
+        events.phase("error", str(err))
+        return err.exit_code
+    except Exception as err:  # anything unforeseen still ends with an event the Train tab can show
+        events.emit("error", message=f"{type(err).__name__}: {err}", hint="See the log for the traceback.")
+        events.phase("error", str(err))
+        raise
+    finally:
+        events.close()
+        if world.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> Callable[[], bool]:
+    """should_stop, or a stop request written into the run folder after this run started (an older request, left
+    from a stop before a resume, is ignored)."""
+    started = time.time()
+
+    def stop_requested() -> bool:
+        if should_stop():
+            return True
+        try:
+            return request_file.stat().st_mtime >= started
+        except FileNotFoundError:
+            return False
+
+    return stop_requested
+
+
+def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:
+    """The latest saved state when resuming. A fresh start moves earlier states aside, so a later --resume can
+    never pick up a state of the earlier run (nothing is deleted)."""
+    if not resume:
+        if world.is_main and latest_state_dir(paths.state_root) is not None:
+            aside = paths.state_root.with_name(f"state.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            paths.state_root.rename(aside)
+            events.log(f"Started without --resume: the earlier run's resume states were moved to {aside}.")
+        barrier(world)
+        return None
+    state_dir = latest_state_dir(paths.state_root)
+    if state_dir is None:
+        events.log(f"No saved state in {paths.state_root}: starting from step 0.")
+        return None
+    state = load_training_state(state_dir)
+    events.log(f"Resuming from {state_dir} (step {state.step}).")
+    return state
