@@ -106,224 +106,398 @@ def changes_html(changes: list[CaptionChange], verb: str) -> str:
             f"</tr>{rows}</table>")
 
 
-def build(ctx: AppContext) -> None:
-    store = CaptionStore(ctx.project.clips_dir)
-    captioner = CaptionerHolder(ctx.models.captioner)
-    tokens = TokenCounterHolder(ctx.models.wan)
-    save_lock = threading.Lock()  # blur and navigation may both save the same caption at once
-    rules_file = ctx.project.root / STYLE_RULES_FILE
-    base_rules = load_style_rules(rules_file) if rules_file.exists() else StyleRules()
+class CaptionsTab:
+    """The Captions tab: handlers are methods that take the widgets' values and return their new values, so tests
+    call them directly on a project (no browser). Style-rule handlers take the four rule fields last:
+    trigger, replacement table, banned words, normalise."""
 
-    # ------------------------------------------------------------------------------------------ helpers
-    def table_rows() -> list[list[str]]:
-        counter = tokens.get()
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.store = CaptionStore(ctx.project.clips_dir)
+        self.captioner = CaptionerHolder(ctx.models.captioner)
+        self.tokens = TokenCounterHolder(ctx.models.wan)
+        self.save_lock = threading.Lock()  # blur and navigation may both save the same caption at once
+        self.rules_file = ctx.project.root / STYLE_RULES_FILE
+        self.base_rules = load_style_rules(self.rules_file) if self.rules_file.exists() else StyleRules()
+
+    # ------------------------------------------------------------ helpers over the engine
+
+    def table_rows(self) -> list[list[str]]:
+        counter = self.tokens.get()
         rows = []
-        for info in store.overview():
+        for info in self.store.overview():
             status = info.status + (" (suggestion waiting)" if info.suggestion and info.status == "edited" else "")
             count = counter.count(info.text).tokens if counter and info.text else ""
             preview = info.text if len(info.text) <= 70 else info.text[:67] + "..."
             rows.append([info.clip, status, count, preview])
         return rows
 
-    def caption_notes(text: str, rules: StyleRules) -> str:
+    def caption_notes(self, text: str, rules: StyleRules) -> str:
         notes = []
-        counter = tokens.get()
+        counter = self.tokens.get()
         if counter is not None:
             count = counter.count(text)
             notes.append(f"**Warning:** {count.warning}" if count.warning else f"{count.tokens} / {count.limit} tokens")
-        elif tokens.problem:
-            notes.append(tokens.problem)
+        elif self.tokens.problem:
+            notes.append(self.tokens.problem)
         banned = find_banned_words(text, rules.banned_words)
         if banned:
             notes.append("**Banned words:** " + ", ".join(banned))
         return " · ".join(notes)
 
-    def rules_from_ui(trigger: str, replacements: str, banned: str, normalize: bool) -> StyleRules:
+    def rules_from_ui(self, trigger: str, replacements: str, banned: str, normalize: bool) -> StyleRules:
         words = [w.strip() for w in (banned or "").replace("\n", ",").split(",") if w.strip()]
+        base = self.base_rules
         try:
             table = parse_replacement_lines(replacements or "")
             rules = StyleRules(trigger=(trigger or "").strip(), replacements=table, banned_words=words,
-                               normalize=bool(normalize), category_order=base_rules.category_order,
-                               category_words=base_rules.category_words, token_limit=base_rules.token_limit)
+                               normalize=bool(normalize), category_order=base.category_order,
+                               category_words=base.category_words, token_limit=base.token_limit)
             rules.validate()
         except CaptionError as err:
             raise gr.Error(str(err)) from err
         return rules
 
-    def load_clip(clip: str | None, trigger, replacements, banned, normalize):
-        """Everything the editor shows for one clip, read from disk."""
-        if not clip or clip not in store.list_clips():
-            message = "No clip selected." if not clip else f"{clip} is no longer in {store.clips_dir}."
-            return None, gr.update(value="", interactive=False), message, "", gr.update(visible=False)
-        current = store.read(clip)
-        suggestion = store.suggestion(clip)
-        notes = caption_notes(current.text, rules_from_ui(trigger, replacements, banned, normalize))
-        status = (f"**{html.escape(current.message)}**" if not current.readable
-                  else f"Loaded {html.escape(clip)}. {notes}")
-        return (str(store.clip_path(clip)), gr.update(value=current.text, interactive=True), status,
-                suggestion.text if suggestion else "", gr.update(visible=not current.readable, value=False))
-
-    def save_caption(clip: str | None, text: str, replace_unreadable: bool, *rule_inputs):
-        if not clip:
-            return gr.update(), gr.update()
-        try:
-            with save_lock:
-                changed = store.save(clip, text or "", source="human", replace_unreadable=bool(replace_unreadable))
-        except CaptionError as err:
-            return f"**Not saved:** {html.escape(str(err))}", gr.update()
-        stamp = datetime.now().strftime("%H:%M:%S")
-        notes = caption_notes(text or "", rules_from_ui(*rule_inputs))
-        if not changed:
-            return f"Saved (no changes). {notes}", gr.update()
-        return f"Saved at {stamp}. {notes}", table_rows()
-
-    def step(clip: str | None, text: str, replace_unreadable: bool, offset: int, *rule_inputs):
-        """Save the caption being edited, then move `offset` clips along the list."""
-        if clip:
-            save_caption(clip, text, replace_unreadable, *rule_inputs)
-        names = store.list_clips()
-        if not names:
-            return gr.update(choices=[], value=None), table_rows()
-        index = names.index(clip) + offset if clip in names else 0
-        return gr.update(choices=names, value=names[max(0, min(index, len(names) - 1))]), table_rows()
-
     @contextmanager
-    def gpu(description: str) -> Iterator[None]:
+    def gpu(self, description: str) -> Iterator[None]:
         """The studio's GPU for this task: the in-process lock, and the job runner's slot (training holds it)."""
-        if not ctx.gpu_lock.acquire(blocking=False):
+        if not self.ctx.gpu_lock.acquire(blocking=False):
             raise gr.Error("Another GPU task of this studio is running (captioning or generation); try again when "
                            "it has finished.")
         try:
             with ExitStack() as stack:
-                if ctx.jobs is not None:
+                if self.ctx.jobs is not None:
                     try:
-                        stack.enter_context(ctx.jobs.gpu_slot(description))
+                        stack.enter_context(self.ctx.jobs.gpu_slot(description))
                     except GpuBusyError as err:
                         raise gr.Error(str(err)) from err
                 yield
         finally:
-            ctx.gpu_lock.release()
+            self.ctx.gpu_lock.release()
 
-    def run_suggest(clips: list[str] | None, overwrite: bool, frames: int, prompt: str, batch_size: int,
+    def run_suggest(self, clips: list[str] | None, overwrite: bool, frames: int, prompt: str, batch_size: int,
                     progress: gr.Progress):
         settings = CaptionerSettings(frames_per_clip=int(frames), prompt=(prompt or "").strip(),
                                      batch_size=int(batch_size))
         try:
             settings.validate()
-            with gpu("captioning clips"):
-                model = captioner.get(settings.batch_size)
+            with self.gpu("captioning clips"):
+                model = self.captioner.get(settings.batch_size)
                 progress(0.0, desc=f"loading {model.name}" if not model.loaded else "captioning")
-                captioner.stop_requested.clear()
-                return suggest_captions(store, model, clips=clips, overwrite=overwrite, settings=settings,
+                self.captioner.stop_requested.clear()
+                return suggest_captions(self.store, model, clips=clips, overwrite=overwrite, settings=settings,
                                         on_progress=lambda f, m: progress(f, desc=m),
-                                        should_stop=captioner.stop_requested.is_set)
+                                        should_stop=self.captioner.stop_requested.is_set)
         except (CaptionError, ModelFolderError, CaptionerOutOfMemory) as err:
             raise gr.Error(str(err)) from err
 
-    def suggest_one(clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
+    # ------------------------------------------------------------ layout
+
+    def build(self) -> None:
+        store, base_rules = self.store, self.base_rules
+        names = store.list_clips()
+        gr.Markdown(f"Captions are `name.txt` beside each clip in `{store.clips_dir}`; every save is kept in history.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                self.table = gr.Dataframe(value=self.table_rows(), headers=TABLE_HEADERS, interactive=False,
+                                          label="Clips", wrap=True, max_height=420, elem_id="caption-clip-table")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    previous_button = gr.Button("◀ Previous", scale=0)
+                    self.clip = gr.Dropdown(names, value=names[0] if names else None, label="Clip", interactive=True,
+                                            scale=3)
+                    next_button = gr.Button("Next ▶", scale=0)
+                with gr.Row():
+                    self.video = gr.Video(label="Clip video", interactive=False, autoplay=True, loop=True, height=320)
+                    with gr.Column():
+                        self.caption = gr.Textbox(
+                            label="Caption", lines=6, max_lines=12,
+                            placeholder="comma-separated phrases: subject, action, scene, camera, style")
+                        self.replace_unreadable = gr.Checkbox(
+                            False, visible=False,
+                            label="Replace the non-UTF-8 caption file when saving (its original bytes are kept)")
+                        self.save_status = gr.Markdown(elem_id="caption-save-status")
+                        with gr.Row():
+                            save_button = gr.Button("Save")
+                            undo_button = gr.Button("Undo")
+                with gr.Group():
+                    self.suggestion = gr.Textbox(label="Suggestion", interactive=False, lines=2)
+                    with gr.Row():
+                        accept_button = gr.Button("Accept", size="sm")
+                        append_button = gr.Button("Append", size="sm")
+                        ignore_button = gr.Button("Ignore", size="sm")
+                with gr.Row():
+                    suggest_button = gr.Button("Suggest", variant="primary")
+                    suggest_all_button = gr.Button("Suggest all missing")
+                    stop_button = gr.Button("Stop", variant="stop")
+                    accept_empty_button = gr.Button("Accept suggestions into empty captions")
+                    unload_button = gr.Button("Unload captioner")
+                with gr.Accordion("Captioner settings", open=False):
+                    gr.Markdown(f"Model: `{self.ctx.models.captioner}` on {default_device().upper()}")
+                    self.frames = gr.Slider(1, 8, value=3, step=1, label="Frames per clip (first, middle, last for 3)")
+                    self.prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a video of")
+                    self.batch_size = gr.Slider(1, 32, value=8, step=1, label="Batch size (frames per forward pass)")
+                self.suggest_status = gr.Markdown(elem_id="caption-suggest-status")
+
+        with gr.Accordion("Pure-style tools", open=False):
+            with gr.Row():
+                self.trigger = gr.Textbox(base_rules.trigger, label="Trigger word or prefix (put first)")
+                self.banned = gr.Textbox(", ".join(base_rules.banned_words), label="Banned words (comma-separated)")
+                self.normalize = gr.Checkbox(base_rules.normalize, label="Normalise: trim, dedupe, order phrases")
+            self.replacements = gr.Textbox(
+                format_replacement_lines(base_rules.replacements), lines=4, max_lines=20,
+                label="Replacement table", info="One 'Name = generic description' per line; whole words, any case.",
+                placeholder="Goku = a warrior with spiky black hair\nSon Goku = a warrior with spiky black hair",
+            )
+            with gr.Row():
+                self.style_scope = gr.Radio(["This clip", "All clips"], value="All clips", label="Apply to")
+                preview_button = gr.Button("Preview")
+                apply_button = gr.Button("Apply", variant="primary")
+                save_rules_button = gr.Button("Save rules")
+            self.style_result = gr.HTML()
+
+        with gr.Accordion("Find and replace", open=False):
+            with gr.Row():
+                self.find_text = gr.Textbox(label="Find")
+                self.replace_text = gr.Textbox(label="Replace with")
+            with gr.Row():
+                self.use_regex = gr.Checkbox(False, label="Regular expression")
+                self.case_sensitive = gr.Checkbox(False, label="Match case")
+                self.whole_word = gr.Checkbox(False, label="Whole words")
+                find_preview_button = gr.Button("Preview")
+                replace_all_button = gr.Button("Replace all")
+            self.find_result = gr.HTML()
+
+        with gr.Accordion("Export and import", open=False):
+            with gr.Row():
+                self.export_format = gr.Radio([".jsonl", ".csv"], value=".jsonl", label="Format")
+                export_button = gr.Button("Export all captions")
+                self.export_file = gr.File(label="Exported file", interactive=False)
+            with gr.Row():
+                self.import_file = gr.File(label="File to import (.jsonl or .csv with clip, caption)",
+                                           file_types=[".jsonl", ".csv"], type="filepath")
+                self.keep_existing = gr.Checkbox(False, label="Only fill clips without a caption")
+                import_button = gr.Button("Import")
+            self.transfer_result = gr.HTML()
+
+        # ------------------------------------------------------------ events
+        rules = [self.trigger, self.replacements, self.banned, self.normalize]
+        clip_view = [self.video, self.caption, self.save_status, self.suggestion, self.replace_unreadable]
+        editor = [self.clip, self.caption, self.replace_unreadable, *rules]
+
+        self.clip.change(self.load_clip, [self.clip, *rules], clip_view)
+        self.caption.blur(self.save_caption, editor, [self.save_status, self.table])
+        save_button.click(self.save_caption, editor, [self.save_status, self.table])
+        previous_button.click(self.previous_clip, editor, [self.clip, self.table])
+        next_button.click(self.next_clip, editor, [self.clip, self.table])
+        self.table.select(select_row, None, self.clip)
+        undo_button.click(self.undo, [self.clip, *rules], [self.caption, self.save_status, self.table])
+
+        settings = [self.frames, self.prompt, self.batch_size]
+        suggest_outputs = [self.suggestion, self.suggest_status, self.table]
+        suggest_button.click(self.suggest_one, [self.clip, *settings], suggest_outputs)
+        suggest_all_button.click(self.suggest_missing, [self.clip, *settings], suggest_outputs)
+        stop_button.click(self.stop_suggest, None, self.suggest_status, queue=False)
+        unload_button.click(self.unload, None, self.suggest_status)
+        accept_empty_button.click(self.accept_where_empty, None, [self.suggest_status, self.table]).then(
+            self.load_clip, [self.clip, *rules], clip_view)
+        resolved = [self.caption, self.suggestion, self.save_status, self.table]
+        accept_button.click(self.accept, [self.clip, *rules], resolved)
+        append_button.click(self.append, [self.clip, *rules], resolved)
+        ignore_button.click(self.ignore, [self.clip, *rules], resolved)
+
+        preview_button.click(self.style_preview, [self.style_scope, self.clip, *rules], self.style_result)
+        apply_button.click(self.style_apply, [self.style_scope, self.clip, *rules],
+                           [self.style_result, self.caption, self.table])
+        save_rules_button.click(self.save_rules, rules, self.style_result)
+
+        find = [self.find_text, self.replace_text, self.use_regex, self.case_sensitive, self.whole_word, self.clip]
+        find_preview_button.click(self.find_preview, find, [self.find_result, self.caption, self.table])
+        replace_all_button.click(self.replace_all, find, [self.find_result, self.caption, self.table])
+
+        export_button.click(self.export, self.export_format, [self.export_file, self.transfer_result])
+        import_button.click(self.import_file_into_clips, [self.import_file, self.keep_existing, self.clip],
+                            [self.transfer_result, self.caption, self.table])
+
+        # A page load re-reads clips and captions from disk: new clips from the Clips tab, edits saved before a reload.
+        Context.root_block.load(self.refresh, [self.clip, *rules], [self.clip, self.table, *clip_view])
+
+    # ------------------------------------------------------------ handlers (thin)
+
+    def refresh(self, clip: str | None, *rules):
+        names = self.store.list_clips()
+        clip = clip if clip in names else (names[0] if names else None)
+        return (gr.update(choices=names, value=clip), self.table_rows(), *self.load_clip(clip, *rules))
+
+    def load_clip(self, clip: str | None, *rules):
+        """Everything the editor shows for one clip, read from disk: video, caption, status, suggestion, and the
+        'replace the unreadable file' switch."""
+        store = self.store
+        if not clip or clip not in store.list_clips():
+            message = "No clip selected." if not clip else f"{clip} is no longer in {store.clips_dir}."
+            return None, gr.update(value="", interactive=False), message, "", gr.update(visible=False)
+        current = store.read(clip)
+        suggestion = store.suggestion(clip)
+        notes = self.caption_notes(current.text, self.rules_from_ui(*rules))
+        status = (f"**{html.escape(current.message)}**" if not current.readable
+                  else f"Loaded {html.escape(clip)}. {notes}")
+        return (str(store.clip_path(clip)), gr.update(value=current.text, interactive=True), status,
+                suggestion.text if suggestion else "", gr.update(visible=not current.readable, value=False))
+
+    def save_caption(self, clip: str | None, text: str, replace_unreadable: bool, *rules):
+        """Save the editor's text as the clip's caption (with history): the status line and the clip table."""
+        if not clip:
+            return gr.update(), gr.update()
+        try:
+            with self.save_lock:
+                changed = self.store.save(clip, text or "", source="human",
+                                          replace_unreadable=bool(replace_unreadable))
+        except CaptionError as err:
+            return f"**Not saved:** {html.escape(str(err))}", gr.update()
+        stamp = datetime.now().strftime("%H:%M:%S")
+        notes = self.caption_notes(text or "", self.rules_from_ui(*rules))
+        if not changed:
+            return f"Saved (no changes). {notes}", gr.update()
+        return f"Saved at {stamp}. {notes}", self.table_rows()
+
+    def step(self, clip: str | None, text: str, replace_unreadable: bool, offset: int, *rules):
+        """Save the caption being edited, then move `offset` clips along the list."""
+        if clip:
+            self.save_caption(clip, text, replace_unreadable, *rules)
+        names = self.store.list_clips()
+        if not names:
+            return gr.update(choices=[], value=None), self.table_rows()
+        index = names.index(clip) + offset if clip in names else 0
+        return gr.update(choices=names, value=names[max(0, min(index, len(names) - 1))]), self.table_rows()
+
+    def previous_clip(self, clip: str | None, text: str, replace_unreadable: bool, *rules):
+        return self.step(clip, text, replace_unreadable, -1, *rules)
+
+    def next_clip(self, clip: str | None, text: str, replace_unreadable: bool, *rules):
+        return self.step(clip, text, replace_unreadable, 1, *rules)
+
+    def suggest_one(self, clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
         if not clip:
             raise gr.Error("Select a clip first.")
-        report = run_suggest([clip], True, frames, prompt, batch_size, progress)
+        report = self.run_suggest([clip], True, frames, prompt, batch_size, progress)
         if clip in report.failed:
             raise gr.Error(f"{clip}: {report.failed[clip]}")
-        return report.suggested.get(clip, ""), f"Suggestion for {clip} ready: accept, append or ignore it.", \
-            table_rows()
+        return (report.suggested.get(clip, ""), f"Suggestion for {clip} ready: accept, append or ignore it.",
+                self.table_rows())
 
-    def suggest_missing(clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
-        report = run_suggest(None, False, frames, prompt, batch_size, progress)
+    def suggest_missing(self, clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
+        report = self.run_suggest(None, False, frames, prompt, batch_size, progress)
         lines = [f"{len(report.suggested)} suggestion(s) made, {len(report.skipped)} clip(s) already captioned"
                  + (" — stopped early." if report.stopped else ".")]
         lines += [f"- skipped **{html.escape(c)}**: {html.escape(why)}" for c, why in report.failed.items()]
-        pending = store.suggestion(clip) if clip else None
-        return pending.text if pending else "", "\n".join(lines), table_rows()
+        pending = self.store.suggestion(clip) if clip else None
+        return pending.text if pending else "", "\n".join(lines), self.table_rows()
 
-    def stop_suggest():
-        captioner.stop_requested.set()
+    def stop_suggest(self):
+        self.captioner.stop_requested.set()
         return "Stopping after the current batch..."
 
-    def unload():
-        if not ctx.gpu_lock.acquire(blocking=False):  # never pull the model from under a running suggestion
+    def unload(self):
+        if not self.ctx.gpu_lock.acquire(blocking=False):  # never pull the model from under a running suggestion
             raise gr.Error("A GPU task is running (captioning or generation); stop it first, then unload.")
         try:
-            return "Captioner unloaded; its memory is free." if captioner.unload() else "The captioner is not loaded."
+            return ("Captioner unloaded; its memory is free." if self.captioner.unload()
+                    else "The captioner is not loaded.")
         finally:
-            ctx.gpu_lock.release()
+            self.ctx.gpu_lock.release()
 
-    def resolve(action: str):
-        def handler(clip: str | None, *rule_inputs):
-            if not clip:
-                raise gr.Error("Select a clip first.")
-            try:
-                with save_lock:
-                    text = store.resolve_suggestion(clip, action)
-            except CaptionError as err:
-                raise gr.Error(str(err)) from err
-            notes = caption_notes(text, rules_from_ui(*rule_inputs))
-            done = {"accept": "accepted", "append": "appended", "ignore": "ignored"}[action]
-            return text, "", f"Suggestion {done}; saved. {notes}", table_rows()
-        return handler
-
-    def accept_where_empty():
-        with save_lock:
-            accepted = store.accept_suggestions_where_empty()
-        return f"{len(accepted)} suggestion(s) accepted into empty captions.", table_rows()
-
-    def undo(clip: str | None, *rule_inputs):
+    def resolve(self, action: str, clip: str | None, *rules):
+        """Accept, append or ignore the clip's pending suggestion: caption, suggestion, status, table."""
         if not clip:
             raise gr.Error("Select a clip first.")
         try:
-            with save_lock:
-                restored = store.undo(clip)
+            with self.save_lock:
+                text = self.store.resolve_suggestion(clip, action)
+        except CaptionError as err:
+            raise gr.Error(str(err)) from err
+        notes = self.caption_notes(text, self.rules_from_ui(*rules))
+        done = {"accept": "accepted", "append": "appended", "ignore": "ignored"}[action]
+        return text, "", f"Suggestion {done}; saved. {notes}", self.table_rows()
+
+    def accept(self, clip: str | None, *rules):
+        return self.resolve("accept", clip, *rules)
+
+    def append(self, clip: str | None, *rules):
+        return self.resolve("append", clip, *rules)
+
+    def ignore(self, clip: str | None, *rules):
+        return self.resolve("ignore", clip, *rules)
+
+    def accept_where_empty(self):
+        with self.save_lock:
+            accepted = self.store.accept_suggestions_where_empty()
+        return f"{len(accepted)} suggestion(s) accepted into empty captions.", self.table_rows()
+
+    def undo(self, clip: str | None, *rules):
+        if not clip:
+            raise gr.Error("Select a clip first.")
+        try:
+            with self.save_lock:
+                restored = self.store.undo(clip)
         except CaptionError as err:
             raise gr.Error(str(err)) from err
         if restored is None:
             return gr.update(), "Nothing to undo.", gr.update()
-        return restored, f"Undone. {caption_notes(restored, rules_from_ui(*rule_inputs))}", table_rows()
+        return restored, f"Undone. {self.caption_notes(restored, self.rules_from_ui(*rules))}", self.table_rows()
 
-    def style_preview(scope: str, clip: str | None, *rule_inputs):
-        rules = rules_from_ui(*rule_inputs)
+    def style_preview(self, scope: str, clip: str | None, *rules):
+        style = self.rules_from_ui(*rules)
         clips = [clip] if scope == "This clip" and clip else None
-        captions, unreadable = store.readable_captions(clips)
-        changes = preview_style({c: t for c, t in captions.items() if t}, rules)
+        captions, unreadable = self.store.readable_captions(clips)
+        changes = preview_style({c: t for c, t in captions.items() if t}, style)
         note = f"<p>Left alone (not UTF-8): {html.escape(', '.join(unreadable))}</p>" if unreadable else ""
         return changes_html(changes, "would change") + note
 
-    def style_apply(scope: str, clip: str | None, *rule_inputs):
-        rules = rules_from_ui(*rule_inputs)
-        save_style_rules(rules, rules_file)
-        with save_lock:
-            changes, _ = apply_style_to_clips(store, rules, clips=[clip] if scope == "This clip" and clip else None)
-        current = store.read(clip).text if clip else ""
-        return changes_html(changes, "changed (undo reverts each)"), current, table_rows()
+    def style_apply(self, scope: str, clip: str | None, *rules):
+        style = self.rules_from_ui(*rules)
+        save_style_rules(style, self.rules_file)
+        with self.save_lock:
+            changes, _ = apply_style_to_clips(self.store, style,
+                                              clips=[clip] if scope == "This clip" and clip else None)
+        current = self.store.read(clip).text if clip else ""
+        return changes_html(changes, "changed (undo reverts each)"), current, self.table_rows()
 
-    def save_rules(*rule_inputs):
-        save_style_rules(rules_from_ui(*rule_inputs), rules_file)
-        return f"Rules saved to `{rules_file}`."
+    def save_rules(self, *rules):
+        save_style_rules(self.rules_from_ui(*rules), self.rules_file)
+        return f"Rules saved to `{self.rules_file}`."
 
-    def find_replace(find: str, replace: str, regex: bool, case_sensitive: bool, whole_word: bool, apply: bool,
+    def find_replace(self, find: str, replace: str, regex: bool, case_sensitive: bool, whole_word: bool, apply: bool,
                      clip: str | None):
         try:
-            with save_lock:
-                changes = find_replace_in_clips(store, find or "", replace or "", regex=regex,
+            with self.save_lock:
+                changes = find_replace_in_clips(self.store, find or "", replace or "", regex=regex,
                                                 case_sensitive=case_sensitive, whole_word=whole_word,
                                                 dry_run=not apply)
         except CaptionError as err:
             raise gr.Error(str(err)) from err
-        current = store.read(clip).text if clip and apply else gr.update()
-        return changes_html(changes, "changed" if apply else "would change"), current, table_rows()
+        current = self.store.read(clip).text if clip and apply else gr.update()
+        return changes_html(changes, "changed" if apply else "would change"), current, self.table_rows()
 
-    def export(fmt: str):
-        out = ctx.project.root / f"captions{fmt}"
-        count, unreadable = export_captions(store, out)
+    def find_preview(self, find: str, replace: str, regex: bool, case_sensitive: bool, whole_word: bool,
+                     clip: str | None):
+        return self.find_replace(find, replace, regex, case_sensitive, whole_word, False, clip)
+
+    def replace_all(self, find: str, replace: str, regex: bool, case_sensitive: bool, whole_word: bool,
+                    clip: str | None):
+        return self.find_replace(find, replace, regex, case_sensitive, whole_word, True, clip)
+
+    def export(self, fmt: str):
+        out = self.ctx.project.root / f"captions{fmt}"
+        count, unreadable = export_captions(self.store, out)
         note = f" Left out (not UTF-8): {', '.join(unreadable)}." if unreadable else ""
         return str(out), f"{count} caption(s) exported to `{out}`.{note}"
 
-    def do_import(path: str | None, keep_existing: bool, clip: str | None):
+    def import_file_into_clips(self, path: str | None, keep_existing: bool, clip: str | None):
         if not path:
             raise gr.Error("Choose a .jsonl or .csv file to import.")
         try:
-            with save_lock:
-                report = import_captions(store, Path(path), keep_existing=keep_existing)
+            with self.save_lock:
+                report = import_captions(self.store, Path(path), keep_existing=keep_existing)
         except CaptionError as err:
             raise gr.Error(str(err)) from err
         notes = []
@@ -331,140 +505,14 @@ def build(ctx: AppContext) -> None:
             notes.append(f"<p>Kept existing captions: {html.escape(', '.join(report.kept_existing))}</p>")
         if report.unknown_clips:
             notes.append(f"<p>No such clip: {html.escape(', '.join(report.unknown_clips))}</p>")
-        current = store.read(clip).text if clip else gr.update()
-        return changes_html(report.changes, "imported") + "".join(notes), current, table_rows()
-
-    # ------------------------------------------------------------------------------------------ layout
-    names = store.list_clips()
-    gr.Markdown(f"Captions are `name.txt` beside each clip in `{store.clips_dir}`; every save is kept in history.")
-    with gr.Row():
-        with gr.Column(scale=2):
-            table = gr.Dataframe(value=table_rows(), headers=TABLE_HEADERS, interactive=False, label="Clips",
-                                 wrap=True, max_height=420, elem_id="caption-clip-table")
-        with gr.Column(scale=3):
-            with gr.Row():
-                previous_button = gr.Button("◀ Previous", scale=0)
-                clip_choice = gr.Dropdown(names, value=names[0] if names else None, label="Clip", interactive=True,
-                                          scale=3)
-                next_button = gr.Button("Next ▶", scale=0)
-            with gr.Row():
-                video = gr.Video(label="Clip video", interactive=False, autoplay=True, loop=True, height=320)
-                with gr.Column():
-                    caption = gr.Textbox(label="Caption", lines=6, max_lines=12,
-                                         placeholder="comma-separated phrases: subject, action, scene, camera, style")
-                    replace_unreadable = gr.Checkbox(False, visible=False,
-                                                     label="Replace the non-UTF-8 caption file when saving "
-                                                           "(its original bytes are kept)")
-                    save_status = gr.Markdown(elem_id="caption-save-status")
-                    with gr.Row():
-                        save_button = gr.Button("Save")
-                        undo_button = gr.Button("Undo")
-            with gr.Group():
-                suggestion = gr.Textbox(label="Suggestion", interactive=False, lines=2)
-                with gr.Row():
-                    accept_button = gr.Button("Accept", size="sm")
-                    append_button = gr.Button("Append", size="sm")
-                    ignore_button = gr.Button("Ignore", size="sm")
-            with gr.Row():
-                suggest_button = gr.Button("Suggest", variant="primary")
-                suggest_all_button = gr.Button("Suggest all missing")
-                stop_button = gr.Button("Stop", variant="stop")
-                accept_empty_button = gr.Button("Accept suggestions into empty captions")
-                unload_button = gr.Button("Unload captioner")
-            with gr.Accordion("Captioner settings", open=False):
-                gr.Markdown(f"Model: `{ctx.models.captioner}` on {default_device().upper()}")
-                frames = gr.Slider(1, 8, value=3, step=1, label="Frames per clip (first, middle, last for 3)")
-                prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a video of")
-                batch_size = gr.Slider(1, 32, value=8, step=1, label="Batch size (frames per forward pass)")
-            suggest_status = gr.Markdown(elem_id="caption-suggest-status")
-
-    with gr.Accordion("Pure-style tools", open=False):
-        with gr.Row():
-            trigger = gr.Textbox(base_rules.trigger, label="Trigger word or prefix (put first)")
-            banned = gr.Textbox(", ".join(base_rules.banned_words), label="Banned words (comma-separated)")
-            normalize = gr.Checkbox(base_rules.normalize, label="Normalise: trim, dedupe, order phrases")
-        replacements = gr.Textbox(
-            format_replacement_lines(base_rules.replacements), lines=4, max_lines=20,
-            label="Replacement table", info="One 'Name = generic description' per line; whole words, any case.",
-            placeholder="Goku = a warrior with spiky black hair\nSon Goku = a warrior with spiky black hair",
-        )
-        with gr.Row():
-            style_scope = gr.Radio(["This clip", "All clips"], value="All clips", label="Apply to")
-            preview_button = gr.Button("Preview")
-            apply_button = gr.Button("Apply", variant="primary")
-            save_rules_button = gr.Button("Save rules")
-        style_result = gr.HTML()
-
-    with gr.Accordion("Find and replace", open=False):
-        with gr.Row():
-            find_text = gr.Textbox(label="Find")
-            replace_text = gr.Textbox(label="Replace with")
-        with gr.Row():
-            use_regex = gr.Checkbox(False, label="Regular expression")
-            case_sensitive = gr.Checkbox(False, label="Match case")
-            whole_word = gr.Checkbox(False, label="Whole words")
-            find_preview_button = gr.Button("Preview")
-            replace_all_button = gr.Button("Replace all")
-        find_result = gr.HTML()
-
-    with gr.Accordion("Export and import", open=False):
-        with gr.Row():
-            export_format = gr.Radio([".jsonl", ".csv"], value=".jsonl", label="Format")
-            export_button = gr.Button("Export all captions")
-            export_file = gr.File(label="Exported file", interactive=False)
-        with gr.Row():
-            import_file = gr.File(label="File to import (.jsonl or .csv with clip, caption)",
-                                  file_types=[".jsonl", ".csv"], type="filepath")
-            keep_existing = gr.Checkbox(False, label="Only fill clips without a caption")
-            import_button = gr.Button("Import")
-        transfer_result = gr.HTML()
-
-    # ------------------------------------------------------------------------------------------ events
-    rule_inputs = [trigger, replacements, banned, normalize]
-    clip_view = [video, caption, save_status, suggestion, replace_unreadable]
-
-    clip_choice.change(load_clip, [clip_choice, *rule_inputs], clip_view)
-    caption.blur(save_caption, [clip_choice, caption, replace_unreadable, *rule_inputs], [save_status, table])
-    save_button.click(save_caption, [clip_choice, caption, replace_unreadable, *rule_inputs], [save_status, table])
-    previous_button.click(lambda c, t, r, *rules: step(c, t, r, -1, *rules),
-                          [clip_choice, caption, replace_unreadable, *rule_inputs], [clip_choice, table])
-    next_button.click(lambda c, t, r, *rules: step(c, t, r, 1, *rules),
-                      [clip_choice, caption, replace_unreadable, *rule_inputs], [clip_choice, table])
-    table.select(_select_row, None, clip_choice)
-    undo_button.click(undo, [clip_choice, *rule_inputs], [caption, save_status, table])
-
-    suggest_button.click(suggest_one, [clip_choice, frames, prompt, batch_size], [suggestion, suggest_status, table])
-    suggest_all_button.click(suggest_missing, [clip_choice, frames, prompt, batch_size],
-                             [suggestion, suggest_status, table])
-    stop_button.click(stop_suggest, None, suggest_status, queue=False)
-    unload_button.click(unload, None, suggest_status)
-    accept_empty_button.click(accept_where_empty, None, [suggest_status, table]).then(
-        load_clip, [clip_choice, *rule_inputs], clip_view)
-    for button, action in ((accept_button, "accept"), (append_button, "append"), (ignore_button, "ignore")):
-        button.click(resolve(action), [clip_choice, *rule_inputs], [caption, suggestion, save_status, table])
-
-    preview_button.click(style_preview, [style_scope, clip_choice, *rule_inputs], style_result)
-    apply_button.click(style_apply, [style_scope, clip_choice, *rule_inputs], [style_result, caption, table])
-    save_rules_button.click(save_rules, rule_inputs, style_result)
-
-    find_inputs = [find_text, replace_text, use_regex, case_sensitive, whole_word]
-    find_preview_button.click(lambda *a: find_replace(*a[:5], False, a[5]), [*find_inputs, clip_choice],
-                              [find_result, caption, table])
-    replace_all_button.click(lambda *a: find_replace(*a[:5], True, a[5]), [*find_inputs, clip_choice],
-                             [find_result, caption, table])
-
-    export_button.click(export, export_format, [export_file, transfer_result])
-    import_button.click(do_import, [import_file, keep_existing, clip_choice], [transfer_result, caption, table])
-
-    # A page load re-reads clips and captions from disk: new clips from the Clips tab, edits saved before a reload.
-    def refresh(clip: str | None, *rule_inputs):
-        names = store.list_clips()
-        clip = clip if clip in names else (names[0] if names else None)
-        return (gr.update(choices=names, value=clip), table_rows(), *load_clip(clip, *rule_inputs))
-
-    Context.root_block.load(refresh, [clip_choice, *rule_inputs], [clip_choice, table, *clip_view])
+        current = self.store.read(clip).text if clip else gr.update()
+        return changes_html(report.changes, "imported") + "".join(notes), current, self.table_rows()
 
 
-def _select_row(evt: gr.SelectData):
+def select_row(evt: gr.SelectData):
     """Clicking a row of the clip table selects that clip."""
     return gr.update(value=evt.row_value[0]) if evt.row_value else gr.update()
+
+
+def build(ctx: AppContext) -> None:
+    CaptionsTab(ctx).build()
