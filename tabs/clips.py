@@ -29,7 +29,7 @@ from engine.clips.cut import (
     validate_cuts,
 )
 from engine.clips.suggest import suggest_windows
-from engine.clips.timestamps import format_timestamps, parse_time, parse_timestamps
+from engine.clips.timestamps import format_timestamps, parse_time, read_timestamps
 from engine.core.files import atomic_write_text
 from engine.core.layout import VIDEO_EXTENSIONS
 from engine.core.video import (
@@ -136,7 +136,7 @@ class ClipsTab:
     def load_cuts(self, name: str) -> list[Cut]:
         path = self.cuts_file(name)
         try:
-            return parse_timestamps(path.read_text(encoding="utf-8")) if path.exists() else []
+            return read_timestamps(path) if path.exists() else []
         except ClipError:
             return []
 
@@ -420,8 +420,8 @@ class ClipsTab:
         cuts, scores = self._cuts(rows)
         path = Path(file if isinstance(file, str) else file.name)
         try:
-            imported = parse_timestamps(path.read_text(encoding="utf-8"))
-        except (ClipError, UnicodeDecodeError) as exc:
+            imported = read_timestamps(path)
+        except ClipError as exc:
             raise gr.Error(f"{path.name}: {exc}") from None
         gr.Info(f"Imported {len(imported)} cuts from {path.name}.")
         return self._update(name, cuts + imported, frames, fit, scores)

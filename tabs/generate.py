@@ -19,6 +19,7 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.context import Context
 
+from engine.core.files import read_text
 from engine.core.models import ModelFolderError
 from engine.core.video import frame_at, probe_video
 from engine.generate.comfyui import export_comfyui_workflow
@@ -480,7 +481,7 @@ def _json(path: str | Path) -> dict:
     import json
 
     try:
-        return json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+        return json.loads(read_text(Path(path).with_suffix(".json")))
     except (OSError, ValueError):
         return {}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from engine.core.files import TextFileError, read_text
 from engine.core.hardware import list_gpus
 from engine.core.layout import studio_home
 from engine.jobs import GpuBusyError, Job, JobError, JobRunner, JsonLinesFollower, training_argv
@@ -593,8 +594,8 @@ def _run_epochs(run_dir: Path) -> int | None:
 
 def _toml_keys(path: Path) -> set[str]:
     try:
-        return set(tomllib.loads(path.read_text(encoding="utf-8")))
-    except (OSError, tomllib.TOMLDecodeError) as err:
+        return set(tomllib.loads(read_text(path)))
+    except (OSError, TextFileError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"{path.name} is not a readable TOML file: {err}") from None
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from engine.captions.style import CaptionChange, StyleRules, find_replace, normalize_caption, preview_style
-from engine.captions.text import CaptionError
-from engine.core.files import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from engine.captions.text import CaptionEncodingError, CaptionError, read_caption
+from engine.core.files import TextFileError, append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, read_text
 from engine.core.layout import list_videos
 
 META_DIRNAME = ".captions"
@@ -96,13 +96,12 @@ class CaptionStore:
         path = self.caption_file(clip)
         if not path.exists():
             return CaptionText("", exists=False)
-        data = path.read_bytes()
         try:
-            return CaptionText(data.decode("utf-8-sig").strip(), exists=True)
-        except UnicodeDecodeError as err:
+            return CaptionText(read_caption(path), exists=True)
+        except CaptionEncodingError as err:
             return CaptionText(
-                data.decode("utf-8", errors="replace").strip(), exists=True, readable=False,
-                message=(f"{path.name} is not UTF-8 text (byte {err.start} cannot be decoded); it is shown with "
+                path.read_bytes().decode("utf-8", errors="replace").strip(), exists=True, readable=False,
+                message=(f"{path.name} is not UTF-8 text (byte {err.position} cannot be decoded); it is shown with "
                          f"\N{REPLACEMENT CHARACTER} marks and left untouched. Saving a new caption replaces it; "
                          f"the original bytes are kept in {self.meta_dir / 'originals'}."),
             )
@@ -336,9 +335,9 @@ def read_caption_table(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     fmt = _format_of(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise CaptionError(f"{path} is not UTF-8 (byte {err.start}); save it as UTF-8 and import again.") from err
+        text = read_text(path)
+    except TextFileError as err:
+        raise CaptionError(f"Cannot import captions: {err}") from err
     rows = []
     if fmt == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):

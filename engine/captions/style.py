@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from engine.captions.text import CaptionError
 from engine.captions.tokens import WAN_TOKEN_LIMIT
-from engine.core.files import atomic_write_text
+from engine.core.files import TextFileError, atomic_write_text, read_text
 
 # ---------------------------------------------------------------------------------------------- style rules
 
@@ -79,11 +79,13 @@ def load_style_rules(path: str | Path) -> StyleRules:
     """Read style rules from a .toml or .json file; unknown keys are an error naming the file and allowed keys."""
     path = Path(path)
     try:
-        raw = path.read_bytes().decode("utf-8")
+        raw = read_text(path)
         data = tomllib.loads(raw) if path.suffix.lower() == ".toml" else json.loads(raw)
     except FileNotFoundError as err:
         raise CaptionError(f"Style rules file not found: {path}") from err
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+    except TextFileError as err:
+        raise CaptionError(f"Cannot read style rules: {err}") from err
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
         raise CaptionError(f"Cannot read style rules {path}: {err}. Use a UTF-8 .toml or .json file.") from err
     allowed = {f.name for f in fields(StyleRules)}
     unknown = sorted(set(data) - allowed)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, ExportStopped, cut_clips
 from engine.clips.suggest import suggest_windows
-from engine.clips.timestamps import parse_timestamps
+from engine.clips.timestamps import read_timestamps
 from engine.core.video import VideoError, format_time, probe_video
 
 # ---------------------------------------------------------------- command line
@@ -46,12 +46,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         if args.command == "probe":
             print(json.dumps(probe_video(args.video).summary(), indent=2, ensure_ascii=False))
         elif args.command == "cut":
-            try:
-                text = args.times.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ClipError(f"Cannot read the timestamps file {args.times}: {exc}") from None
+            cuts = read_timestamps(args.times)
             size = None if args.size.lower() == "source" else args.size
-            results = cut_clips(args.video, parse_timestamps(text), args.out, frames=None if args.fit else args.frames,
+            results = cut_clips(args.video, cuts, args.out, frames=None if args.fit else args.frames,
                                 fps=args.fps, size=size, crop=not args.no_crop, on_progress=progress)
             for clip in results:
                 state = "kept" if clip.skipped else "wrote"

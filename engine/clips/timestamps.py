@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Sequence
 
 from engine.clips.cut import ClipError, Cut
+from engine.core.files import TextFileError, read_text
 from engine.core.video import format_time
 
 # ---------------------------------------------------------------- timestamps files
@@ -50,6 +52,17 @@ def parse_timestamps(text: str) -> list[Cut]:
                             f"start {start:.3f} s.")
         cuts.append(Cut(start=start, end=end, name=" ".join(rest)))
     return cuts
+
+
+def read_timestamps(path: str | os.PathLike) -> list[Cut]:
+    """The cuts of a timestamps file (read_text: with or without a byte-order mark, any line ends).
+
+    Raises ClipError naming the file when it cannot be read, is not UTF-8, or has a bad line."""
+    try:
+        text = read_text(path)
+    except (OSError, TextFileError) as exc:
+        raise ClipError(f"Cannot read the timestamps file {path}: {exc}") from None
+    return parse_timestamps(text)
 
 
 def format_timestamps(cuts: Sequence[Cut]) -> str:

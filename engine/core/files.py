@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written file in place of a good one."""
+"""Atomic file writes (a crash or a full disk never leaves a half-written file in place of a good one), and the one
+reader of text inputs (cut lists, captions, style rules, TOML, sidecars) that accepts what editors save."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -56,6 +58,36 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(target: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class TextFileError(ValueError):
+    """A text input is not UTF-8 text; the message names the file, the first bad byte and what to do."""
+
+    def __init__(self, path: Path, position: int, byte: int):
+        self.path, self.position = path, position
+        self.reason = f"not UTF-8 text (byte {position} is 0x{byte:02x}: saved as Windows-1252 or Latin-1?)"
+        super().__init__(f"{path.name} is {self.reason}. Save it again as UTF-8 (in Notepad: Save as, Encoding "
+                         f"UTF-8) and retry. File: {path}")
+
+
+def read_text(source: str | os.PathLike) -> str:
+    """The text of a text input as every reader in the studio takes it: UTF-8 with or without a byte-order mark
+    (UTF-16 when the file starts with a UTF-16 byte-order mark, as Notepad's "Unicode"), the mark never part of the
+    text, and CRLF or CR line ends read as "\\n".
+
+    Raises OSError (FileNotFoundError, ...) as open() does, and TextFileError when the bytes are not UTF-8.
+    """
+    source = Path(source)
+    data = source.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise TextFileError(source, err.start, data[err.start]) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def append_jsonl(target: str | os.PathLike, record: dict) -> None:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from engine.core.files import atomic_write_json
+from engine.core.files import atomic_write_json, read_text
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 PROJECT_FILE = "project.json"
@@ -108,7 +108,7 @@ class Project:
 
     # settings
     def settings(self) -> ProjectSettings:
-        data = json.loads(self.settings_file.read_text(encoding="utf-8"))
+        data = json.loads(read_text(self.settings_file))
         known = ProjectSettings.__dataclass_fields__
         return ProjectSettings(**{k: v for k, v in data.items() if k in known})
 

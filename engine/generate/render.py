@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.core.ffmpeg import write_video
-from engine.core.files import atomic_write_json
+from engine.core.files import TextFileError, atomic_write_json, read_text
 from engine.core.progress import ProgressFn, StopFn
 from engine.generate.pipeline import PipelineCache, PipelineOptions, apply_loras, file_sha256, load_pipeline
 from engine.generate.request import (
@@ -207,8 +207,8 @@ def new_output_path(out_dir: str | Path, stem: str = "gen") -> Path:
 def read_sidecar(path: str | Path) -> dict:
     path = sidecar_path(path) if Path(path).suffix.lower() != ".json" else Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(read_text(path))
+    except (OSError, TextFileError, json.JSONDecodeError) as err:
         raise GenerationError(f"Cannot read the settings file {path} ({err}).") from err
     if "request" not in data:
         raise GenerationError(f"{path} is not a generation sidecar (no 'request').")

@@ -36,7 +36,7 @@ from typing import Any
 
 import tomli_w
 
-from engine.core.files import atomic_write_text
+from engine.core.files import TextFileError, atomic_write_text, read_text
 from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, RunConfig, _Section
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -301,10 +301,11 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
 
 def _read_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"Config file not found: {path}") from None
+    except TextFileError as err:
+        raise ConfigError(str(err)) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
 

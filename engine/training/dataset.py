@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import torch
 
+from engine.captions.text import CaptionEncodingError, read_caption
 from engine.core.layout import list_videos
 from engine.core.video import VideoError, VideoInfo, probe_video
 from engine.training.schema import DatasetConfig
@@ -124,9 +125,15 @@ def size_buckets(settings: dict, width: int, height: int) -> list[tuple[int, int
     return out
 
 
+def video_buckets(buckets: list[int]) -> list[int]:
+    """The frame buckets a video can go to: all but 1, which is for still images (diffusion-pipe's convention)."""
+    return [b for b in buckets if b > 1]
+
+
 def frame_windows(frames: int, buckets: list[int], mode: str) -> list[tuple[int, int]]:
-    """(bucket, start) windows of a clip of `frames` frames: the longest bucket it fills, placed per mode."""
-    fitting = [b for b in buckets if b <= frames]
+    """(bucket, start) windows of a video clip of `frames` frames: the longest video bucket it fills, placed per
+    mode; none when it is shorter than every video bucket (a video never trains as a one-frame still)."""
+    fitting = [b for b in video_buckets(buckets) if b <= frames]
     if not fitting:
         return []
     bucket = max(fitting)
@@ -182,11 +189,7 @@ def scan_dataset(cfg: DatasetConfig, *, video_clip_mode: str = "single_beginning
             report.clips.append(clip)
             windows = frame_windows(clip.wan_frames, settings["frame_buckets"], video_clip_mode)
             if not windows:
-                shortest = min(settings["frame_buckets"])
-                report.errors.append(DatasetIssue(path, (
-                    f"{clip.wan_frames} frames at 16 fps, shorter than the smallest frame bucket ({shortest}): "
-                    f"export it with at least {shortest} frames ({shortest / WAN_FPS:.4g} s) or add a smaller "
-                    "bucket to frame_buckets.")))
+                report.errors.append(DatasetIssue(path, _too_short(clip.wan_frames, settings["frame_buckets"])))
                 continue
             for height, width in size_buckets(settings, clip.width, clip.height):
                 for bucket_frames, start in windows:
@@ -194,6 +197,18 @@ def scan_dataset(cfg: DatasetConfig, *, video_clip_mode: str = "single_beginning
     if not report.items and not report.errors:
         report.errors.append(DatasetIssue(cfg.source or Path("dataset"), "the dataset has no usable clips."))
     return report
+
+
+def _too_short(frames: int, buckets: list[int]) -> str:
+    length = f"{frames} frames at 16 fps ({frames / WAN_FPS:.3g} s)"
+    if not video_buckets(buckets):
+        return (f"{length}, but frame_buckets {buckets} has no video bucket (1 is for still images): add one such as "
+                "33 or 81.")
+    shortest = min(video_buckets(buckets))
+    longest_fit = frames - (frames - 1) % 4  # the longest 4k+1 bucket this clip fills
+    smaller = f", or add {longest_fit} to frame_buckets" if longest_fit > 1 else ""
+    return (f"{length}, shorter than the smallest video frame bucket ({shortest}); a video never trains as a "
+            f"one-frame still. Export it with at least {shortest} frames ({shortest / WAN_FPS:.4g} s){smaller}.")
 
 
 def _scan_clip(path: Path, directory: int, repeats: int, report: DatasetReport) -> ClipInfo | None:
@@ -210,7 +225,11 @@ def _scan_clip(path: Path, directory: int, repeats: int, report: DatasetReport) 
         report.errors.append(DatasetIssue(path, f"no caption file {caption_file.name} beside it: write one in the "
                                                 "Captions tab."))
         return None
-    caption = caption_file.read_text(encoding="utf-8").strip()
+    try:
+        caption = read_caption(caption_file)
+    except CaptionEncodingError as err:
+        report.errors.append(DatasetIssue(caption_file, err.detail + "."))
+        return None
     if not caption:
         report.warnings.append(DatasetIssue(caption_file, "empty caption: this clip trains with no text."))
     wan_frames = _wan_frame_count(info)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from engine.training.dataset import DatasetError, fit_frame, frame_windows, read
 from engine.training.form import apply_overrides
 from engine.training.schema import DatasetConfig, DirectoryConfig
 
+CASES = Path(__file__).resolve().parents[1] / "fixtures" / "cases"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -109,6 +113,54 @@ def test_frame_windows():
     assert frame_windows(90, [17, 33, 81], "single_middle") == [(81, 4)]
     assert frame_windows(40, [33], "multiple_overlapping") == [(33, 0), (33, 7)]
     assert frame_windows(80, [81], "single_beginning") == []  # a 5.0 s clip misses the 81-frame bucket
+    assert frame_windows(40, [1, 57], "single_beginning") == []  # 1 is the image bucket: never a video's
+    assert frame_windows(40, [1, 33, 57], "multiple_overlapping") == [(33, 0), (33, 7)]
+
+
+def test_a_video_shorter_than_every_video_bucket_is_an_error_not_a_still(tmp_path):
+    """Field case short-clip-vs-buckets: a 24 fps, 60-frame clip (40 frames at 16 fps) with frame_buckets [1, 57]
+    used to land in bucket 1 and train as one still frame with no error."""
+    clips = tmp_path / "clips"
+    shutil.copytree(CASES / "short-clip-vs-buckets", clips)
+    make_clip(clips, "sixteen", frames=64)  # the case's 16 fps, 64-frame clip against [1, 65]
+
+    def dataset(buckets: list[int]) -> DatasetConfig:
+        return DatasetConfig(resolutions=[64], frame_buckets=buckets, directory=[DirectoryConfig(path=str(clips))])
+
+    for buckets, shortest in [([1, 57], 57), ([1, 65], 65)]:
+        report = scan_dataset(dataset(buckets))
+        errors = {issue.file.name: issue.message for issue in report.errors}
+        assert all(item.bucket[0] > 1 for item in report.items), report.summary()
+        assert "40 frames at 16 fps (2.5 s)" in errors["v24_60f.mp4"] and f"({shortest})" in errors["v24_60f.mp4"]
+        if shortest == 65:
+            assert "64 frames at 16 fps (4 s)" in errors["sixteen.mp4"] and not report.items
+        with pytest.raises(DatasetError, match="v24_60f.mp4: 40 frames"):
+            cache_dataset(dataset(buckets), "unused", tmp_path / "cache")
+    report = scan_dataset(dataset([33]))
+    assert report.ok and {(i.clip.path.name, i.bucket[0]) for i in report.items} == {("v24_60f.mp4", 33),
+                                                                                       ("sixteen.mp4", 33)}
+    only_images = scan_dataset(dataset([1]))
+    assert not only_images.items and all("no video bucket" in issue.message for issue in only_images.errors)
+
+
+def test_one_caption_reader_names_non_utf8_captions_and_drops_the_mark(tmp_path):
+    """Field case non-utf8-captions: a Windows-1252 caption ended training with a bare UnicodeDecodeError; a caption
+    saved with a byte-order mark must train without it. The dataset check, the trainer's caching and the Captions
+    tab read captions alike."""
+    from engine.captions.store import CaptionStore
+
+    clips = tmp_path / "clips"
+    shutil.copytree(CASES / "non-utf8-captions", clips)
+    cfg = DatasetConfig(resolutions=[64], frame_buckets=[17], directory=[DirectoryConfig(path=str(clips))])
+    report = scan_dataset(cfg)
+    (issue,) = report.errors
+    assert issue.file.name == "a_quote.txt" and "not UTF-8" in issue.message and "Captions tab" in issue.message
+    (clip,) = report.clips
+    assert clip.caption == "sks motion, a turn" == CaptionStore(clips).read("b_bom.mp4").text
+    with pytest.raises(DatasetError, match="a_quote.txt.*not UTF-8"):
+        cache_dataset(cfg, "unused", tmp_path / "cache")
+    shown = CaptionStore(clips).read("a_quote.mp4")
+    assert not shown.readable and "byte 22" in shown.message
 
 
 def test_fit_frame_covers_and_centre_crops():
