@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from engine.core.hardware import describe_device
-from engine.core.layout import Project, studio_home
+from engine.core.layout import Project, jobs_dir, studio_home, tiny_models_dir
 from engine.core.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits
 from engine.demo import ensure_demo_project
 from engine.jobs import JobRunner
@@ -33,7 +33,7 @@ def resolve(args: argparse.Namespace) -> tuple[Project, ModelChoice]:
     """The project and models to open, building the demo project and tiny kits when none are given."""
     if args.project:
         project = Project.open(args.project)
-        kits = ensure_tiny_kits(studio_home() / "models") if not (args.model and args.captioner) else None
+        kits = ensure_tiny_kits(tiny_models_dir(studio_home())) if not (args.model and args.captioner) else None
     else:
         project, kits = ensure_demo_project()
     settings = project.settings()
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from studio.context import AppContext
 
     ctx = AppContext(project=project, models=models, device_description=describe_device(),
-                     jobs=JobRunner(studio_home() / "jobs"))
+                     jobs=JobRunner(jobs_dir(studio_home())))
     app = build(ctx)
     app.queue(default_concurrency_limit=4)
     print(f"Wan LoRA Studio: project {project.root}", flush=True)

@@ -12,7 +12,7 @@ import numpy as np
 from engine.clips.cut import Cut, cut_clips
 from engine.core.ffmpeg import write_video
 from engine.core.files import atomic_write_text
-from engine.core.layout import Project, studio_home
+from engine.core.layout import Project, demo_project_dir, studio_home, tiny_models_dir
 from engine.core.models import ModelChoice, ensure_tiny_kits
 
 DEMO_SOURCE_NAME = "demo source.mp4"  # a space on purpose: paths with spaces must work everywhere
@@ -77,9 +77,9 @@ def write_demo_video(path: str | Path, fps: float = DEMO_FPS, size: tuple[int, i
 def ensure_demo_project(home: str | Path | None = None) -> tuple[Project, ModelChoice]:
     """Create (once) the demo project and the tiny model kits under the studio home; return both."""
     home = Path(home) if home else studio_home()
-    models = ensure_tiny_kits(home / "models")
+    models = ensure_tiny_kits(tiny_models_dir(home))
     project = Project.open(
-        home / "demo", name="Demo project", wan_model=models.wan, captioner_model=models.captioner,
+        demo_project_dir(home), name="Demo project", wan_model=models.wan, captioner_model=models.captioner,
         clip_frames=17, clip_width=224, clip_height=128,  # small clips so the tiny model trains in seconds on a CPU
     )
     source = project.sources_dir / DEMO_SOURCE_NAME

@@ -48,7 +48,6 @@ from engine.jobs import GpuBusyError
 from studio.context import AppContext
 
 TITLE = "Captions"
-STYLE_RULES_FILE = "caption_style.toml"  # in the project folder
 TABLE_HEADERS = ["Clip", "Status", "Tokens", "Caption"]
 
 
@@ -117,7 +116,7 @@ class CaptionsTab:
         self.captioner = CaptionerHolder(ctx.models.captioner)
         self.tokens = TokenCounterHolder(ctx.models.wan)
         self.save_lock = threading.Lock()  # blur and navigation may both save the same caption at once
-        self.rules_file = ctx.project.root / STYLE_RULES_FILE
+        self.rules_file = ctx.project.style_rules_file
         self.base_rules = load_style_rules(self.rules_file) if self.rules_file.exists() else StyleRules()
 
     # ------------------------------------------------------------ helpers over the engine
@@ -487,7 +486,7 @@ class CaptionsTab:
         return self.find_replace(find, replace, regex, case_sensitive, whole_word, True, clip)
 
     def export(self, fmt: str):
-        out = self.ctx.project.root / f"captions{fmt}"
+        out = self.ctx.project.captions_export_file(fmt)
         count, unreadable = export_captions(self.store, out)
         note = f" Left out (not UTF-8): {', '.join(unreadable)}." if unreadable else ""
         return str(out), f"{count} caption(s) exported to `{out}`.{note}"

@@ -97,7 +97,7 @@ class ClipsTab:
         return not future.done()
 
     def cuts_file(self, name: str) -> Path:
-        return self.project.cache_dir / "cuts" / f"{name}.txt"
+        return self.project.cache.cut_list_file(name)
 
     def export_settings(self, frames, fit: bool) -> int | None:
         return None if fit else int(frames or 81)
@@ -431,7 +431,7 @@ class ClipsTab:
         if not cuts:
             raise gr.Error("The cut list is empty.")
         stem = Path(name).stem if name else "cuts"
-        target = self.project.cache_dir / "timestamps" / f"{stem} timestamps.txt"
+        target = self.project.cache.timestamps_dir / f"{stem} timestamps.txt"
         atomic_write_text(target, format_timestamps(cuts))
         return str(target)
 
@@ -444,7 +444,7 @@ class ClipsTab:
             length = max(5, length)
             width = 320 if info.width >= info.height else 192
             height = max(16, int(round(width * info.height / info.width / 16)) * 16)
-            target = self.project.cache_dir / "previews" / f"selection {Path(name).stem} {start:.3f}+{length}.mp4"
+            target = self.project.cache.previews_dir / f"selection {Path(name).stem} {start:.3f}+{length}.mp4"
             if not target.exists():
                 cut_clip(info, Cut(start), target, frames=length, fps=OUTPUT_FPS, size=(width, height))
             return str(target)

@@ -54,7 +54,7 @@ def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
     for run in reversed(ctx.project.list_runs()):
         epochs = sorted(run.glob("epoch*/adapter_model.safetensors"), key=lambda p: _epoch_number(p.parent.name))
         choices += [(f"{run.name} / {p.parent.name}", str(p)) for p in epochs]
-    uploads = _uploads_dir(ctx)
+    uploads = ctx.project.loras_dir
     if uploads.is_dir():
         choices += [(f"uploaded / {p.name}", str(p)) for p in sorted(uploads.glob("*.safetensors"))]
     return choices
@@ -63,10 +63,6 @@ def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
 def _epoch_number(name: str) -> int:
     digits = "".join(c for c in name if c.isdigit())
     return int(digits) if digits else 0
-
-
-def _uploads_dir(ctx: AppContext) -> Path:
-    return ctx.project.root / "loras"
 
 
 def run_epochs(lora_path: str | None) -> list[tuple[str, str]]:
@@ -154,7 +150,7 @@ class GenerateTab:
             raise GenerationError("No start image: upload one, or pick a frame from a clip.")
         source = Path(image_path)
         digest = hashlib.sha1(source.read_bytes()).hexdigest()[:16]
-        kept = self.ctx.project.outputs_dir / "inputs" / f"{digest}{source.suffix.lower() or '.png'}"
+        kept = self.ctx.project.output_inputs_dir / f"{digest}{source.suffix.lower() or '.png'}"
         if not kept.exists():
             kept.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, kept)
@@ -364,7 +360,7 @@ class GenerateTab:
     def on_upload(self, path: str | None):
         if not path:
             return [gr.skip() for _ in self.lora_rows] + [None]
-        target = _uploads_dir(self.ctx) / Path(path).name
+        target = self.ctx.project.loras_dir / Path(path).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
         choices = lora_choices(self.ctx)
@@ -387,7 +383,7 @@ class GenerateTab:
         from PIL import Image
 
         frame = frame_at(self.ctx.project.clips_dir / clip, float(t))
-        path = self.ctx.project.cache_dir / "generate-frames" / f"{Path(clip).stem}-{float(t):.3f}s.png"
+        path = self.ctx.project.cache.frames_dir / f"{Path(clip).stem}-{float(t):.3f}s.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(frame).save(path)
         return str(path)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from engine.core.files import TextFileError, read_text
 from engine.core.hardware import list_gpus
-from engine.core.layout import studio_home
+from engine.core.layout import jobs_dir, studio_home
 from engine.jobs import GpuBusyError, Job, JobError, JobRunner, JsonLinesFollower, training_argv
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
 from engine.training.dataset import scan_dataset
@@ -211,7 +211,7 @@ class TrainTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
         self.project = ctx.project
-        self.jobs = ctx.jobs or JobRunner(studio_home() / "jobs")
+        self.jobs = ctx.jobs or JobRunner(jobs_dir(studio_home()))
         self.gpus = list_gpus()
         self._followers: dict[Path, JsonLinesFollower] = {}
         self._followers_lock = threading.Lock()

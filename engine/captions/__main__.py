@@ -19,14 +19,14 @@ from engine.captions.store import (
 from engine.captions.style import CaptionChange, StyleRules, find_banned_words, load_style_rules
 from engine.captions.text import CaptionError
 from engine.captions.tokens import TokenCounter
-from engine.core.layout import PROJECT_FILE
+from engine.core.layout import project_file_of_clips
 from engine.core.models import BLIP2_HUB_ID
 
 # ---------------------------------------------------------------------------------------------- command line
 
 def _project_setting(clips_dir: Path, key: str) -> str:
     """A model the project chose (when CLIPS_DIR is a project's clips/ folder), else ''."""
-    settings = clips_dir.parent / PROJECT_FILE
+    settings = project_file_of_clips(clips_dir)
     if not settings.exists():
         return ""
     return str(json.loads(settings.read_text(encoding="utf-8")).get(key) or "")

@@ -13,15 +13,7 @@ from typing import Iterable, Sequence
 from engine.captions.style import CaptionChange, StyleRules, find_replace, normalize_caption, preview_style
 from engine.captions.text import CaptionEncodingError, CaptionError, read_caption
 from engine.core.files import TextFileError, append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, read_text
-from engine.core.layout import list_videos
-
-META_DIRNAME = ".captions"
-
-
-
-
-
-
+from engine.core.layout import CaptionMetaLayout, caption_file, list_videos
 
 
 def _now() -> str:
@@ -65,15 +57,16 @@ class CaptionStore:
         self.clips_dir = Path(clips_dir).expanduser()
         if not self.clips_dir.is_dir():
             raise CaptionError(f"Clips folder not found: {self.clips_dir}")
+        self.layout = CaptionMetaLayout(self.clips_dir)
 
     # paths
     @property
     def meta_dir(self) -> Path:
-        return self.clips_dir / META_DIRNAME
+        return self.layout.root
 
     @property
     def suggestions_file(self) -> Path:
-        return self.meta_dir / "suggestions.jsonl"
+        return self.layout.suggestions_file
 
     def clip_path(self, clip: str | Path) -> Path:
         """The clip file for a clip name (e.g. 'shot 1.mp4') or path; it must be in this clips folder."""
@@ -83,10 +76,10 @@ class CaptionStore:
         return path
 
     def caption_file(self, clip: str | Path) -> Path:
-        return (self.clips_dir / Path(clip).name).with_suffix(".txt")
+        return caption_file(self.clips_dir / Path(clip).name)
 
     def history_file(self, clip: str | Path) -> Path:
-        return self.meta_dir / "history" / f"{Path(clip).stem}.jsonl"
+        return self.layout.history_file(clip)
 
     def list_clips(self) -> list[str]:
         return [p.name for p in list_videos(self.clips_dir)]
@@ -103,7 +96,7 @@ class CaptionStore:
                 path.read_bytes().decode("utf-8", errors="replace").strip(), exists=True, readable=False,
                 message=(f"{path.name} is not UTF-8 text (byte {err.position} cannot be decoded); it is shown with "
                          f"\N{REPLACEMENT CHARACTER} marks and left untouched. Saving a new caption replaces it; "
-                         f"the original bytes are kept in {self.meta_dir / 'originals'}."),
+                         f"the original bytes are kept in {self.layout.originals_dir}."),
             )
 
     def save(self, clip: str | Path, text: str, source: str = "human", replace_unreadable: bool = False) -> bool:
@@ -128,7 +121,7 @@ class CaptionStore:
 
     def _keep_original(self, clip: str | Path) -> Path:
         source = self.caption_file(clip)
-        target = self.meta_dir / "originals" / f"{source.stem}.{datetime.now():%Y%m%d-%H%M%S-%f}.txt"
+        target = self.layout.originals_dir / f"{source.stem}.{datetime.now():%Y%m%d-%H%M%S-%f}.txt"
         atomic_write_bytes(target, source.read_bytes())
         return target
 

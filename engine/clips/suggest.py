@@ -15,6 +15,7 @@ import numpy as np
 from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, Cut, ExportStopped, _TimedFrames, check_frames
 from engine.core.ffmpeg import ffmpeg_exe
 from engine.core.files import atomic_write_json
+from engine.core.layout import CacheLayout
 from engine.core.progress import ProgressFn, StopFn
 from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, preview_proxy_path, probe_video
 
@@ -122,7 +123,7 @@ def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_p
     """analyze_motion, kept in cache_dir/analysis per exact source file, and read from its preview proxy once one
     has been built: asking again (more windows, after new cuts) costs nothing."""
     proxy = preview_proxy_path(info, cache_dir)
-    target = cache_dir / "analysis" / f"{proxy.stem}-{analysis_fps:g}fps-{ANALYSIS_WIDTH}px.json"
+    target = CacheLayout(cache_dir).analysis_dir / f"{proxy.stem}-{analysis_fps:g}fps-{ANALYSIS_WIDTH}px.json"
     try:
         kept = json.loads(target.read_text(encoding="utf-8"))
         return np.asarray(kept["times"], float), np.asarray(kept["motion"], float), [float(t) for t in kept["scenes"]]

@@ -1,14 +1,24 @@
 """The project folder: one layout that every stage reads and writes, so the UI can always rebuild its state from disk.
+This module is the one place that joins these names; every other module asks it for a path.
 
     <project>/
       project.json        name, chosen models, clip export defaults
-      sources/            source videos (films, recordings) the clips are cut from
-      clips/              training clips: name.mp4 with its caption name.txt beside it (diffusion-pipe's convention)
-      cache/              VAE latents, text and image embeddings (safetensors), keyed by content and settings
+      caption_style.toml  the Captions tab's pure-style rules (trigger, replacement table, banned words)
+      captions.jsonl|csv  all captions exported from the Captions tab
+      sources/            source videos (films, recordings) the clips are cut from (uploads land here)
+      clips/              training clips: name.mp4 with its caption name.txt beside it (diffusion-pipe's convention),
+                          manifest.jsonl (where each clip came from)
+        .captions/        history/<clip>.jsonl (every save, for undo), suggestions.jsonl, originals/ (the bytes of
+                          non-UTF-8 caption files before they were replaced)
+      cache/              rebuilt on demand, except cuts/ (see CacheLayout)
       runs/<run>/         run.toml + dataset.toml, metrics.jsonl, state/ (resume), epochN/adapter_model.safetensors
+      loras/              LoRA files uploaded in the Generate tab (any supported format), listed beside the runs' epochs
       outputs/            generated videos, each with a .json sidecar of its parameters
+        inputs/           the start images of those videos, named by content, so a sidecar's image stays on disk
 
-Paths with spaces, quotes or non-ASCII characters are fine everywhere: nothing here goes through a shell.
+The studio home (`studio_home()`) holds demo/ (the demo project), models/ (the tiny model kits) and jobs/ (the records
+of long tasks run in child processes). Paths with spaces, quotes or non-ASCII characters are fine everywhere: nothing
+here goes through a shell.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ PROJECT_FILE = "project.json"
 # Written into runs/<run>/ to ask a training run to stop: every rank sees it at its next step, so a run under a
 # multi-GPU launcher (which kills its workers 30 s after a signal) can finish its step and save first.
 STOP_REQUEST_FILE = "stop-request.json"
+STYLE_RULES_FILE = "caption_style.toml"
+CAPTION_META_DIRNAME = ".captions"  # inside a clips folder; hidden, so clips/ stays a valid diffusion-pipe dataset
 
 
 def list_videos(folder: Path) -> list[Path]:
@@ -38,7 +50,104 @@ def list_videos(folder: Path) -> list[Path]:
 def studio_home() -> Path:
     """Where the demo project and tiny model kits live: $WAN_STUDIO_HOME, else `workspace/` in the repository."""
     env = os.environ.get("WAN_STUDIO_HOME")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "workspace"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "workspace"
+
+
+def caption_file(clip: str | os.PathLike) -> Path:
+    """The caption of a clip: name.txt beside name.mp4 (diffusion-pipe's convention)."""
+    return Path(clip).with_suffix(".txt")
+
+
+def project_file_of_clips(clips_dir: Path) -> Path:
+    """project.json of the project a clips folder belongs to (it may not exist: the commands take bare folders)."""
+    return Path(clips_dir).parent / PROJECT_FILE
+
+
+def cache_dir_for_run(run_dir: Path) -> Path:
+    """The cache a run reads and fills: its project's cache/ (shared by all the project's runs) when the run folder is
+    <project>/runs/<run>, else the run folder's own cache/."""
+    run_dir = Path(run_dir).resolve()
+    project = Project(run_dir.parent.parent)
+    if run_dir.parent == project.runs_dir and project.settings_file.exists():
+        return project.cache_dir
+    return run_dir / "cache"
+
+
+def demo_project_dir(home: Path) -> Path:
+    return home / "demo"
+
+
+def tiny_models_dir(home: Path) -> Path:
+    return home / "models"
+
+
+def jobs_dir(home: Path) -> Path:
+    return home / "jobs"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """A cache folder (a project's cache/, or a run's own when it trains outside a project). Everything in it is
+    rebuilt from sources, clips and models when missing, except cuts/ (the Clips tab's cut list of each source)."""
+
+    root: Path
+
+    @property
+    def latents_dir(self) -> Path:
+        """VAE latents, first-frame conditions and CLIP image states, one safetensors per clip window and bucket."""
+        return self.root / "latents"
+
+    @property
+    def text_dir(self) -> Path:
+        """UMT5 caption embeddings, one safetensors per caption text and text encoder."""
+        return self.root / "text"
+
+    @property
+    def analysis_dir(self) -> Path:
+        """Motion analyses of source videos (json), so asking for more suggestions is instant."""
+        return self.root / "analysis"
+
+    @property
+    def previews_dir(self) -> Path:
+        """Preview proxies of sources and played selections (mp4)."""
+        return self.root / "previews"
+
+    @property
+    def frames_dir(self) -> Path:
+        """Stills taken from clips as start images in the Generate tab (png)."""
+        return self.root / "generate-frames"
+
+    @property
+    def timestamps_dir(self) -> Path:
+        """Timestamps files exported from the Clips tab."""
+        return self.root / "timestamps"
+
+    def cut_list_file(self, source_name: str) -> Path:
+        """The Clips tab's cut list of one source (a timestamps file), saved on every change."""
+        return self.root / "cuts" / f"{source_name}.txt"
+
+
+@dataclass(frozen=True)
+class CaptionMetaLayout:
+    """clips/.captions/: the Captions stage's bookkeeping beside a clips folder (any clips folder, not only a
+    project's: the captions command works on a bare folder)."""
+
+    clips_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.clips_dir / CAPTION_META_DIRNAME
+
+    @property
+    def suggestions_file(self) -> Path:
+        return self.root / "suggestions.jsonl"
+
+    @property
+    def originals_dir(self) -> Path:
+        return self.root / "originals"
+
+    def history_file(self, clip: str | os.PathLike) -> Path:
+        return self.root / "history" / f"{Path(clip).stem}.jsonl"
 
 
 @dataclass
@@ -103,6 +212,28 @@ class Project:
         return self.root / "outputs"
 
     @property
+    def output_inputs_dir(self) -> Path:
+        """Start images of the generated videos, kept so each sidecar points at a file that stays."""
+        return self.outputs_dir / "inputs"
+
+    @property
+    def loras_dir(self) -> Path:
+        """LoRA files uploaded in the Generate tab (from other trainers, or other projects)."""
+        return self.root / "loras"
+
+    @property
+    def cache(self) -> CacheLayout:
+        return CacheLayout(self.cache_dir)
+
+    @property
+    def style_rules_file(self) -> Path:
+        return self.root / STYLE_RULES_FILE
+
+    def captions_export_file(self, suffix: str) -> Path:
+        """Where the Captions tab exports every caption: captions.jsonl or captions.csv."""
+        return self.root / f"captions{suffix}"
+
+    @property
     def name(self) -> str:
         return self.settings().name
 
@@ -123,7 +254,7 @@ class Project:
         return list_videos(self.clips_dir)
 
     def caption_path(self, clip: str | os.PathLike) -> Path:
-        return Path(clip).with_suffix(".txt")
+        return caption_file(clip)
 
     def list_runs(self) -> list[Path]:
         return sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)

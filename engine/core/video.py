@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.core.ffmpeg import ffmpeg_exe
 from engine.core.files import atomic_path
+from engine.core.layout import CacheLayout
 
 FRAME_TIME_TOLERANCE = 0.001  # seconds; far below one frame (16.7 ms at 60 fps)
 
@@ -324,7 +325,7 @@ def preview_proxy_path(info: VideoInfo, cache_dir: str | os.PathLike) -> Path:
     stat = info.path.stat()
     key = f"{info.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|proxy-v{PROXY_VERSION}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return Path(cache_dir) / "previews" / f"{info.path.stem}-{digest}.mp4"
+    return CacheLayout(Path(cache_dir)).previews_dir / f"{info.path.stem}-{digest}.mp4"
 
 
 def build_preview_proxy(source: str | os.PathLike | VideoInfo, cache_dir: str | os.PathLike, *,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.core.files import atomic_path
+from engine.core.layout import CacheLayout
 from engine.core.progress import ProgressFn, StopFn
 from engine.training.dataset import (
     WAN_FPS,
@@ -203,7 +204,7 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
     if report.errors:
         raise DatasetError("The dataset has problems to fix before training:\n"
                            + "\n".join(f"- {issue.file}: {issue.message}" for issue in report.errors))
-    cache_dir = Path(cache_dir)
+    cache = CacheLayout(Path(cache_dir))
     device = torch.device(device)
     dtype_name = str(dtype).removeprefix("torch.")
     vision_key = _model_key(model_path, ("vae", "image_encoder", "image_processor"))
@@ -215,10 +216,10 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
     latent_jobs: dict[Path, DatasetItem] = {}
     text_jobs: dict[Path, str] = {}
     for item in report.items:
-        latent_file = cache_dir / "latents" / (_key(
+        latent_file = cache.latents_dir / (_key(
             clip=clip_hashes[item.clip.path], model=vision_key, bucket=item.bucket, start=item.start, fps=WAN_FPS,
             dtype=dtype_name, version=CACHE_VERSION) + ".safetensors")
-        text_file = cache_dir / "text" / (_key(
+        text_file = cache.text_dir / (_key(
             caption=item.clip.caption, model=text_key, tokens=TEXT_TOKENS, dtype=dtype_name,
             version=CACHE_VERSION) + ".safetensors")
         cached.append(CachedItem(item.clip.path, item.bucket, latent_file, text_file, item.clip.num_repeats,
@@ -273,4 +274,4 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
             _release_memory()
 
     progress(1.0, f"Cache ready: {len(cached)} items ({done} files encoded, the rest reused)")
-    return CachedDataset(cached, cache_dir)
+    return CachedDataset(cached, cache.root)

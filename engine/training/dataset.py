@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.captions.text import CaptionEncodingError, read_caption
+from engine.core.layout import caption_file as caption_path
 from engine.core.layout import list_videos
 from engine.core.video import VideoError, VideoInfo, probe_video
 from engine.training.schema import DatasetConfig
@@ -212,7 +213,7 @@ def _too_short(frames: int, buckets: list[int]) -> str:
 
 
 def _scan_clip(path: Path, directory: int, repeats: int, report: DatasetReport) -> ClipInfo | None:
-    caption_file = path.with_suffix(".txt")
+    caption_file = caption_path(path)
     try:
         info = probe_video(path)
     except VideoError as err:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.layout import PROJECT_FILE
+from engine.core.layout import cache_dir_for_run
 from engine.training.events import EventLog, TrainingError
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
@@ -61,11 +61,7 @@ class RunPaths:
     @classmethod
     def for_run(cls, run_cfg) -> RunPaths:
         run_dir = run_cfg.output_path()
-        # Inside a project (<project>/runs/<run>) the project's cache is shared by all its runs.
-        project_root = run_dir.parent.parent
-        in_project = run_dir.parent.name == "runs" and (project_root / PROJECT_FILE).exists()
-        cache_dir = project_root / "cache" if in_project else run_dir / "cache"
-        return cls(run_dir, run_dir / "state", cache_dir)
+        return cls(run_dir, run_dir / "state", cache_dir_for_run(run_dir))
 
 
 class Trainer:

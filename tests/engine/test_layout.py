@@ -26,3 +26,37 @@ def test_importing_every_engine_module_leaves_gradio_unloaded():
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ENGINE.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# Folder names of the project outside runs/ (and of the studio home): only engine/core/layout.py joins them to a path.
+LAYOUT_NAMES = {"sources", "clips", "cache", "outputs", "loras", "inputs", ".captions", "history", "originals",
+                "latents", "text", "analysis", "previews", "cuts", "timestamps", "generate-frames", "models", "jobs",
+                "demo", "caption_style.toml", "suggestions.jsonl"}
+
+
+def test_only_the_layout_module_joins_project_folder_names():
+    repo = ENGINE.parent
+    sources = [*ENGINE.rglob("*.py"), *(repo / "tabs").rglob("*.py"), *(repo / "studio").rglob("*.py"),
+               repo / "launch.py"]
+    offenders = []
+    for path in sources:
+        if path == ENGINE / "core" / "layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and node.right.value in LAYOUT_NAMES):
+                offenders.append(f"{path.relative_to(repo)}:{node.lineno} / {node.right.value!r}")
+    assert not offenders, f"paths joined outside engine/core/layout.py: {offenders}"
+
+
+def test_layout_paths(tmp_path, monkeypatch):
+    from engine.core.layout import Project, cache_dir_for_run, caption_file, studio_home
+
+    project = Project.open(tmp_path / "p é")
+    assert project.loras_dir == project.root / "loras" and project.output_inputs_dir.parent == project.outputs_dir
+    assert project.cache.cut_list_file("film.mkv") == project.cache_dir / "cuts" / "film.mkv.txt"
+    assert caption_file(project.clips_dir / "a b.mp4") == project.clips_dir / "a b.txt"
+    assert cache_dir_for_run(project.run_dir("r")) == project.cache_dir  # a project's runs share its cache
+    assert cache_dir_for_run(tmp_path / "loose run") == tmp_path / "loose run" / "cache"
+    monkeypatch.delenv("WAN_STUDIO_HOME", raising=False)
+    assert studio_home() == ENGINE.parent / "workspace"  # the repository's workspace/, as the README says
