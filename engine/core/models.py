@@ -25,6 +25,7 @@ WAN_I2V_HUB_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BLIP2_HUB_ID = "Salesforce/blip2-opt-2.7b"
 TINY_WAN_DIRNAME = "tiny-wan2.1-i2v"
 TINY_BLIP2_DIRNAME = "tiny-blip2"
+TINY_VLM_DIRNAME = "tiny-qwen2.5-vl"
 
 # Wan 2.1 I2V 14B 480p transformer: the real architecture, used by the GPU benchmarks (random weights).
 WAN_I2V_14B_TRANSFORMER_CONFIG = dict(
@@ -69,6 +70,7 @@ class ModelChoice:
 
     wan: str
     captioner: str
+    video_captioner: str = ""  # a video-language model (Qwen2.5-VL) folder or hub id; empty: none chosen
 
 
 class ModelFolderError(ValueError):
@@ -191,6 +193,49 @@ def make_tiny_blip2(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def make_tiny_qwen_vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL folder laid out like `Qwen/Qwen2.5-VL-7B-Instruct`: config, safetensors weights,
+    tokenizer with the vision tokens, image/video preprocessing config and a chat template of the same shape."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    vision = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision, "<unk>"]
+    tokenizer, vocab_size = _word_tokenizer(specials, model_max_length=8192, append_eos=False,
+                                            eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *vision]})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in vision}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # Few pixels per frame keep the CPU demo quick: 56x84 -> 2x3 merged tokens per frame pair.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 84)
+    template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+                "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'video' %}"
+                "<|vision_start|><|video_pad|><|vision_end|>{% elif part['type'] == 'text' %}{{ part['text'] }}"
+                "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+    _save_into(out_dir, save)
+    return out_dir
+
+
 def _save_into(out_dir: Path, save) -> None:
     """Save into a temporary sibling folder, then move it into place: no half-written model folder survives."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +258,10 @@ def ensure_tiny_kits(models_dir: str | Path, seed: int = 0) -> ModelChoice:
         make_tiny_wan(wan_dir, seed=seed)
     if not (blip_dir / "config.json").exists():
         make_tiny_blip2(blip_dir, seed=seed)
-    return ModelChoice(wan=str(wan_dir), captioner=str(blip_dir))
+    vlm_dir = models_dir / TINY_VLM_DIRNAME
+    if not (vlm_dir / "config.json").exists():
+        make_tiny_qwen_vl(vlm_dir, seed=seed)
+    return ModelChoice(wan=str(wan_dir), captioner=str(blip_dir), video_captioner=str(vlm_dir))
 
 
 # ---------------------------------------------------------------------------------------------- checks and loaders
