@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, CaptionerSettings, suggest_captions
+from engine.captions.captioners import CaptionerOutOfMemory, CaptionerSettings, suggest_captions
+from engine.captions.vlm import DEFAULT_INSTRUCTION, DEFAULT_VIDEO_FPS, MEMORY_MODES, open_captioner
 from engine.captions.store import (
     CaptionStore,
     apply_style_to_clips,
@@ -19,17 +19,15 @@ from engine.captions.store import (
 from engine.captions.style import CaptionChange, StyleRules, find_banned_words, load_style_rules
 from engine.captions.text import CaptionError
 from engine.captions.tokens import TokenCounter
-from engine.core.layout import project_file_of_clips
+from engine.core.layout import Project
 from engine.core.models import BLIP2_HUB_ID
 
 # ---------------------------------------------------------------------------------------------- command line
 
-def _project_setting(clips_dir: Path, key: str) -> str:
-    """A model the project chose (when CLIPS_DIR is a project's clips/ folder), else ''."""
-    settings = project_file_of_clips(clips_dir)
-    if not settings.exists():
-        return ""
-    return str(json.loads(settings.read_text(encoding="utf-8")).get(key) or "")
+def _project_setting(clips_dir: Path, key: str):
+    """A setting of the project whose clips/ folder CLIPS_DIR is (a model it chose, ...), else ''."""
+    project = Project.of_clips_dir(clips_dir)
+    return getattr(project.settings(), key) if project else ""
 
 
 def _print_changes(changes: Sequence[CaptionChange], verb: str) -> None:
@@ -41,15 +39,25 @@ def _print_changes(changes: Sequence[CaptionChange], verb: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.captions", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("suggest", help="caption clips with BLIP-2 (only clips without a caption unless --overwrite)")
+    p = sub.add_parser("suggest", help="caption clips with BLIP-2 or a video-language model (Qwen2.5-VL); only clips "
+                                       "without a caption unless --overwrite")
     p.add_argument("clips_dir", type=Path)
-    p.add_argument("--model", help=f"BLIP-2 folder or hub id (default: the project's captioner, else {BLIP2_HUB_ID})")
+    p.add_argument("--model", help=f"BLIP-2 or Qwen2.5-VL folder or hub id (default: the project's captioner, else "
+                                   f"{BLIP2_HUB_ID})")
     p.add_argument("--overwrite", action="store_true", help="also replace existing captions (old text kept in history)")
     p.add_argument("--frames", type=int, default=3, help="frames captioned per clip and merged (default 3)")
     p.add_argument("--prompt", default="", help="text the captioner continues, e.g. 'a video of'")
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8, help="frames per forward pass (lower it on out-of-memory)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--instruction", help="video captioner: what the model is asked (default: the project's, else a "
+                                         "pure-style instruction)")
+    p.add_argument("--video-fps", type=float, help=f"video captioner: frames per second it watches (default "
+                                                   f"{DEFAULT_VIDEO_FPS:g})")
+    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="auto",
+                   help="video captioner: auto (bf16 on GPU), bf16, 8bit or 4bit (bitsandbytes, CUDA)")
+    p.add_argument("--rules", type=Path, help="pure-style rules (TOML/JSON) each video caption passes through "
+                                              "(default: the project's, when CLIPS_DIR is a project's clips/)")
     p = sub.add_parser("apply-style", help="apply pure-style rules (TOML/JSON) to every caption")
     p.add_argument("clips_dir", type=Path)
     p.add_argument("--rules", required=True, type=Path)
@@ -85,14 +93,22 @@ def main(argv: list[str] | None = None) -> int:
             settings = CaptionerSettings(frames_per_clip=args.frames, prompt=args.prompt, batch_size=args.batch_size)
             settings.validate()
             model = args.model or _project_setting(store.clips_dir, "captioner_model") or BLIP2_HUB_ID
-            captioner = Blip2Captioner(model, device=args.device,
-                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            video = {"instruction": args.instruction or _project_setting(store.clips_dir, "caption_instruction")
+                     or DEFAULT_INSTRUCTION, "video_fps": args.video_fps or DEFAULT_VIDEO_FPS,
+                     "memory_mode": args.memory_mode, "max_new_tokens": args.max_new_tokens}
+            captioner = open_captioner(model, args.device, video=video, blip2={
+                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
+            rules = None
+            if getattr(captioner, "reads_video", False):
+                project = Project.of_clips_dir(store.clips_dir)
+                rules_file = args.rules or (project.style_rules_file if project else None)
+                rules = load_style_rules(rules_file) if rules_file and rules_file.is_file() else None
 
             def progress(fraction: float, message: str) -> None:
                 print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
 
             report = suggest_captions(store, captioner, overwrite=args.overwrite, write_captions=True,
-                                      settings=settings, on_progress=progress)
+                                      settings=settings, rules=rules, on_progress=progress)
             for clip, text in report.suggested.items():
                 print(f"{clip}: {text}")
             for clip, why in report.failed.items():

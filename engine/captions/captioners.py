@@ -9,7 +9,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from engine.captions.store import CaptionStore
-from engine.captions.style import split_phrases
+from engine.captions.style import StyleRules, apply_style, split_phrases
 from engine.captions.text import CaptionError
 from engine.core.models import load_blip2
 from engine.core.progress import ProgressFn, StopFn, never_stop, no_progress
@@ -26,15 +26,17 @@ class CaptionerOutOfMemory(RuntimeError):
 # ---------------------------------------------------------------------------------------------- captioners
 
 class Captioner(Protocol):
-    """What the studio needs from a captioner; BLIP-2 is one, another image captioner can be plugged in."""
+    """What the studio needs from a captioner. Two kinds plug in: an image captioner (BLIP-2) has
+    `caption_images`; a video captioner (engine.captions.vlm) has `reads_video = True`, `read_clip(path)` and
+    `caption(videos)`. `suggest_captions` drives both."""
 
     name: str
 
     def caption_images(self, images: Sequence[np.ndarray], prompt: str = "") -> list[str]:
-        """One caption per RGB uint8 image (H, W, 3)."""
+        """One caption per RGB uint8 image (H, W, 3) (image captioners)."""
 
     def unload(self) -> None:
-        """Free the model's memory; the next caption_images call loads it again."""
+        """Free the model's memory; the next call loads it again."""
 
 
 @dataclass
@@ -187,13 +189,15 @@ class SuggestReport:
 
 def suggest_captions(store: CaptionStore, captioner: Captioner, *, clips: Sequence[str] | None = None,
                      overwrite: bool = False, write_captions: bool = False,
-                     settings: CaptionerSettings | None = None, on_progress: ProgressFn = no_progress,
-                     should_stop: StopFn = never_stop) -> SuggestReport:
+                     settings: CaptionerSettings | None = None, rules: StyleRules | None = None,
+                     on_progress: ProgressFn = no_progress, should_stop: StopFn = never_stop) -> SuggestReport:
     """Caption clips and store each result as a pending suggestion.
 
     Only clips without a caption are done unless `overwrite` is set. With `write_captions` (the command line) the
-    suggestion is also written as the caption, the previous text (if any) kept in history. Clips that cannot be
-    decoded are reported in `failed` and skipped. Frames of several clips share one forward pass.
+    suggestion is also written as the caption, the previous text (if any) kept in history. With `rules` (the
+    project's pure-style rules) each answer passes through them before it is suggested. Clips that cannot be
+    decoded are reported in `failed` and skipped. An image captioner (BLIP-2) captions `frames_per_clip` frames
+    per clip, several clips' frames in one forward pass; a video captioner (`reads_video`) watches each clip whole.
     """
     settings = settings or CaptionerSettings()
     settings.validate()
@@ -207,27 +211,26 @@ def suggest_captions(store: CaptionStore, captioner: Captioner, *, clips: Sequen
             report.skipped.append(Path(clip).name)
         else:
             todo.append(Path(clip).name)
-    clips_per_batch = max(1, getattr(captioner, "batch_size", settings.batch_size) // settings.frames_per_clip)
-    done = 0
+    reads_video = getattr(captioner, "reads_video", False)
+    per_batch = 1 if reads_video else max(1, getattr(captioner, "batch_size", settings.batch_size)
+                                          // settings.frames_per_clip)
     on_progress(0.0, f"captioning {len(todo)} clips")
-    for start in range(0, len(todo), clips_per_batch):
+    for start in range(0, len(todo), per_batch):
         if should_stop():
             report.stopped = True
             break
-        batch, frames = [], []
-        for clip in todo[start:start + clips_per_batch]:
+        names, inputs = [], []
+        for clip in todo[start:start + per_batch]:
             try:
-                clip_frames = read_clip_frames(store.clip_path(clip), settings.frames_per_clip)
+                path = store.clip_path(clip)
+                inputs.append(captioner.read_clip(path) if reads_video
+                              else read_clip_frames(path, settings.frames_per_clip))
+                names.append(clip)
             except CaptionError as err:
                 report.failed[clip] = str(err)
-                continue
-            batch.append((clip, len(clip_frames)))
-            frames.extend(clip_frames)
-        captions = captioner.caption_images(frames, settings.prompt) if frames else []
-        offset = 0
-        for clip, count in batch:
-            text = merge_captions(captions[offset:offset + count])
-            offset += count
+        for clip, text in zip(names, _caption_batch(captioner, inputs, settings, reads_video)):
+            if rules is not None and text:
+                text = apply_style(text, rules)
             if not text:
                 report.failed[clip] = "the captioner returned an empty caption"
                 continue
@@ -236,6 +239,20 @@ def suggest_captions(store: CaptionStore, captioner: Captioner, *, clips: Sequen
             if write_captions:
                 store.save(clip, text, source="captioner")
                 report.written.append(clip)
-        done = min(start + clips_per_batch, len(todo))
+        done = min(start + per_batch, len(todo))
         on_progress(done / max(len(todo), 1), f"{done}/{len(todo)} clips captioned")
     return report
+
+
+def _caption_batch(captioner, inputs: list, settings: CaptionerSettings, reads_video: bool) -> list[str]:
+    """One caption per clip input: a video captioner's answers as they are, an image captioner's merged per clip."""
+    if not inputs:
+        return []
+    if reads_video:
+        return captioner.caption(inputs)
+    captions = captioner.caption_images([frame for frames in inputs for frame in frames], settings.prompt)
+    merged, offset = [], 0
+    for frames in inputs:
+        merged.append(merge_captions(captions[offset:offset + len(frames)]))
+        offset += len(frames)
+    return merged

@@ -23,12 +23,12 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.captions.captioners import CaptionerOutOfMemory, ClipDecodeError, default_device
+from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, ClipDecodeError, default_device
 from engine.captions.text import CaptionError
 
 VLM_MODEL_TYPES = ("qwen2_5_vl",)  # config.json model_type values this captioner loads
 VLM_HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
-MEMORY_MODES = ("auto", "bf16", "8bit", "4bit")  # auto: bf16 on a GPU, float32 on a CPU; 8/4-bit need bitsandbytes + CUDA
+MEMORY_MODES = ("auto", "bf16", "8bit", "4bit")  # auto: bf16 on GPU, float32 on CPU; 8/4-bit: bitsandbytes, CUDA
 DEFAULT_VIDEO_FPS = 4.0  # frames per second the model watches: 81 frames at 16 fps -> 21 frames, ~5 s of motion
 DEFAULT_INSTRUCTION = (
     "Describe this video clip in one sentence for training a motion-style video model. Say what moves and how "
@@ -281,3 +281,13 @@ def _chat_template(folder: Path, tokenizer) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
     raise VideoCaptionerError(f"{folder} has no chat template (chat_template.jinja or chat_template.json).")
+
+
+def open_captioner(source: str | Path, device: str | None = None, *, video: dict | None = None,
+                   blip2: dict | None = None):
+    """The captioner for `source`: a VideoLanguageCaptioner for a Qwen2.5-VL folder or hub id (`video`: its keyword
+    settings), else a Blip2Captioner (`blip2`: its keyword settings). Nothing is loaded until first use."""
+    local = Path(source).is_dir()
+    if (local and is_vlm_folder(source)) or (not local and "-vl" in str(source).lower()):
+        return VideoLanguageCaptioner(source, device, **(video or {}))
+    return Blip2Captioner(source, device=device, **(blip2 or {}))

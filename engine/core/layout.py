@@ -58,11 +58,6 @@ def caption_file(clip: str | os.PathLike) -> Path:
     return Path(clip).with_suffix(".txt")
 
 
-def project_file_of_clips(clips_dir: Path) -> Path:
-    """project.json of the project a clips folder belongs to (it may not exist: the commands take bare folders)."""
-    return Path(clips_dir).parent / PROJECT_FILE
-
-
 def cache_dir_for_run(run_dir: Path) -> Path:
     """The cache a run reads and fills: its project's cache/ (shared by all the project's runs) when the run folder is
     <project>/runs/<run>, else the run folder's own cache/."""
@@ -157,6 +152,9 @@ class ProjectSettings:
     name: str = "project"
     wan_model: str = ""  # folder or hub id; empty means the studio's current model
     captioner_model: str = ""
+    video_captioner_model: str = ""  # Qwen2.5-VL folder or hub id; empty: the studio's current one
+    caption_instruction: str = ""  # what the video captioner is asked; empty: its pure-style default
+    caption_video_fps: float = 4.0  # frames per second the video captioner watches (81 frames at 16 fps -> 21)
     clip_frames: int = 81  # frames per exported clip (4k+1); 81 = 5.0625 s at 16 fps
     clip_fps: float = 16.0  # Wan's native frame rate
     clip_width: int = 832  # export size, multiples of 16; 832x480 is Wan 480p landscape
@@ -236,6 +234,12 @@ class Project:
     @property
     def name(self) -> str:
         return self.settings().name
+
+    @classmethod
+    def of_clips_dir(cls, clips_dir: str | os.PathLike) -> "Project | None":
+        """The project whose clips/ folder `clips_dir` is, or None for a folder outside any project."""
+        project = cls(Path(clips_dir).expanduser().resolve().parent)
+        return project if project.settings_file.is_file() and project.clips_dir == Path(clips_dir).resolve() else None
 
     # settings
     def settings(self) -> ProjectSettings:
