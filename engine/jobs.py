@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 from engine.core.files import atomic_write_json
 from engine.core.layout import STOP_REQUEST_FILE
+from engine.training.events import Event, read_events_since
 
 JOB_FILE = "job.json"
 
@@ -103,57 +104,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-# --- reading the log -------------------------------------------------------------------------------------------
-
-def read_json_lines_since(path: str | os.PathLike, offset: int) -> tuple[list[dict], int]:
-    """JSON objects from the complete lines appended to `path` after byte `offset`, and the offset to read on from.
-
-    A half-written last line is left for the next call; lines that are not JSON objects (plain log text) are skipped.
-    If the file shrank (rewritten), reading starts again from the beginning.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return [], 0
-    if size < offset:
-        offset = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size - offset)
-    end = data.rfind(b"\n") + 1
-    records = []
-    for line in data[:end].splitlines():
-        line = line.strip()
-        if not line.startswith(b"{"):
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records, offset + end
-
-
-class JsonLinesFollower:
-    """All records of a growing JSON-lines file (e.g. metrics.jsonl), parsing only what was appended since last time."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.offset = 0
-        self.records: list[dict] = []
-
-    def refresh(self) -> list[dict]:
-        """Read what is new; returns all records so far."""
-        new, offset = read_json_lines_since(self.path, self.offset)
-        if offset < self.offset:  # file rewritten: start over
-            self.records = []
-        self.records.extend(new)
-        self.offset = offset
-        return self.records
 
 
 # --- jobs ------------------------------------------------------------------------------------------------------
@@ -227,13 +177,12 @@ class Job:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def read_events(self, offset: int = 0) -> tuple[list[dict], int]:
-        """Events ({"event": ...} lines) this job printed after byte `offset` of its log, and the next offset."""
-        records, offset = read_json_lines_since(self.log_path, max(offset, self.record.log_offset))
-        return [r for r in records if "event" in r], offset
+    def read_events(self, offset: int = 0) -> tuple[list[Event], int]:
+        """Events (engine.training.events) this job printed after byte `offset` of its log, and the next offset."""
+        return read_events_since(self.log_path, max(offset, self.record.log_offset))
 
     def follow(self, offset: int = 0, *, should_stop: Callable[[], bool] | None = None,
-               wake_s: float = 0.5) -> Iterator[dict]:
+               wake_s: float = 0.5) -> Iterator[Event]:
         """Yield events as the job prints them, until it ends (or `should_stop()`); sleeps on the process meanwhile."""
         while True:
             running = self.is_running()

@@ -23,12 +23,21 @@ import pandas as pd
 from engine.core.files import TextFileError, read_text
 from engine.core.hardware import list_gpus
 from engine.core.layout import jobs_dir, studio_home
-from engine.jobs import GpuBusyError, Job, JobError, JobRunner, JsonLinesFollower, training_argv
+from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
 from engine.training.dataset import scan_dataset
 from engine.training.form import apply_overrides, describe_fields
 from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
-from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, summarize_run
+from engine.training.events import (
+    Event,
+    EventFollower,
+    PhaseEvent,
+    ProgressEvent,
+    StepEvent,
+    last_of,
+    parse_line,
+)
+from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, loss_curve, summarize_run
 from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 from studio.context import AppContext
 
@@ -39,7 +48,6 @@ REFRESH_S = 1.0
 LOG_LINES = 12
 SETTINGS_QUEUE = "train-settings"  # settings edits and Train run one at a time, in the order they were made
 PLOT_POINTS = 2000  # plots thin longer curves to this many points
-EMA_WEIGHT = 0.9  # smoothing of the loss curve (TensorBoard's default)
 STUDIO_KEYS = ("output_dir", "dataset")  # set by the studio: a run writes into its own folder, dataset.toml beside
 
 
@@ -143,60 +151,40 @@ def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: floa
     return errors, warnings, "\n\n".join(lines)
 
 
-def loss_frame(events: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Loss (raw and EMA-smoothed) and learning rate by step, the last value winning where a resume repeated steps."""
-    by_step: dict[int, dict] = {}
-    for event in events:
-        if event.get("event") == "step" and isinstance(event.get("loss"), (int, float)):
-            by_step[int(event["step"])] = event
-    steps = sorted(by_step)
-    if not steps:
-        return (pd.DataFrame({"step": [], "loss": [], "curve": []}), pd.DataFrame({"step": [], "lr": []}))
-    loss = [float(by_step[s]["loss"]) for s in steps]
-    smoothed, average = [], 0.0
-    for i, value in enumerate(loss, start=1):
-        average = EMA_WEIGHT * average + (1 - EMA_WEIGHT) * value
-        smoothed.append(average / (1 - EMA_WEIGHT ** i))  # bias-corrected, so the curve starts at the first loss
-    stride = max(1, len(steps) // PLOT_POINTS)
-    keep = list(range(0, len(steps), stride))
-    if keep[-1] != len(steps) - 1:
-        keep.append(len(steps) - 1)
-    kept_steps = [steps[i] for i in keep]
-    losses = pd.DataFrame({
-        "step": kept_steps * 2,
-        "loss": [loss[i] for i in keep] + [smoothed[i] for i in keep],
-        "curve": ["raw"] * len(keep) + ["smoothed"] * len(keep),
-    })
-    rates = pd.DataFrame({"step": kept_steps, "lr": [float(by_step[s].get("lr") or 0.0) for s in kept_steps]})
-    return losses, rates
+def loss_frame(events: list[Event]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's loss curve (engine.training.runs.loss_curve) as the plots take it: raw and smoothed, and the lr."""
+    curve = loss_curve(events).thinned(PLOT_POINTS)
+    losses = pd.DataFrame({"step": curve.steps * 2, "loss": curve.loss + curve.smoothed,
+                           "curve": ["raw"] * len(curve.steps) + ["smoothed"] * len(curve.steps)})
+    return losses, pd.DataFrame({"step": curve.steps, "lr": curve.lr})
 
 
-def status_html(summary: RunSummary | None, events: list[dict], epochs: int | None) -> str:
+def status_html(summary: RunSummary | None, events: list[Event], epochs: int | None) -> str:
     """One status line with a progress bar: phase, epoch, step, steps/s, ETA, time per epoch, GPU memory."""
     if summary is None:
         return '<div id="train-status">No runs yet: press <b>Train</b>.</div>'
-    last_step = next((e for e in reversed(events) if e.get("event") == "step"), None)
-    last_progress = next((e for e in reversed(events) if e.get("event") in ("progress", "phase")), None)
+    last_step = last_of(events, StepEvent)
+    last_progress = next((e for e in reversed(events) if isinstance(e, (ProgressEvent, PhaseEvent))), None)
     parts = [f"<b>{html.escape(summary.name)}</b>: {html.escape(summary.state)}"]
     if summary.phase:
         parts.append(f"phase {html.escape(summary.phase)}")
     value, maximum = 0.0, 1.0
     if last_step:
-        value, maximum = float(last_step["step"]), float(last_step.get("max_steps") or last_step["step"])
-        parts.append(f"epoch {last_step.get('epoch')}")
-        parts.append(f"step {last_step['step']} / {last_step.get('max_steps')}")
-        rate = last_step.get("steps_per_s")
+        value, maximum = float(last_step.step), float(last_step.max_steps or last_step.step)
+        parts.append(f"epoch {last_step.epoch}")
+        parts.append(f"step {last_step.step} / {last_step.max_steps}")
+        rate = last_step.steps_per_s
         if rate:
             parts.append(f"{rate:.3g} steps/s")
-            if epochs and last_step.get("max_steps"):
-                parts.append(f"≈ {human_seconds(last_step['max_steps'] / epochs / rate)} per epoch")
+            if epochs and last_step.max_steps:
+                parts.append(f"≈ {human_seconds(last_step.max_steps / epochs / rate)} per epoch")
         if summary.state in ("running", "stopping"):
-            parts.append(f"ETA {human_seconds(last_step.get('eta_s'))}")
-        if last_step.get("gpu_mem_gib") is not None:
-            parts.append(f"GPU {last_step['gpu_mem_gib']:.1f} GiB")
-    if last_progress and last_progress.get("event") == "progress" and summary.phase in (None, "cache"):
-        value, maximum = float(last_progress.get("fraction", 0.0)), 1.0
-        parts.append(html.escape(str(last_progress.get("message", ""))))
+            parts.append(f"ETA {human_seconds(last_step.eta_s)}")
+        if last_step.gpu_mem_gib is not None:
+            parts.append(f"GPU {last_step.gpu_mem_gib:.1f} GiB")
+    if isinstance(last_progress, ProgressEvent) and summary.phase in (None, "cache"):
+        value, maximum = last_progress.fraction, 1.0
+        parts.append(html.escape(last_progress.message))
     message = "" if summary.state in ("running", "finished") else f"<div>{html.escape(summary.message)}</div>"
     return (f'<div id="train-status">{" · ".join(parts)}{message}'
             f'<progress aria-label="Training progress" value="{value:g}" max="{maximum:g}" '
@@ -213,7 +201,7 @@ class TrainTab:
         self.project = ctx.project
         self.jobs = ctx.jobs or JobRunner(jobs_dir(studio_home()))
         self.gpus = list_gpus()
-        self._followers: dict[Path, JsonLinesFollower] = {}
+        self._followers: dict[Path, EventFollower] = {}
         self._followers_lock = threading.Lock()
         self.run_fields: dict[str, gr.components.Component] = {}
         self.dataset_fields: dict[str, gr.components.Component] = {}
@@ -223,12 +211,12 @@ class TrainTab:
         """Run folders, newest first."""
         return [p for p in reversed(self.project.list_runs()) if not p.name.startswith(".")]
 
-    def events(self, run_dir: Path) -> list[dict]:
+    def events(self, run_dir: Path) -> list[Event]:
         with self._followers_lock:
-            follower = self._followers.setdefault(run_dir, JsonLinesFollower(run_dir / METRICS_FILE))
+            follower = self._followers.setdefault(run_dir, EventFollower(run_dir / METRICS_FILE))
             return list(follower.refresh())
 
-    def summary(self, run_dir: Path) -> tuple[RunSummary, list[dict], Job | None]:
+    def summary(self, run_dir: Path) -> tuple[RunSummary, list[Event], Job | None]:
         events = self.events(run_dir)
         job = self.jobs.attach(run_dir)
         return summarize_run(run_dir, events, job), events, job
@@ -432,8 +420,8 @@ class TrainTab:
         if not run_name or not (self.project.runs_dir / run_name).is_dir():
             return None
         step = next((e for e in reversed(self.events(self.project.runs_dir / run_name))
-                     if e.get("event") == "step" and e.get("steps_per_s")), None)
-        return step["steps_per_s"] if step else None
+                     if isinstance(e, StepEvent) and e.steps_per_s), None)
+        return step.steps_per_s if step else None
 
     def _preflight_text(self, run_cfg, dataset_cfg, measured) -> tuple[bool, str]:
         errors, warnings, estimate = preflight(run_cfg, dataset_cfg, measured)
@@ -538,14 +526,14 @@ class TrainTab:
         if holder and (summary is None or holder.get("run_dir") != str(summary.run_dir)):
             busy = html.escape(holder["description"])
             out["status"] += f'<div id="train-gpu-busy">⏳ {busy} is using the GPU.</div>'
-        n_steps = sum(1 for e in events if e.get("event") == "step")
+        n_steps = sum(1 for e in events if isinstance(e, StepEvent))
         if changed("plot", (selected, n_steps)):
             losses, rates = loss_frame(events)
             last = losses["loss"].iloc[len(losses) // 2 - 1] if len(losses) else None
             out["loss"], out["lr"] = losses, rates
             out["info"] = (f"{len(losses) // 2} steps logged, last loss {last:.4g}" if last is not None
                            else "No steps logged yet.")
-        tail = readable_log(job.log_tail(400) if job else [json.dumps(e) for e in events], LOG_LINES)
+        tail = readable_log(job.log_tail(400) if job else [json.dumps(e.to_json()) for e in events], LOG_LINES)
         out["log"] = "\n".join(tail) if changed("log", tail) else gr.skip()
         samples = [(str(path), f"epoch {epoch}") for epoch, path in summary.samples] if summary else []
         out["samples"] = samples if changed("samples", samples) else gr.skip()
@@ -573,15 +561,11 @@ def readable_log(lines: list[str], keep: int) -> list[str]:
     plots show those), plain output (warnings, tracebacks) as it is."""
     out = []
     for line in lines:
-        try:
-            event = json.loads(line) if line.startswith("{") else None
-        except json.JSONDecodeError:
-            event = None
-        if not isinstance(event, dict) or "event" not in event:
+        event = parse_line(line)
+        if event is None:
             out.append(line)
-        elif event["event"] not in ("step", "progress"):
-            words = [str(event[k]) for k in ("phase", "kind", "message", "path", "hint") if event.get(k)]
-            out.append(f"[{event['event']}] " + " ".join(words))
+        elif not isinstance(event, (StepEvent, ProgressEvent)):
+            out.append(event.describe())
     return out[-keep:]
 
 

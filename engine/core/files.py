@@ -115,3 +115,34 @@ def read_jsonl(source: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def read_json_lines_since(path: str | os.PathLike, offset: int) -> tuple[list[dict], int]:
+    """JSON objects from the complete lines appended to `path` after byte `offset`, and the offset to read on from.
+
+    A half-written last line is left for the next call; lines that are not JSON objects (plain log text) are skipped.
+    If the file shrank (rewritten), reading starts again from the beginning.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return [], 0
+    if size < offset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size - offset)
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        line = line.strip()
+        if not line.startswith(b"{"):
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records, offset + end

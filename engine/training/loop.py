@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.core.layout import cache_dir_for_run
-from engine.training.events import EventLog, TrainingError
+from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
 from engine.training.optim import build_optimizer, lr_factor
@@ -157,11 +157,12 @@ class Trainer:
             elapsed = time.monotonic() - started
             steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
             if self.step % self.cfg.steps_per_print == 0 or self.step >= self.max_steps:
-                self.events.emit("step", step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
-                                 lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
-                                 eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
-                                 gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
-                                              if self.device.type == "cuda" else None))
+                self.events.emit(StepEvent(
+                    step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
+                    lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
+                    eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
+                    gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
+                                 if self.device.type == "cuda" else None)))
             finished_epoch = epoch_before if self._epoch_of_next_batch() > epoch_before else None
             last = self.step >= self.max_steps
             self._save_outputs(finished_epoch, last)
@@ -241,7 +242,7 @@ class Trainer:
                           "alpha": self.cfg.lora_alpha, "steps": self.step, "epoch": epoch,
                           "dataset_fingerprint": self.fingerprint, "seed": self.seed,
                           "trainer": "wan-lora-studio engine.training"}), self.paths.run_dir / folder)
-            self.events.emit("save", kind="lora", epoch=epoch, step=self.step, path=str(path))
+            self.events.emit(SaveEvent(kind="lora", epoch=epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
     def _save_state(self) -> None:
@@ -258,13 +259,13 @@ class Trainer:
                       "dataset_fingerprint": self.fingerprint})
             path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
                             self.paths.state_root)
-            self.events.emit("save", kind="state", epoch=state.epoch, step=self.step, path=str(path))
+            self.events.emit(SaveEvent(kind="state", epoch=state.epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
     def _render_sample(self, epoch: int) -> None:
         if self.world.is_main:
             path = render_training_sample(self.cfg, self.dataset, self.trainable.module, self.paths.run_dir, epoch)
-            self.events.emit("sample", epoch=epoch, step=self.step, path=str(path))
+            self.events.emit(SampleEvent(epoch=epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
 

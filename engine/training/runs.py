@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.jobs import Job
+from engine.training.events import ErrorEvent, Event, PhaseEvent, SampleEvent, StepEvent, last_of
 
 # --- training runs --------------------------------------------------------------------------------------------
 
@@ -50,13 +51,11 @@ def run_loras(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def summarize_run(run_dir: str | os.PathLike, events: list[dict], job: Job | None) -> RunSummary:
+def summarize_run(run_dir: str | os.PathLike, events: list[Event], job: Job | None) -> RunSummary:
     """What a run did, from its events (metrics.jsonl), its files and its job record (if the studio started it)."""
     run_dir = Path(run_dir)
-    steps = [e for e in events if e.get("event") == "step"]
-    phases = [e for e in events if e.get("event") == "phase"]
-    last_step = steps[-1] if steps else {}
-    last_phase = phases[-1].get("phase") if phases else None
+    last_step = last_of(events, StepEvent)
+    last_phase = getattr(last_of(events, PhaseEvent), "phase", None)
     if job is not None:
         status = job.status(tail_lines=0)
         state, message = status.state, status.message
@@ -65,19 +64,58 @@ def summarize_run(run_dir: str | os.PathLike, events: list[dict], job: Job | Non
     else:
         state = _PHASE_STATES.get(last_phase, "incomplete" if events else "not started")
         message = f"{run_dir.name}: {state}"
-    errors = [e for e in events if e.get("event") == "error"]
-    if state == "failed" and errors:
-        message = f"{message} {errors[-1].get('message', '')} {errors[-1].get('hint', '')}".strip()
-    times = [e["time"] for e in events if isinstance(e.get("time"), (int, float))]
+    error = last_of(events, ErrorEvent)
+    if state == "failed" and error:
+        message = f"{message} {error.message} {error.hint}".strip()
+    times = [e.time for e in events if e.time]
     samples = []
     for event in events:
-        if event.get("event") == "sample" and event.get("path"):
-            path = Path(event["path"])
+        if isinstance(event, SampleEvent) and event.path:
+            path = Path(event.path)
             path = path if path.is_absolute() else run_dir / path
             if path.exists():
-                samples.append((int(event.get("epoch", 0)), path))
+                samples.append((event.epoch or 0, path))
     return RunSummary(
         name=run_dir.name, run_dir=run_dir, state=state, message=message, phase=last_phase,
-        step=last_step.get("step"), max_steps=last_step.get("max_steps"), epoch=last_step.get("epoch"),
-        final_loss=last_step.get("loss"), duration_s=(max(times) - min(times)) if len(times) > 1 else None,
+        step=last_step and last_step.step, max_steps=last_step and last_step.max_steps,
+        epoch=last_step and last_step.epoch, final_loss=last_step and last_step.loss,
+        duration_s=(max(times) - min(times)) if len(times) > 1 else None,
         loras=run_loras(run_dir), samples=samples)
+
+
+# --- the loss curve -------------------------------------------------------------------------------------------
+
+EMA_WEIGHT = 0.9  # smoothing of the loss curve (TensorBoard's default)
+
+
+@dataclass
+class LossCurve:
+    """Loss (raw and EMA-smoothed) and learning rate by step, for plotting."""
+
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+
+    def thinned(self, points: int) -> LossCurve:
+        """At most about `points` evenly spaced steps, always keeping the last."""
+        if not self.steps:
+            return self
+        stride = max(1, len(self.steps) // points)
+        keep = list(range(0, len(self.steps), stride))
+        if keep[-1] != len(self.steps) - 1:
+            keep.append(len(self.steps) - 1)
+        return LossCurve(*([values[i] for i in keep] for values in (self.steps, self.loss, self.smoothed, self.lr)))
+
+
+def loss_curve(events: list[Event]) -> LossCurve:
+    """The run's loss by step, the last value winning where a resume repeated steps; the smoothed curve is a
+    bias-corrected EMA (weight EMA_WEIGHT), so it starts at the first loss instead of rising from 0."""
+    by_step = {e.step: e for e in events if isinstance(e, StepEvent) and e.loss is not None}
+    steps = sorted(by_step)
+    loss = [by_step[s].loss for s in steps]
+    smoothed, average = [], 0.0
+    for i, value in enumerate(loss, start=1):
+        average = EMA_WEIGHT * average + (1 - EMA_WEIGHT) * value
+        smoothed.append(average / (1 - EMA_WEIGHT ** i))
+    return LossCurve(steps, loss, smoothed, [by_step[s].lr or 0.0 for s in steps])

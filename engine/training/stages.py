@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.core.layout import STOP_REQUEST_FILE
-from engine.training.events import EventLog, TrainingError
+from engine.training.events import ErrorEvent, EventLog, ProgressEvent, TrainingError
 from engine.training.loop import EXIT_OK, RunPaths, Trainer, memory_hint
 from engine.training.model import compute_dtype, storage_dtype
 from engine.training.parallel import World, any_rank, barrier, start_world
@@ -80,7 +80,7 @@ def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: t
     events.phase("cache", f"Caching latents and embeddings in {paths.cache_dir}.")
 
     def progress(fraction: float, message: str) -> None:
-        events.emit("progress", phase="cache", fraction=float(fraction), message=message)
+        events.emit(ProgressEvent(phase="cache", fraction=float(fraction), message=message))
 
     try:
         dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
@@ -134,11 +134,11 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
                                 memory_hint(run_cfg, dataset.items[0].bucket)) from err
         return trainer.run()
     except TrainingError as err:
-        events.emit("error", message=str(err), hint=err.hint)
+        events.emit(ErrorEvent(message=str(err), hint=err.hint))
         events.phase("error", str(err))
         return err.exit_code
     except Exception as err:  # anything unforeseen still ends with an event the Train tab can show
-        events.emit("error", message=f"{type(err).__name__}: {err}", hint="See the log for the traceback.")
+        events.emit(ErrorEvent(message=f"{type(err).__name__}: {err}", hint="See the log for the traceback."))
         events.phase("error", str(err))
         raise
     finally:

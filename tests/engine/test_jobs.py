@@ -16,12 +16,11 @@ from engine.jobs import (
     GpuBusyError,
     JobError,
     JobRunner,
-    JsonLinesFollower,
     process_alive,
     process_start_ticks,
-    read_json_lines_since,
     training_argv,
 )
+from engine.training.events import EventFollower, LogEvent, PhaseEvent
 
 FAKE_CHILD = textwrap.dedent("""
     import json, os, signal, sys, time
@@ -90,9 +89,9 @@ def wait_for_event(job, predicate, timeout=30.0):
 def test_events_stream_in_order_and_the_job_finishes(runner, fake_child, tmp_path):
     job = runner.start("fast run", fake_child("graceful", 5), cwd=tmp_path, run_dir=tmp_path / "runs" / "a b")
     events = list(job.follow())
-    assert [e["event"] for e in events] == ["phase"] + ["step"] * 5 + ["phase"]
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5]
-    assert events[-1]["phase"] == "done"
+    assert [e.KIND for e in events] == ["phase"] + ["step"] * 5 + ["phase"]
+    assert [e.step for e in events if e.KIND == "step"] == [1, 2, 3, 4, 5]
+    assert events[-1].phase == "done"
     status = job.status()
     assert status.state == "finished" and status.returncode == 0
     assert "plain log line, not an event" in job.log_tail()
@@ -103,13 +102,13 @@ def test_events_stream_in_order_and_the_job_finishes(runner, fake_child, tmp_pat
 
 def test_stop_is_graceful_when_the_child_listens(runner, fake_child, tmp_path):
     job = runner.start("endless", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "run")
-    wait_for_event(job, lambda e: e.get("step") == 2)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     started = time.monotonic()
     status = runner.stop(job, grace_s=20)
     assert time.monotonic() - started < 10
     assert status.state == "stopped", status
     events, _ = job.read_events()
-    assert events[-1] == {**events[-1], "event": "phase", "phase": "stopped"}
+    assert isinstance(events[-1], PhaseEvent) and events[-1].phase == "stopped"
     assert not job.is_running()
 
 
@@ -119,11 +118,12 @@ def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fa
     run_dir = tmp_path / "run"
     job = runner.start("watcher", fake_child("graceful", 0, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
                        run_dir=run_dir, watches_stop_request=True)
-    wait_for_event(job, lambda e: e.get("step") == 2)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     assert runner.stop(job, grace_s=20).state == "stopped"
     events, _ = job.read_events()
-    assert events[-1]["phase"] == "stopped"
-    assert not any(e.get("message") == "got SIGINT" for e in events), "a multi-GPU launcher must not be signalled"
+    assert events[-1].phase == "stopped"
+    signalled = any(isinstance(e, LogEvent) and e.message == "got SIGINT" for e in events)
+    assert not signalled, "a multi-GPU launcher must not be signalled"
     restarted = runner.start("watcher", fake_child("graceful", 3, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
                              run_dir=run_dir, watches_stop_request=True)
     restarted.wait(30)
@@ -133,21 +133,21 @@ def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fa
 def test_an_unanswered_stop_request_falls_back_to_sigint(runner, fake_child, tmp_path):
     job = runner.start("deaf", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "run",
                        watches_stop_request=True)
-    wait_for_event(job, lambda e: e.get("step") == 2)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     assert runner.stop(job, grace_s=1).state == "stopped"
     events, _ = job.read_events()
-    assert any(e.get("message") == "got SIGINT" for e in events)
+    assert any(isinstance(e, LogEvent) and e.message == "got SIGINT" for e in events)
 
 
 def test_stop_kills_the_group_when_the_child_ignores_sigint(runner, fake_child, tmp_path):
     job = runner.start("stubborn", fake_child("stubborn"), cwd=tmp_path, run_dir=tmp_path / "run")
-    wait_for_event(job, lambda e: e.get("step") == 1)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 1)
     started = time.monotonic()
     status = runner.stop(job, grace_s=1.0)
     assert 0.9 < time.monotonic() - started < 10
     assert status.state == "killed", status
     assert not job.is_running()
-    assert not any(e.get("phase") == "stopped" for e in job.read_events()[0])
+    assert not any(getattr(e, "phase", None) == "stopped" for e in job.read_events()[0])
     # the lock went with the group: in-process GPU work may run again
     with runner.gpu_slot("captioning"):
         pass
@@ -169,7 +169,7 @@ def test_a_restarted_studio_reattaches_to_the_running_job(tmp_path, fake_child):
     state = tmp_path / "state"
     first = JobRunner(state)
     job = first.start("long run", fake_child("graceful"), cwd=tmp_path, run_dir=tmp_path / "runs" / "long")
-    wait_for_event(job, lambda e: e.get("step") == 2)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     del first, job  # the studio goes away; the job does not
 
     second = JobRunner(state)
@@ -177,9 +177,9 @@ def test_a_restarted_studio_reattaches_to_the_running_job(tmp_path, fake_child):
     assert found is not None and found.name == "long run" and found.is_running()
     assert found.run_dir == (tmp_path / "runs" / "long").resolve()
     events, offset = found.read_events()
-    assert [e["step"] for e in events if e["event"] == "step"][:2] == [1, 2]
+    assert [e.step for e in events if e.KIND == "step"][:2] == [1, 2]
     more, _ = found.read_events(offset)
-    assert all(e["step"] > events[-1]["step"] for e in more if e["event"] == "step")
+    assert all(e.step > events[-1].step for e in more if e.KIND == "step")
     assert second.stop(found, grace_s=20).state == "stopped"
 
     third = JobRunner(state)
@@ -217,7 +217,7 @@ def test_a_resumed_job_reads_only_its_own_output(runner, fake_child, tmp_path):
     runner.start("first", fake_child("graceful", 2), cwd=tmp_path, run_dir=run_dir).wait(30)
     second = runner.start("resumed", fake_child("graceful", 1), cwd=tmp_path, run_dir=run_dir)
     events = list(second.follow())
-    assert [e.get("step") for e in events if e["event"] == "step"] == [1]
+    assert [e.step for e in events if e.KIND == "step"] == [1]
     assert second.status().state == "finished"
 
 
@@ -228,15 +228,17 @@ def test_process_identity_uses_the_start_time():
 
 
 def test_json_lines_reader_leaves_a_torn_line_for_later(tmp_path):
+    from engine.core.files import read_json_lines_since
+
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"event": "step", "step": 1}\nnot json\n{"event": "step", "st')
     records, offset = read_json_lines_since(path, 0)
     assert records == [{"event": "step", "step": 1}]
-    follower = JsonLinesFollower(path)
+    follower = EventFollower(path)
     assert len(follower.refresh()) == 1
     with open(path, "a") as f:
         f.write('ep": 2}\n')
-    assert [r["step"] for r in follower.refresh()] == [1, 2]
+    assert [r.step for r in follower.refresh()] == [1, 2]
     assert read_json_lines_since(path, offset)[0] == [{"event": "step", "step": 2}]
 
 
@@ -251,7 +253,7 @@ def test_training_command_is_an_argument_list(tmp_path):
 
 def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_child, tmp_path):
     job = runner.start("external kill", fake_child("stubborn"), cwd=tmp_path, run_dir=tmp_path / "run")
-    wait_for_event(job, lambda e: e.get("step") == 1)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 1)
     os.killpg(job.record.pid, signal.SIGKILL)  # e.g. the system's out-of-memory killer takes the whole group
     assert job.wait(10)
     assert job.status().state == "died"
@@ -260,7 +262,8 @@ def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_
 
 
 def test_a_run_is_summarized_from_its_files(tmp_path):
-    from engine.core.files import append_jsonl, read_jsonl
+    from engine.core.files import append_jsonl
+    from engine.training.events import read_events
     from engine.training.runs import run_loras, summarize_run
 
     run_dir = tmp_path / "runs" / "r 1"
@@ -281,7 +284,7 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
     ]):
         append_jsonl(metrics, {**event, "time": 100.0 + 10 * t})
     assert [e for e, _ in run_loras(run_dir)] == [1, 2, 10]  # numeric order, not text order
-    summary = summarize_run(run_dir, read_jsonl(metrics), job=None)
+    summary = summarize_run(run_dir, read_events(metrics), job=None)
     assert (summary.name, summary.state, summary.step, summary.max_steps, summary.epoch) == ("r 1", "stopped", 2, 4, 2)
     assert summary.final_loss == 0.25 and summary.duration_s == 50.0
     assert summary.samples == [(1, run_dir / "samples" / "epoch1.mp4")]  # a sample file that is gone is left out
@@ -289,7 +292,7 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
     append_jsonl(metrics, {"event": "error", "message": "CUDA out of memory.", "hint": "Raise blocks_to_swap.",
                            "time": 200.0})
     append_jsonl(metrics, {"event": "phase", "phase": "error", "message": "CUDA out of memory.", "time": 200.0})
-    failed = summarize_run(run_dir, read_jsonl(metrics), job=None)
+    failed = summarize_run(run_dir, read_events(metrics), job=None)
     assert failed.state == "failed" and "Raise blocks_to_swap." in failed.message
     assert summarize_run(tmp_path / "empty", [], job=None).state == "not started"
 
@@ -303,8 +306,8 @@ def test_the_job_lasts_until_the_workers_of_a_dead_launcher_have_saved(runner, f
         time.sleep(3600)  # dies of the SIGINT (KeyboardInterrupt) while the worker goes on
     """))
     job = runner.start("launched", [sys.executable, str(launcher)], cwd=tmp_path, run_dir=tmp_path / "run")
-    wait_for_event(job, lambda e: e.get("step") == 2)
+    wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     status = runner.stop(job, grace_s=20)
     assert status.state == "stopped", status
     events, _ = job.read_events()
-    assert events[-1]["event"] == "phase" and events[-1]["phase"] == "stopped"  # the worker was not killed
+    assert events[-1].KIND == "phase" and events[-1].phase == "stopped"  # the worker was not killed

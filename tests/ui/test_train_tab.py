@@ -176,22 +176,6 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
 
 # --- the tab's computations, without a browser ---------------------------------------------------------------------
 
-def test_loss_curves_keep_the_last_value_of_a_repeated_step_and_smooth_from_the_first():
-    from tabs.train import loss_frame
-
-    events = [{"event": "step", "step": s, "loss": loss, "lr": 1e-3 * s}
-              for s, loss in [(1, 1.0), (2, 3.0), (3, 9.0), (2, 2.0), (3, 1.0)]]  # resumed after step 1
-    events.append({"event": "phase", "phase": "train"})
-    losses, rates = loss_frame(events)
-    raw = losses[losses.curve == "raw"]
-    smoothed = losses[losses.curve == "smoothed"]
-    assert list(raw.step) == [1, 2, 3] and list(raw.loss) == [1.0, 2.0, 1.0]
-    assert smoothed.loss.iloc[0] == 1.0  # bias-corrected EMA starts at the first loss
-    assert 1.0 < smoothed.loss.iloc[1] < 2.0
-    assert list(rates.lr) == pytest.approx([1e-3, 2e-3, 3e-3])
-    assert loss_frame([])[0].empty
-
-
 def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_path):
     from engine.core.layout import Project
     from engine.training.config import load_run_config, to_toml
