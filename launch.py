@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project", help="project folder (created if missing); default: the demo project")
     parser.add_argument("--model", help="Wan 2.1 I2V diffusers folder or hub id; default: the tiny demo model")
     parser.add_argument("--captioner", help="BLIP-2 folder or hub id; default: the tiny demo captioner")
+    parser.add_argument("--video-captioner", help="Qwen2.5-VL folder or hub id for the Captions tab's video-language "
+                                                  "captioner; default: the project's, else the tiny demo one")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
     return parser.parse_args(argv)
 
@@ -33,13 +35,17 @@ def resolve(args: argparse.Namespace) -> tuple[Project, ModelChoice]:
     """The project and models to open, building the demo project and tiny kits when none are given."""
     if args.project:
         project = Project.open(args.project)
-        kits = ensure_tiny_kits(tiny_models_dir(studio_home())) if not (args.model and args.captioner) else None
+        settings = project.settings()
+        chosen = (args.model or settings.wan_model, args.captioner or settings.captioner_model,
+                  args.video_captioner or settings.video_captioner_model)
+        kits = ensure_tiny_kits(tiny_models_dir(studio_home())) if not all(chosen) else None
     else:
         project, kits = ensure_demo_project()
     settings = project.settings()
     models = ModelChoice(
         wan=args.model or settings.wan_model or kits.wan,
         captioner=args.captioner or settings.captioner_model or kits.captioner,
+        video_captioner=args.video_captioner or settings.video_captioner_model or kits.video_captioner,
     )
     check_wan_folder(models.wan)
     check_blip2_folder(models.captioner)

@@ -17,6 +17,7 @@ def header_html(ctx: AppContext) -> str:
         "Project": f"{ctx.project.name} ({ctx.project.root})",
         "Wan model": ctx.models.wan,
         "Captioner": ctx.models.captioner,
+        "Video captioner": ctx.models.video_captioner,
         "Device": ctx.device_description,
     }
     cells = "".join(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import threading
+from dataclasses import dataclass, replace
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from engine.captions.style import (
     word_diff,
 )
 from engine.captions.text import CaptionError
+from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.captions.tokens import TokenCounter
 from engine.core.models import ModelFolderError
 from engine.jobs import GpuBusyError
@@ -49,27 +51,47 @@ from studio.context import AppContext
 
 TITLE = "Captions"
 TABLE_HEADERS = ["Clip", "Status", "Tokens", "Caption"]
+CAPTIONER_KINDS = ("BLIP-2 (captions a few frames)", "Video-language model (watches the clip)")
 
 
 class CaptionerHolder:
-    """The captioner, loaded on first use and kept until Unload (never reloaded per click)."""
+    """The captioners (BLIP-2 and, when chosen, a video-language model), each loaded on first use and kept until
+    Unload (never reloaded per click)."""
 
     def __init__(self, source: str):
         self.source = source
-        self.captioner: Blip2Captioner | None = None
+        self.captioners: dict[tuple, object] = {}
         self.stop_requested = threading.Event()
 
-    def get(self, batch_size: int) -> Blip2Captioner:
-        if self.captioner is None:
-            self.captioner = Blip2Captioner(self.source, device=default_device(), batch_size=batch_size)
-        self.captioner.batch_size = batch_size
-        return self.captioner
+    def get(self, batch_size: int, video: VideoSettings | None = None):
+        """BLIP-2 with `batch_size` frames per pass, or the video-language model of `video`."""
+        key = ("video", video.source, video.memory_mode) if video else ("image", self.source)
+        if key not in self.captioners:
+            self.captioners[key] = (
+                VideoLanguageCaptioner(video.source, default_device(), memory_mode=video.memory_mode) if video
+                else Blip2Captioner(self.source, device=default_device(), batch_size=batch_size))
+        captioner = self.captioners[key]
+        if video:
+            captioner.instruction, captioner.video_fps = video.instruction, video.fps
+        else:
+            captioner.batch_size = batch_size
+        return captioner
 
     def unload(self) -> bool:
-        if self.captioner is None or not self.captioner.loaded:
-            return False
-        self.captioner.unload()
-        return True
+        loaded = [c for c in self.captioners.values() if c.loaded]
+        for captioner in loaded:
+            captioner.unload()
+        return bool(loaded)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """The video-language captioner's settings as the form holds them."""
+
+    source: str
+    instruction: str
+    fps: float
+    memory_mode: str
 
 
 class TokenCounterHolder:
@@ -174,21 +196,41 @@ class CaptionsTab:
         finally:
             self.ctx.gpu_lock.release()
 
+    def video_settings(self, kind: str, source: str, instruction: str, fps, memory_mode: str) -> VideoSettings | None:
+        """The video captioner's settings when the form chose it, else None (BLIP-2)."""
+        if kind != CAPTIONER_KINDS[1]:
+            return None
+        if not (source or "").strip():
+            raise gr.Error("Give the video-language model: a Qwen2.5-VL folder or hub id.")
+        return VideoSettings(source.strip(), (instruction or "").strip() or DEFAULT_INSTRUCTION, float(fps),
+                             memory_mode)
+
     def run_suggest(self, clips: list[str] | None, overwrite: bool, frames: int, prompt: str, batch_size: int,
-                    progress: gr.Progress):
+                    video: VideoSettings | None, progress: gr.Progress):
         settings = CaptionerSettings(frames_per_clip=int(frames), prompt=(prompt or "").strip(),
                                      batch_size=int(batch_size))
         try:
             settings.validate()
             with self.gpu("captioning clips"):
-                model = self.captioner.get(settings.batch_size)
+                model = self.captioner.get(settings.batch_size, video)
                 progress(0.0, desc=f"loading {model.name}" if not model.loaded else "captioning")
                 self.captioner.stop_requested.clear()
+                # The video captioner's answers pass the project's pure-style rules, as saved on disk.
+                rules = load_style_rules(self.rules_file) if video and self.rules_file.is_file() else None
                 return suggest_captions(self.store, model, clips=clips, overwrite=overwrite, settings=settings,
-                                        on_progress=lambda f, m: progress(f, desc=m),
+                                        rules=rules, on_progress=lambda f, m: progress(f, desc=m),
                                         should_stop=self.captioner.stop_requested.is_set)
-        except (CaptionError, ModelFolderError, CaptionerOutOfMemory) as err:
+        except (CaptionError, ModelFolderError, CaptionerOutOfMemory) as err:  # VideoCaptionerError is a CaptionError
             raise gr.Error(str(err)) from err
+
+    def save_video_settings(self, source: str, instruction: str, fps):
+        """Keep the video captioner's model, instruction and frame rate with the project (project.json)."""
+        settings = self.ctx.project.settings()
+        instruction = (instruction or "").strip()
+        self.ctx.project.save_settings(replace(
+            settings, video_captioner_model=(source or "").strip(), caption_video_fps=float(fps),
+            caption_instruction="" if instruction == DEFAULT_INSTRUCTION else instruction))
+        return "Video captioner settings saved with the project."
 
     # ------------------------------------------------------------ layout
 
@@ -232,10 +274,27 @@ class CaptionsTab:
                     accept_empty_button = gr.Button("Accept suggestions into empty captions")
                     unload_button = gr.Button("Unload captioner")
                 with gr.Accordion("Captioner settings", open=False):
-                    gr.Markdown(f"Model: `{self.ctx.models.captioner}` on {default_device().upper()}")
-                    self.frames = gr.Slider(1, 8, value=3, step=1, label="Frames per clip (first, middle, last for 3)")
-                    self.prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a video of")
-                    self.batch_size = gr.Slider(1, 32, value=8, step=1, label="Batch size (frames per forward pass)")
+                    project = self.ctx.project.settings()
+                    self.kind = gr.Radio(list(CAPTIONER_KINDS), value=CAPTIONER_KINDS[0], label="Captioner")
+                    with gr.Group():
+                        gr.Markdown(f"BLIP-2: `{self.ctx.models.captioner}` on {default_device().upper()}")
+                        self.frames = gr.Slider(1, 8, value=3, step=1,
+                                                label="Frames per clip (first, middle, last for 3)")
+                        self.prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a video of")
+                        self.batch_size = gr.Slider(1, 32, value=8, step=1,
+                                                    label="Batch size (frames per forward pass)")
+                    with gr.Group():
+                        self.vlm_source = gr.Textbox(
+                            project.video_captioner_model or self.ctx.models.video_captioner,
+                            label="Video-language model (Qwen2.5-VL folder or hub id)")
+                        self.instruction = gr.Textbox(
+                            project.caption_instruction or DEFAULT_INSTRUCTION, lines=4,
+                            label="Instruction (saved with the project; the answer then passes your style rules)")
+                        with gr.Row():
+                            self.video_fps = gr.Slider(1, 16, value=project.caption_video_fps, step=1,
+                                                       label="Frames per second it watches")
+                            self.memory_mode = gr.Dropdown(list(MEMORY_MODES), value="auto",
+                                                           label="Memory (8bit/4bit: CUDA only)")
                 self.suggest_status = gr.Markdown(elem_id="caption-suggest-status")
 
         with gr.Accordion("Pure-style tools", open=False):
@@ -292,7 +351,13 @@ class CaptionsTab:
         self.table.select(select_row, None, self.clip)
         undo_button.click(self.undo, [self.clip, *rules], [self.caption, self.save_status, self.table])
 
-        settings = [self.frames, self.prompt, self.batch_size]
+        settings = [self.kind, self.frames, self.prompt, self.batch_size, self.vlm_source, self.instruction,
+                    self.video_fps, self.memory_mode]
+        for field in (self.vlm_source, self.instruction):
+            field.blur(self.save_video_settings, [self.vlm_source, self.instruction, self.video_fps],
+                       self.suggest_status)
+        self.video_fps.release(self.save_video_settings, [self.vlm_source, self.instruction, self.video_fps],
+                               self.suggest_status)
         suggest_outputs = [self.suggestion, self.suggest_status, self.table]
         suggest_button.click(self.suggest_one, [self.clip, *settings], suggest_outputs)
         suggest_all_button.click(self.suggest_missing, [self.clip, *settings], suggest_outputs)
@@ -375,17 +440,21 @@ class CaptionsTab:
     def next_clip(self, clip: str | None, text: str, replace_unreadable: bool, *rules):
         return self.step(clip, text, replace_unreadable, 1, *rules)
 
-    def suggest_one(self, clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
+    def suggest_one(self, clip: str | None, kind: str, frames, prompt, batch_size, vlm_source: str, instruction: str,
+                    video_fps, memory_mode: str, progress=gr.Progress()):
         if not clip:
             raise gr.Error("Select a clip first.")
-        report = self.run_suggest([clip], True, frames, prompt, batch_size, progress)
+        video = self.video_settings(kind, vlm_source, instruction, video_fps, memory_mode)
+        report = self.run_suggest([clip], True, frames, prompt, batch_size, video, progress)
         if clip in report.failed:
             raise gr.Error(f"{clip}: {report.failed[clip]}")
         return (report.suggested.get(clip, ""), f"Suggestion for {clip} ready: accept, append or ignore it.",
                 self.table_rows())
 
-    def suggest_missing(self, clip: str | None, frames, prompt, batch_size, progress=gr.Progress()):
-        report = self.run_suggest(None, False, frames, prompt, batch_size, progress)
+    def suggest_missing(self, clip: str | None, kind: str, frames, prompt, batch_size, vlm_source: str,
+                        instruction: str, video_fps, memory_mode: str, progress=gr.Progress()):
+        video = self.video_settings(kind, vlm_source, instruction, video_fps, memory_mode)
+        report = self.run_suggest(None, False, frames, prompt, batch_size, video, progress)
         lines = [f"{len(report.suggested)} suggestion(s) made, {len(report.skipped)} clip(s) already captioned"
                  + (" — stopped early." if report.stopped else ".")]
         lines += [f"- skipped **{html.escape(c)}**: {html.escape(why)}" for c, why in report.failed.items()]

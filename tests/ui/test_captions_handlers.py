@@ -12,9 +12,11 @@ from engine.captions.store import CaptionStore
 from engine.core.layout import Project
 from engine.core.models import ModelChoice
 from studio.context import AppContext
-from tabs.captions import CaptionsTab
+from engine.captions.style import StyleRules, save_style_rules
+from tabs.captions import CAPTIONER_KINDS, CaptionsTab
 
 NO_RULES = ("", "", "", False)  # trigger, replacement table, banned words, normalise
+NO_VIDEO = ("", "", 4, "auto")  # video-language model, instruction, frames per second, memory mode
 
 
 def no_progress(*_args, **_kwargs) -> None:
@@ -59,7 +61,7 @@ def test_load_edit_navigate_and_undo(tab):
 
 def test_suggest_accept_and_gpu_busy(tab):
     clip = tab.store.list_clips()[0]
-    suggestion, status, _ = tab.suggest_one(clip, 1, "", 4, progress=no_progress)
+    suggestion, status, _ = tab.suggest_one(clip, CAPTIONER_KINDS[0], 1, "", 4, *NO_VIDEO, progress=no_progress)
     pending = tab.store.suggestion(clip)
     assert pending is not None and suggestion == pending.text and status == (
         f"Suggestion for {clip} ready: accept, append or ignore it.")
@@ -73,7 +75,7 @@ def test_suggest_accept_and_gpu_busy(tab):
 
     with tab.ctx.gpu_lock:  # another GPU task of the studio: the tab refuses rather than waits
         with pytest.raises(gr.Error, match="Another GPU task"):
-            tab.suggest_one(clip, 1, "", 4, progress=no_progress)
+            tab.suggest_one(clip, CAPTIONER_KINDS[0], 1, "", 4, *NO_VIDEO, progress=no_progress)
         with pytest.raises(gr.Error, match="A GPU task is running"):
             tab.unload()
 
@@ -106,3 +108,18 @@ def test_style_find_replace_export_and_import(tab, tmp_path):
     with pytest.raises(gr.Error, match="Choose a .jsonl or .csv"):
         tab.import_file_into_clips(None, False, clips[1])
     assert exported.endswith("captions.csv")
+
+
+def test_video_captioner_suggests_through_the_style_rules_and_keeps_its_settings(tab, tiny_models):
+    clip = tab.store.list_clips()[0]
+    save_style_rules(StyleRules(trigger="zq style"), tab.rules_file)
+    video = (tiny_models.video_captioner, "Describe only the camera.", 2, "auto")
+    assert tab.save_video_settings(*video[:3]).startswith("Video captioner settings saved")
+    settings = tab.ctx.project.settings()
+    assert (settings.video_captioner_model, settings.caption_instruction, settings.caption_video_fps) == (
+        tiny_models.video_captioner, "Describe only the camera.", 2.0)
+    suggestion, status, _ = tab.suggest_one(clip, CAPTIONER_KINDS[1], 1, "", 4, *video, progress=no_progress)
+    assert suggestion.startswith("zq style") and tab.store.suggestion(clip).text == suggestion
+    with pytest.raises(gr.Error, match="Qwen2.5-VL folder or hub id"):
+        tab.suggest_one(clip, CAPTIONER_KINDS[1], 1, "", 4, "", "x", 2, "auto", progress=no_progress)
+    assert tab.unload() == "Captioner unloaded; its memory is free."
