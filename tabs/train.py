@@ -27,6 +27,7 @@ from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
 from engine.training.dataset import scan_dataset
 from engine.training.form import apply_overrides, describe_fields
+from engine.training.interop import export_for_diffusion_pipe, notices
 from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
 from engine.training.events import (
     Event,
@@ -396,6 +397,7 @@ class TrainTab:
                         remarks.append(f"The file's model `{model}` is not on this machine: using this studio's model.")
             except ConfigError as err:
                 return {self.message: f"⚠️ Could not import `{path.name}`: {err}"}
+        remarks += notices(run_cfg, dataset_cfg)
         if run_cfg is not None:
             run_text = to_toml(run_cfg)
         if dataset_cfg is not None:
@@ -407,13 +409,17 @@ class TrainTab:
     def on_export(self, run_name: str, draft: dict) -> dict:
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
-        except ConfigError as err:
+            name = run_name.strip() or "run"
+            run_dir = self.project.run_dir(name)  # relative paths read as that run's folder reads them
+            folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / name
+            exported = export_for_diffusion_pipe(run_cfg, dataset_cfg, folder, base_dir=run_dir)
+        except (ConfigError, ValueError) as err:
             return {self.message: f"⚠️ {err}"}
-        folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / (run_name.strip() or "run")
-        run_path = write_run_folder(folder, run_cfg, dataset_cfg)
-        return {self.export_files: gr.update(value=[str(run_path), str(folder / DATASET_TOML)], visible=True),
-                self.message: "run.toml and dataset.toml are ready to download (a diffusion-pipe compatible pair: "
-                              "the `[studio]` table holds our extras)."}
+        return {self.export_files: gr.update(value=[str(exported.run_toml), str(exported.dataset_toml)],
+                                             visible=True),
+                self.message: " ".join(["run.toml and dataset.toml are ready to download: a diffusion-pipe pair with "
+                                        "absolute paths (it runs from any folder); the `[studio]` table holds our "
+                                        "extras.", *exported.notices])}
 
     # handlers: running
     def _measured_rate(self, run_name: str | None) -> float | None:

@@ -7,9 +7,14 @@ only ever holds a value diffusion-pipe accepts, with diffusion-pipe's meaning; a
 diffusion-pipe runs the same file with its nearest equivalent. A dataset TOML holds the bucket settings and
 `[[directory]]` entries.
 
-Earlier studio versions wrote their own values into diffusion-pipe keys ('float8_compute', 'selective', 'cosine',
-'multiple_overlapping') and kept `compile` and the timestep shift under `[studio]`: such files (runs to resume) still
-load, meaning the same, and are written back in the current form.
+Every key diffusion-pipe reads for a Wan run is accepted (see engine.training.schema for the list and its source): keys
+the studio does not use are kept, written back unchanged, and named by engine.training.interop.notices. An unknown key
+is an error naming the file, with a "did you mean" only for a near-match (a typo, or the key of another table).
+
+Earlier studio versions wrote their own values into diffusion-pipe keys ('float8_compute', 'selective',
+'multiple_overlapping'), kept `compile` and the timestep shift under `[studio]`, and wrote a cosine schedule as
+`lr_scheduler = 'linear'` + `[studio] cosine_schedule = true`: such files (runs to resume) still load and are written
+back in the current form (`lr_scheduler = 'cosine'`, which is diffusion-pipe's cosine schedule).
 
 Every field carries `metadata["help"]` (unit, range, why); the Train tab builds its form from `describe_fields` and
 applies edits with `apply_overrides`, both of which validate exactly like loading a file does.
@@ -17,16 +22,17 @@ applies edits with `apply_overrides`, both of which validate exactly like loadin
 Round trip: loading remembers which keys the file set; saving writes those keys, the required keys and any value that
 differs from its default, so a file read and written again has the same keys and values, and nothing else.
 
-Command line: `python -m engine.training.config check RUN.toml` prints the resolved run and dataset configs or the error.
+Command line: `python -m engine.training.config check RUN.toml` prints the notices and the resolved run and dataset
+configs, or the error; `python -m engine.training.config export RUN.toml OUT_DIR` writes the pair for diffusion-pipe.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import os
+import re
 import sys
 import tomllib
 import types
@@ -41,22 +47,25 @@ from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, 
 
 # ------------------------------------------------------------------------------------------------- validation
 
-# Studio modes that refine one value of a diffusion-pipe key (which diffusion-pipe then runs as that value):
-# ([studio] switch, diffusion-pipe key, the value it refines, what earlier studio versions wrote into that key).
+# Studio modes that refine a value of a diffusion-pipe key (which diffusion-pipe then runs as that value):
+# ([studio] switch, diffusion-pipe key, the values it refines, what earlier studio versions wrote into that key).
 _REFINEMENTS = (
-    ("float8_matmuls", "model.transformer_dtype", "float8", "float8_compute"),
-    ("selective_checkpointing", "activation_checkpointing", True, "selective"),
-    ("cosine_schedule", "lr_scheduler", "linear", "cosine"),
-    ("overlapping_clips", "video_clip_mode", "single_beginning", "multiple_overlapping"),
+    ("float8_matmuls", "model.transformer_dtype", ("float8", "float8_e4m3fn", "float8_e5m2"), "float8_compute"),
+    ("selective_checkpointing", "activation_checkpointing", (True,), "selective"),
+    ("overlapping_clips", "video_clip_mode", ("single_beginning",), "multiple_overlapping"),
 )
 
 
 # What earlier studio versions wrote, read as what it meant: its own values in diffusion-pipe keys, and keys it kept
 # under [studio] that diffusion-pipe has with the same meaning.
-_LEGACY_VALUES = {(key, old): {key: refined, f"studio.{switch}": True} for switch, key, refined, old in _REFINEMENTS}
+_LEGACY_VALUES = {(key, old): {key: refined[0], f"studio.{switch}": True} for switch, key, refined, old in _REFINEMENTS}
 
 
 _MOVED_KEYS = {"studio.compile": "compile", "studio.timestep_shift": "model.shift"}
+
+
+# `[studio] cosine_schedule = true` refined lr_scheduler = 'linear' into a cosine: diffusion-pipe's own 'cosine' now.
+_COSINE_SWITCH = ("studio", "cosine_schedule")
 
 
 def _where(file: Path | str | None) -> str:
@@ -151,11 +160,17 @@ def _check_value(section: Any, name: str, value: Any, key: str, file) -> Any:
         return None
     choices = meta.get("choices")
     if choices is not None:
-        matches = [c for c in choices if c == value and type(c) is type(value) or (
+        accepted = (*choices, *meta.get("also", ()))
+        matches = [c for c in accepted if c == value and type(c) is type(value) or (
             meta.get("ignore_case") and isinstance(c, str) and isinstance(value, str) and c.lower() == value.lower())]
-        if not matches:
-            allowed = ", ".join(_toml_literal(c) for c in choices)
-            raise ConfigError(f"'{key}'{_where(file)} is {_toml_literal(value)}; allowed values: {allowed}.")
+        pattern = meta.get("also_matching")
+        if not matches and not (pattern and isinstance(value, str) and re.fullmatch(pattern, value)):
+            allowed = ", ".join(_toml_literal(c) for c in accepted)
+            near = _near_matches(str(value), [str(c) for c in accepted]) if isinstance(value, str) else []
+            hint = f" Did you mean {_toml_literal(near[0])}?" if near else ""
+            other = " or a pytorch_optimizer class name (e.g. 'Prodigy')" if pattern else ""
+            raise ConfigError(f"'{key}'{_where(file)} is {_toml_literal(value)};{hint} allowed values: {allowed}"
+                              f"{other}.")
     items = value if isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
@@ -179,17 +194,101 @@ def _is_section(value: Any) -> bool:
     return isinstance(value, _Section)
 
 
-def _fill_section(section: _Section, data: dict, prefix: str, file) -> None:
-    """Set a section's fields from a parsed TOML table, rejecting unknown keys and bad values."""
+# ------------------------------------------------------------------------------------------- keys and near-matches
+
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap of neighbours) that turn `a` into `b` (optimal string alignment)."""
+    previous, row = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        before, previous, row = previous, row, [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if before is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, before[j - 2] + 1)
+            row.append(cost)
+    return row[-1]
+
+
+def _near_matches(word: str, candidates: list[str]) -> list[str]:
+    """The candidates a typo away from `word`, closest first: equal but for case and '-' / '_', or within one edit per
+    five characters (one edit for shorter words). 'transformer_path' is not a typo of 'transformer_dtype'."""
+    def plain(text: str) -> str:
+        return text.lower().replace("-", "_")
+
+    allowed = max(1, len(word) // 5)
+    scored = sorted((_edits(plain(word), plain(c)), c) for c in candidates)
+    return [c for distance, c in scored if distance <= allowed]
+
+
+def _accepted_keys(section: _Section) -> list[str]:
+    """The keys a table accepts: its fields (nested tables included) and the diffusion-pipe keys it keeps."""
+    return [f.name for f in _section_fields(section)] + list(section.KEPT)
+
+
+def _tables(root: _Section) -> list[tuple[str, str, _Section]]:
+    """(how a message names the table, dotted prefix, an instance) for the root table and every table in it."""
+    out = [("the top level", "", root)]
+
+    def walk(section: _Section, prefix: str) -> None:
+        for f in _section_fields(section):
+            value = getattr(section, f.name)
+            if _is_section(value):
+                out.append((f"[{prefix}{f.name}]", f"{prefix}{f.name}.", value))
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(root, "")
+    if isinstance(root, DatasetConfig):
+        out.append(("[[directory]]", "directory.N.", DirectoryConfig()))
+    return out
+
+
+def _unknown_key(section: _Section, key: str, prefix: str, file, root: _Section) -> str | None:
+    """The error for a key the table does not accept, or None where the table keeps any other key (and this one is
+    neither a typo of its own keys nor a key of another table)."""
+    dotted = f"{prefix}{key}"
+    if key in section.REFUSED:
+        return f"'{dotted}'{_where(file)}: {section.REFUSED[key]}"
+    own = _accepted_keys(section)
+    here = _near_matches(key, own)
+    if here:
+        return f"Unknown key '{dotted}'{_where(file)}. Did you mean '{prefix}{here[0]}'?"
+    elsewhere = [(table, name) for table, _, other in _tables(root) if other is not section
+                 for name in _near_matches(key, _accepted_keys(other))
+                 if section.OTHER_KEYS is None or name == key]
+    if elsewhere:
+        table, name = elsewhere[0]
+        place = "at the top level" if table == "the top level" else f"in {table}"
+        return f"Unknown key '{dotted}'{_where(file)}. Did you mean '{name}' {place}?"
+    if section.OTHER_KEYS is not None:
+        return None
+    table = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+    return f"Unknown key '{dotted}'{_where(file)}. Keys allowed in {table}: {', '.join(own)}."
+
+
+def _set_kept(section: _Section, key: str, value: Any, dotted: str, file) -> None:
+    """Check a kept key's value against the type diffusion-pipe takes and keep it as written (None removes it)."""
+    if value is None:
+        section.kept.pop(key, None)
+        return
+    rule = section.KEPT.get(key) or section.OTHER_KEYS
+    _coerce(value, rule.hint, dotted, file)
+    section.kept[key] = value
+
+
+def _fill_section(section: _Section, data: dict, prefix: str, file, root: _Section | None = None) -> None:
+    """Set a section's fields from a parsed TOML table and keep its diffusion-pipe-only keys, rejecting unknown keys
+    and bad values."""
+    root = root if root is not None else section
     known = {f.name: f for f in _section_fields(section)}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in known:
-            near = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
-            table = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-            raise ConfigError(f"Unknown key '{dotted}'{_where(file)}.{hint} Keys allowed in {table}: "
-                              f"{', '.join(known)}.")
+            if key not in section.KEPT:
+                error = _unknown_key(section, key, prefix, file, root)
+                if error:
+                    raise ConfigError(error)
+            _set_kept(section, key, value, dotted, file)
+            continue
         current = getattr(section, key)
         if key == "directory" and isinstance(section, DatasetConfig):
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -197,14 +296,14 @@ def _fill_section(section: _Section, data: dict, prefix: str, file) -> None:
             dirs = []
             for i, table in enumerate(value):
                 directory = DirectoryConfig()
-                _fill_section(directory, table, f"directory.{i}.", file)
+                _fill_section(directory, table, f"directory.{i}.", file, root)
                 _require(directory, f"directory.{i}.", file)
                 dirs.append(directory)
             section.directory = dirs
         elif _is_section(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{dotted}'{_where(file)} must be a table ([{dotted}]), got {value!r}.")
-            _fill_section(current, value, f"{dotted}.", file)
+            _fill_section(current, value, f"{dotted}.", file, root)
         else:
             setattr(section, key, _check_value(section, key, value, dotted, file))
         section.mark_explicit(key)
@@ -242,17 +341,19 @@ def _check_consistency(cfg: RunConfig | DatasetConfig, file) -> None:
                               "out.")
         for switch, key, refined, _ in _REFINEMENTS:
             value = functools.reduce(getattr, key.split("."), cfg)
-            if getattr(cfg.studio, switch) and value != refined:
-                raise ConfigError(f"'studio.{switch}' = true{_where(file)} needs '{key}' = {_toml_literal(refined)}, "
+            if getattr(cfg.studio, switch) and not any(value == r and type(value) is type(r) for r in refined):
+                needed = " or ".join(_toml_literal(r) for r in refined)
+                raise ConfigError(f"'studio.{switch}' = true{_where(file)} needs '{key}' = {needed}, "
                                   f"not {_toml_literal(value)}: set that, or set 'studio.{switch}' = false.")
 
 
 def _check_save_cadence(cfg: RunConfig, file) -> None:
     """diffusion-pipe refuses a run TOML that sets no LoRA save cadence, so we neither read nor write one. Checked on
     load and save only: configs built in code get their cadence after construction."""
-    if cfg.save_every_n_epochs is None and cfg.save_every_n_steps is None:
-        raise ConfigError(f"Set 'save_every_n_epochs' or 'save_every_n_steps'{_where(file)}: diffusion-pipe refuses "
-                          "a run without either (e.g. save_every_n_epochs = 1).")
+    if cfg.save_every_n_epochs is None and cfg.save_every_n_steps is None and cfg.save_every_n_examples is None:
+        raise ConfigError(f"Set 'save_every_n_epochs' or 'save_every_n_steps'{_where(file)} (or "
+                          "'save_every_n_examples'): diffusion-pipe refuses a run without one (e.g. "
+                          "save_every_n_epochs = 1).")
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -262,6 +363,14 @@ def _upgrade_legacy(settings: dict[tuple[str, ...], Any], file) -> dict[tuple[st
     (same meaning); two settings that then disagree are an error."""
     out: dict[tuple[str, ...], Any] = {}
     origin: dict[tuple[str, ...], str] = {}
+    settings = dict(settings)
+    if settings.pop(_COSINE_SWITCH, False) is True:
+        scheduler = settings.get(("lr_scheduler",), "linear")
+        if scheduler not in ("linear", "cosine"):
+            raise ConfigError(f"'lr_scheduler' and 'studio.cosine_schedule'{_where(file)} disagree: "
+                              f"'studio.cosine_schedule' = true (an earlier studio version's) means lr_scheduler = "
+                              f"'cosine', not {_toml_literal(scheduler)}. Keep one of them.")
+        settings[("lr_scheduler",)] = "cosine"
     for path, value in settings.items():
         key = ".".join(path)
         old = (key, value) if isinstance(value, str) else None
@@ -350,6 +459,7 @@ def _section_dict(section: _Section, full: bool) -> dict:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if full or section.is_explicit(f.name) or f.metadata.get("required") or value != default:
                 out[f.name] = value
+    out.update(section.kept)  # diffusion-pipe's keys the studio does not use, as they were read
     return out
 
 
@@ -383,17 +493,33 @@ def save_dataset_config(cfg: DatasetConfig, path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------- command line
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.training.interop import export_for_diffusion_pipe, notices
+
     parser = argparse.ArgumentParser(prog="python -m engine.training.config", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="load a run TOML and its dataset TOML; print them with defaults filled in")
+    check = sub.add_parser("check", help="load a run TOML and its dataset TOML; print what the studio does not use "
+                                         "and both files with defaults filled in")
     check.add_argument("run_toml")
+    export = sub.add_parser("export", help="write run.toml + dataset.toml for diffusion-pipe (absolute paths, "
+                                           "runnable from any folder) and say what trains differently there")
+    export.add_argument("run_toml")
+    export.add_argument("out_dir")
     args = parser.parse_args(argv)
     try:
         run = load_run_config(args.run_toml)
         dataset = load_dataset_config(run.dataset_path())
+        if args.command == "export":
+            exported = export_for_diffusion_pipe(run, dataset, args.out_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.command == "export":
+        for note in exported.notices:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"{exported.run_toml}\n{exported.dataset_toml}")
+        return 0
+    for note in notices(run, dataset):
+        print(f"note: {note}", file=sys.stderr)
     print(f"# run config: {run.source}\n{to_toml(run, full=True)}")
     print(f"# dataset config: {dataset.source}\n{to_toml(dataset, full=True)}")
     return 0

@@ -184,7 +184,7 @@ def scan_dataset(cfg: DatasetConfig, *, video_clip_mode: str = "single_beginning
             report.errors.append(DatasetIssue(folder, "no video clips (.mp4, .mkv, .mov, .webm, .avi) in this "
                                                       "folder: export clips in the Clips tab first."))
         for path in videos:
-            clip = _scan_clip(path, index, directory.num_repeats, report)
+            clip = _scan_clip(path, index, settings["num_repeats"], report)
             if clip is None:
                 continue
             report.clips.append(clip)

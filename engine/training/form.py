@@ -15,6 +15,7 @@ from engine.training.config import (
     _check_value,
     _is_section,
     _section_fields,
+    _set_kept,
     _type_name,
     _upgrade_legacy,
     _where,
@@ -74,7 +75,8 @@ def _parse_text(text: str) -> Any:
 def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -> RunConfig | DatasetConfig:
     """Return a copy of `cfg` with {dotted.key: value} applied, each validated as if read from the file.
 
-    Text values for non-text fields are parsed as TOML values; None or "" unsets an optional field.
+    Text values for non-text fields are parsed as TOML values; None or "" unsets an optional field. A diffusion-pipe
+    key the studio keeps but does not use (schema `KEPT`) is set as given; None removes it.
     """
     new = copy.deepcopy(cfg)
     file = cfg.source
@@ -91,6 +93,9 @@ def apply_overrides(cfg: RunConfig | DatasetConfig, overrides: dict[str, Any]) -
                 section = getattr(section, part)
             else:
                 raise ConfigError(f"Unknown setting '{key}'{_where(file)}.")
+        if _is_section(section) and name in section.KEPT:
+            _set_kept(section, name, value, key, file)
+            continue
         if not _is_section(section) or name not in {f.name for f in _section_fields(section)} or _is_section(
                 getattr(section, name)):
             raise ConfigError(f"Unknown setting '{key}'{_where(file)}.")

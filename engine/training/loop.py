@@ -15,7 +15,7 @@ from engine.core.layout import cache_dir_for_run
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
-from engine.training.optim import build_optimizer, lr_factor
+from engine.training.optim import build_optimizer, learning_rate
 from engine.training.parallel import (
     DataStream,
     DeepSpeedStepper,
@@ -76,6 +76,8 @@ class Trainer:
         self.stream = DataStream(dataset, seed=self.seed, batch_size=run_cfg.micro_batch_size_per_gpu, world=world)
         steps_in_epochs = max(1, run_cfg.epochs * self.stream.per_epoch // self.accumulation)
         self.max_steps = min(run_cfg.max_steps, steps_in_epochs) if run_cfg.max_steps else steps_in_epochs
+        # diffusion-pipe's schedule length (train.py): epochs x steps per epoch, whatever max_steps says
+        self.schedule_steps = max(1, run_cfg.epochs * (self.stream.per_epoch // self.accumulation))
         self.timesteps = TimestepSampling.from_run_config(run_cfg)
         self.fingerprint = dataset.fingerprint
         self.step = 0
@@ -189,10 +191,10 @@ class Trainer:
         return start_index + (self.step - start_step) * self.accumulation + micro
 
     def _train_step(self) -> float:
-        factor = lr_factor(self.step, warmup_steps=self.cfg.warmup_steps, total_steps=self.max_steps,
-                           schedule=self.cfg.lr_schedule)
+        lr = learning_rate(self.step, lr=self.cfg.optimizer.lr, warmup_steps=self.cfg.warmup_steps,
+                           schedule_steps=self.schedule_steps, schedule=self.cfg.lr_scheduler)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.optimizer.lr * factor
+            group["lr"] = lr
         losses = []
         for micro in range(self.accumulation):
             local_index = self._local_index(micro)
@@ -220,6 +222,9 @@ class Trainer:
 
     def _save_outputs(self, finished_epoch: int | None, last: bool) -> None:
         every_epochs, every_steps = self.cfg.save_every_n_epochs, self.cfg.save_every_n_steps
+        if self.cfg.save_every_n_examples:  # diffusion-pipe's train.py: N examples // global batch replaces steps
+            every_steps = self.cfg.save_every_n_examples // (
+                self.cfg.micro_batch_size_per_gpu * self.accumulation * self.world.world_size)
         if finished_epoch and (last or (every_epochs and finished_epoch % every_epochs == 0)):
             self._save_lora(f"epoch{finished_epoch}", finished_epoch)
         elif last:  # a run cut short by max_steps still leaves its LoRA
@@ -255,7 +260,7 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(), rng=capture_rng_state(),
                 info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
                       "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
-                      "lr_scheduler": self.cfg.lr_schedule, "warmup_steps": self.cfg.warmup_steps,
+                      "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
                       "dataset_fingerprint": self.fingerprint})
             path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
                             self.paths.state_root)
@@ -285,7 +290,7 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
     """Settings that would lower GPU memory for a (frames, height, width) bucket, most effective first, skipping
     those already in use."""
     hints = []
-    if run_cfg.model.transformer_dtype != "float8":
+    if not run_cfg.model.float8:
         hints.append("[model] transformer_dtype = 'float8' (halves the base weights)")
     if run_cfg.checkpointing_mode == "selective":
         hints.append("[studio] selective_checkpointing = false (full checkpointing)")

@@ -38,7 +38,7 @@ def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
 def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
     """The dtype the base transformer is loaded in (float8 loads at compute dtype, then engine.speed packs)."""
     name = run_cfg.model.transformer_dtype
-    if device.type != "cuda" or name == "float8":
+    if device.type != "cuda" or run_cfg.model.float8:
         return compute_dtype(run_cfg, device)
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
@@ -73,7 +73,7 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
         notes.append(f"adapter.dtype={run_cfg.adapter.dtype}: LoRA weights are trained in float32 (no Kahan "
                      f"summation here) and saved as {run_cfg.save_dtype}.")
 
-    float8 = run_cfg.model.transformer_dtype == "float8"
+    float8 = run_cfg.model.float8
     swapper = None
     if not run_cfg.blocks_to_swap:
         transformer.to(device)  # before float8: packing is fast on a GPU

@@ -1,4 +1,4 @@
-"""Optimizers (diffusion-pipe's names mapped to their nearest equivalents) and learning-rate schedules."""
+"""Optimizers (diffusion-pipe's names mapped to their nearest equivalents) and its learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from engine.training.schema import ADAMW_EQUIVALENTS, OPTIMIZER_TYPES
 
 
 def build_optimizer(parameters: Sequence[torch.nn.Parameter], optimizer_cfg,
@@ -26,18 +28,34 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter], optimizer_cfg,
     if kind == "adamw_optimi":
         return (torch.optim.AdamW(list(parameters), **kwargs),
                 "Optimizer adamw_optimi -> torch AdamW (optimi is not installed; same update rule).")
+    if kind in ADAMW_EQUIVALENTS:
+        return (torch.optim.AdamW(list(parameters), **kwargs),
+                f"Optimizer {optimizer_cfg.type} -> torch AdamW ({ADAMW_EQUIVALENTS[kind]}).")
+    if kind != "adamw":  # engine.training.stages.validate refuses these before anything is loaded
+        raise ValueError(f"optimizer.type {optimizer_cfg.type!r}: the studio trains with {', '.join(OPTIMIZER_TYPES)}.")
     return torch.optim.AdamW(list(parameters), **kwargs), "Optimizer adamw -> torch AdamW."
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then constant/linear/cosine."""
+# diffusion-pipe's CosineAnnealingLR floor (train.py: eta_min=1e-6), an absolute learning rate.
+COSINE_FLOOR_LR = 1e-6
+
+
+def learning_rate(step: int, *, lr: float, warmup_steps: int, schedule_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based), as diffusion-pipe's train.py schedules it.
+
+    Warm-up: torch LinearLR from lr / warmup_steps, rising by (lr - lr / warmup_steps) / warmup_steps per step; then
+    (SequentialLR) `schedule` counted from the end of warm-up over `schedule_steps` (diffusion-pipe's epochs x steps
+    per epoch, also when max_steps stops earlier): 'constant'; 'linear' (LinearLR to 0); 'cosine'
+    (CosineAnnealingLR down to 1e-6). Raises ValueError for another schedule.
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        start = 1 / warmup_steps
+        return lr * (start + (1 - start) * step / warmup_steps)
+    done = step - warmup_steps
     if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return lr
     if schedule == "linear":
-        return 1.0 - progress
+        return lr * (1 - min(done, schedule_steps) / schedule_steps)
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return COSINE_FLOOR_LR + (lr - COSINE_FLOOR_LR) * (1 + math.cos(math.pi * done / schedule_steps)) / 2
     raise ValueError(f"lr_scheduler {schedule!r}: use constant, linear or cosine.")

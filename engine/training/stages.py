@@ -31,28 +31,19 @@ def load_configs(config_path: str | Path):
     return run_cfg, dataset_cfg
 
 
-def unused_settings(run_cfg) -> list[str]:
-    """diffusion-pipe settings a file may set that this trainer does not act on, each with what happens instead."""
-    notes = []
-    if run_cfg.eval_every_n_epochs:
-        notes.append("eval_every_n_epochs is not used: set [studio.samples] epochs to watch the LoRA instead.")
-    if run_cfg.monitoring.enable_wandb:
-        notes.append("[monitoring] enable_wandb is not used: metrics go to metrics.jsonl and TensorBoard (tb/).")
-    if run_cfg.is_explicit("partition_method"):
-        notes.append("partition_method is not used: the studio trains data-parallel, without pipeline stages.")
-    if run_cfg.caching_batch_size != 1:
-        notes.append("caching_batch_size is not used: clips are cached one at a time.")
-    return notes
-
-
 def validate(run_cfg, dataset_cfg, events: EventLog):
     """Model folder and dataset report: errors stop the run, warnings are logged."""
     from engine.core.models import ModelFolderError, check_wan_folder
     from engine.training.dataset import scan_dataset
+    from engine.training.interop import notices, trains_here
+    from engine.training.schema import OPTIMIZER_TYPES
 
     events.phase("validate", f"Checking the model folder and the dataset {dataset_cfg.source}.")
-    for note in unused_settings(run_cfg):
+    for note in notices(run_cfg, dataset_cfg):
         events.log(note)
+    if not trains_here(run_cfg.optimizer.type):
+        raise TrainingError(f"optimizer.type = '{run_cfg.optimizer.type}' is diffusion-pipe's; the studio cannot "
+                            "train with it.", f"Set [optimizer] type to one of {', '.join(OPTIMIZER_TYPES)}.")
     try:
         check_wan_folder(run_cfg.model.ckpt_path)
     except ModelFolderError as err:

@@ -12,6 +12,7 @@ import pytest
 
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config
 from engine.training.form import apply_overrides, describe_fields
+from engine.training.interop import notices
 from engine.training.presets import dataset_presets, preset_configs, presets
 from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 
@@ -74,7 +75,7 @@ def test_studio_table_values(fixtures):
     # Each [studio] switch refines the diffusion-pipe value beside it into the mode the trainer runs.
     assert (cfg.activation_checkpointing, cfg.checkpointing_mode) == (True, "selective")
     assert (cfg.model.transformer_dtype, cfg.studio.float8_matmuls) == ("float8", True)
-    assert (cfg.lr_scheduler, cfg.lr_schedule) == ("linear", "cosine")
+    assert cfg.lr_scheduler == "cosine"  # diffusion-pipe's own cosine schedule, not a [studio] switch
     assert (cfg.video_clip_mode, cfg.clip_mode) == ("single_beginning", "multiple_overlapping")
 
 
@@ -108,7 +109,8 @@ def _write_variant(fixtures: Path, old: str, new: str) -> Path:
 
 @pytest.mark.parametrize("old, new, expected", [
     ("blocks_to_swap = 32", "blocks_to_swap = 32\nblock_to_swap = 3", ["'block_to_swap'", "blocks_to_swap"]),
-    ('type = "AdamW8bitKahan"', 'type = "sgd"', ["'optimizer.type'", "adamw_optimi", "AdamW8bitKahan"]),
+    ('type = "AdamW8bitKahan"', 'type = "adamw8bitkhan"', ["'optimizer.type'", "Did you mean 'AdamW8bitKahan'?",
+                                                           "adamw_optimi", "pytorch_optimizer class name"]),
     ('transformer_dtype = "float8"', 'transformer_dtype = "fp8"', ["'model.transformer_dtype'", "'float8'"]),
     ("rank = 32", 'rank = "32"', ["'adapter.rank'", "integer"]),
     ("rank = 32", "rank = 0", ["'adapter.rank'", "range 1 .. 256"]),
@@ -245,7 +247,7 @@ def test_presets_build_valid_configs_that_round_trip(tmp_path):
     for name in presets():
         run, _ = preset_configs(name, clips_dir="c", output_dir="o", model_path="m")
         modes[name] = (run.model.transformer_dtype == "float8", run.studio.float8_matmuls, run.checkpointing_mode,
-                       run.compile, run.lr_schedule, run.clip_mode, run.model.shift)
+                       run.compile, run.lr_scheduler, run.clip_mode, run.model.shift)
     assert modes == {"24 GB GPU (low memory)": (True, True, "offload", True, "constant", "single_beginning", 1.0),
                      "48 GB": (True, True, "full", True, "constant", "single_beginning", 1.0),
                      "80 GB": (True, True, "selective", True, "constant", "single_beginning", 1.0),
@@ -283,8 +285,11 @@ def test_diffusion_pipe_wan_min_vram_example_imports(fixtures, tmp_path):
     cfg = load_run_config(path)
     assert cfg.optimizer.stabilize is False and cfg.optimizer.eps == 1e-8
     assert _raw(save_run_config(cfg, tmp_path / "run.toml")) == _raw(path)
-    with pytest.raises(ConfigError, match=r"'optimizer.stabilize'.* is true; allowed values: false"):
-        load_run_config(_write_variant(fixtures, "eps = 1e-8", "stabilize = true"))
+    # stabilize = true is diffusion-pipe's too: kept for it, and named as what the studio's optimizers do not do.
+    stabilized = load_run_config(_write_variant(fixtures, "eps = 1e-8", "stabilize = true"))
+    assert stabilized.optimizer.stabilize is True
+    assert any("optimizer.stabilize = true" in note for note in notices(stabilized))
+    assert notices(cfg) == notices(load_run_config(fixtures / "min_vram.toml"))  # false is what the studio does
 
 
 def test_keys_left_out_mean_what_they_mean_to_diffusion_pipe(tmp_path):
@@ -361,7 +366,7 @@ _DP_OPTIMIZERS = {"adamw", "adamw8bit", "adamw_optimi", "stableadamw", "sgd", "a
 DIFFUSION_PIPE_RUN = {
     "output_dir": _text, "dataset": _text, "epochs": _count, "max_steps": _count, "micro_batch_size_per_gpu": _count,
     "pipeline_stages": _count, "gradient_accumulation_steps": _count, "gradient_clipping": _number,
-    "warmup_steps": lambda v: type(v) is int and v >= 0, "lr_scheduler": _one_of("constant", "linear"),
+    "warmup_steps": lambda v: type(v) is int and v >= 0, "lr_scheduler": _one_of("constant", "linear", "cosine"),
     "eval_every_n_epochs": _count, "eval_before_first_step": _flag, "eval_micro_batch_size_per_gpu": _count,
     "eval_gradient_accumulation_steps": _count, "disable_block_swap_for_eval": _flag, "save_every_n_epochs": _count,
     "save_every_n_steps": _count, "checkpoint_every_n_epochs": _count, "checkpoint_every_n_minutes": _count,
@@ -439,7 +444,7 @@ def test_runs_of_earlier_studio_versions_load_meaning_the_same_and_save_in_the_c
     legacy = load_run_config(fixtures / "legacy_studio_extras.toml")
     assert legacy == load_run_config(fixtures / "studio_extras.toml")
     assert (legacy.model.transformer_dtype, legacy.studio.float8_matmuls, legacy.checkpointing_mode,
-            legacy.lr_schedule, legacy.clip_mode, legacy.compile, legacy.model.shift) == (
+            legacy.lr_scheduler, legacy.clip_mode, legacy.compile, legacy.model.shift) == (
         "float8", True, "selective", "cosine", "multiple_overlapping", True, 3.0)
     out = save_run_config(legacy, tmp_path / "run.toml")
     assert _raw(out) == _raw(fixtures / "studio_extras.toml")
@@ -449,7 +454,7 @@ def test_runs_of_earlier_studio_versions_load_meaning_the_same_and_save_in_the_c
         "model.transformer_dtype": "float8_compute", "activation_checkpointing": "selective",
         "lr_scheduler": "cosine", "video_clip_mode": "multiple_overlapping", "studio.compile": True,
         "studio.timestep_shift": 3.0})
-    assert (built.model.transformer_dtype, built.studio.float8_matmuls, built.checkpointing_mode, built.lr_schedule,
+    assert (built.model.transformer_dtype, built.studio.float8_matmuls, built.checkpointing_mode, built.lr_scheduler,
             built.clip_mode, built.compile, built.model.shift) == (
         "float8", True, "selective", "cosine", "multiple_overlapping", True, 3.0)
     # An old setting and a current one that contradict each other: an error naming both.
@@ -464,7 +469,6 @@ def test_runs_of_earlier_studio_versions_load_meaning_the_same_and_save_in_the_c
 @pytest.mark.parametrize("switch, key, other", [
     ("float8_matmuls", "model.transformer_dtype", "bfloat16"),
     ("selective_checkpointing", "activation_checkpointing", "unsloth"),
-    ("cosine_schedule", "lr_scheduler", "constant"),
     ("overlapping_clips", "video_clip_mode", "single_middle"),
 ])
 def test_a_studio_switch_needs_the_diffusion_pipe_value_it_refines(switch, key, other):
