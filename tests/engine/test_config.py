@@ -361,6 +361,10 @@ def _sizes(v) -> bool:  # resolutions / ar_buckets: numbers or [w, h] pairs (uti
 # out there), models/wan/wan.py (`shift` in prepare_inputs) and utils/dataset.py (the dataset keys). A key missing
 # here is one diffusion-pipe does not read.
 _DP_DTYPE = _one_of("float32", "float16", "bfloat16", "float8", "float8_e4m3fn", "float8_e5m2")
+
+
+def _batch(v) -> bool:  # an integer, or [[resolution, batch size], ...] (train.py)
+    return _count(v) or (isinstance(v, list) and all(isinstance(x, list) and len(x) == 2 for x in v))
 _DP_OPTIMIZERS = {"adamw", "adamw8bit", "adamw_optimi", "stableadamw", "sgd", "adamw8bitkahan", "offload",
                   "automagic", "genericoptim"}  # train.py lowercases the name; others come from pytorch_optimizer
 DIFFUSION_PIPE_RUN = {
@@ -383,14 +387,39 @@ DIFFUSION_PIPE_RUN = {
     "optimizer.weight_decay": _number, "optimizer.eps": _number, "optimizer.stabilize": _flag,
     "monitoring.enable_wandb": _flag, "monitoring.wandb_api_key": _text, "monitoring.wandb_tracker_name": _text,
     "monitoring.wandb_run_name": _text,
+    # read by train.py (main, set_config_defaults, get_optimizer), models/base.py (get_loss_fn), models/wan/wan.py,
+    # utils/common.py (get_t_distribution); pseudo_huber_c and image_eval_micro_batch_size_per_gpu are only named
+    # in examples/main_example.toml
+    "save_every_n_examples": _count, "eval_datasets": lambda v: isinstance(v, list) and all(
+        _text(d) or (isinstance(d, dict) and {"name", "config"} <= set(d)) for d in v),
+    "eval_every_n_steps": _count, "eval_every_n_examples": _count,
+    "eval_image_micro_batch_size_per_gpu": _batch, "image_eval_micro_batch_size_per_gpu": _batch,
+    "image_micro_batch_size_per_gpu": _batch, "logging_steps": _count, "x_axis_examples": _flag,
+    "partition_split": lambda v: isinstance(v, list), "reentrant_activation_checkpointing": _flag,
+    "map_num_proc": _count, "regenerate_cache": _flag, "force_constant_lr": _number, "uncond_fraction": _number,
+    "huber_delta": _number, "smooth_l1_beta": _number, "pseudo_huber_c": _number,
+    "resume_from_checkpoint": lambda v: _flag(v) or _text(v),
+    "model.transformer_path": _text, "model.llm_path": _text, "model.min_t": _number, "model.max_t": _number,
+    "model.sigmoid_scale": _number, "model.flux_shift": _flag, "model.cache_text_embeddings": _flag,
+    "model.text_encoder_fp8": _flag, "adapter.dropout": _number,
+    "adapter.exclude_modules": lambda v: _text(v) or isinstance(v, list),
+    "optimizer.gradient_release": _flag, "optimizer.beta2_half_life": _number,
 }
 DIFFUSION_PIPE_RUN_REQUIRED = ("output_dir", "dataset", "model.type", "model.ckpt_path", "model.dtype",
                                "optimizer.type")
 _DP_BUCKETS = {"resolutions": _sizes, "enable_ar_bucket": _flag, "min_ar": lambda v: _number(v) and v > 0,
                "max_ar": lambda v: _number(v) and v > 0, "num_ar_buckets": _count, "ar_buckets": _sizes,
                "frame_buckets": lambda v: isinstance(v, list) and all(map(_count, v))}
-DIFFUSION_PIPE_DATASET = {**_DP_BUCKETS, "directory": lambda v: isinstance(v, list) and v}
-DIFFUSION_PIPE_DIRECTORY = {**_DP_BUCKETS, "path": _text, "num_repeats": _count}
+# utils/dataset.py: DirectoryDataset reads these per directory, defaulting to the dataset's (_set_defaults and the
+# .get(key, dataset_config.get(key)) reads); Dataset reads subsample_ratio.
+_DP_DIRECTORY_DEFAULTS = {"num_repeats": _count, "size_buckets": lambda v: isinstance(v, list),
+                          "cache_shuffle_num": lambda v: type(v) is int, "cache_shuffle_delimiter": _text,
+                          "shuffle_tags": _flag, "caption_prefix": _text, "shuffle_metadata": _flag,
+                          "skip_empty_caption": _flag, "online_captions": _flag}
+DIFFUSION_PIPE_DATASET = {**_DP_BUCKETS, **_DP_DIRECTORY_DEFAULTS, "subsample_ratio": _number,
+                          "directory": lambda v: isinstance(v, list) and v}
+DIFFUSION_PIPE_DIRECTORY = {**_DP_BUCKETS, **_DP_DIRECTORY_DEFAULTS, "path": _text, "mask_path": _text,
+                            "control_path": _text, "default_mask_file": _text}
 
 
 def _not_accepted(table: dict, accepted: dict, prefix: str = "") -> list[str]:

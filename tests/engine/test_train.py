@@ -123,15 +123,9 @@ def build_trainer(run_toml: Path):
 
 # ------------------------------------------------------------------------------------------ building blocks
 
-def test_lr_schedules_and_timestep_shift():
+def test_timestep_shift():  # the learning-rate schedules: tests/engine/test_interop.py, against torch's schedulers
     from engine.training.objective import TimestepSampling
-    from engine.training.optim import lr_factor
 
-    assert [lr_factor(s, warmup_steps=4, total_steps=10, schedule="constant") for s in range(5)] == [
-        0.25, 0.5, 0.75, 1.0, 1.0]
-    assert lr_factor(4, warmup_steps=4, total_steps=10, schedule="linear") == 1.0
-    assert lr_factor(9, warmup_steps=4, total_steps=10, schedule="linear") == pytest.approx(1 / 6)
-    assert lr_factor(7, warmup_steps=4, total_steps=10, schedule="cosine") == pytest.approx(0.5)
     gen = torch.Generator().manual_seed(0)
     plain = TimestepSampling("logit_normal", 1.0).sample(4000, gen)
     shifted = TimestepSampling("logit_normal", 3.0).sample(4000, torch.Generator().manual_seed(0))
@@ -335,14 +329,15 @@ def test_low_memory_modes_switched_on(train_project):
 @pytest.mark.parametrize("fixture", ["min_vram.toml", "studio_extras.toml"])
 def test_diffusion_pipe_example_configs_accepted(train_project, fixture, tmp_path):
     """diffusion-pipe's files load; on the tiny model (2 blocks) with its own model path, one step trains."""
+    from engine.training.interop import notices
     from engine.training.model import prepare_transformer
     from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator
     from engine.training.optim import build_optimizer
-    from engine.training.stages import load_configs, unused_settings
+    from engine.training.stages import load_configs
 
     run_cfg, dataset_cfg = load_configs(FIXTURES / fixture)
     assert dataset_cfg.directory and run_cfg.adapter.rank in (16, 32)
-    unused = " ".join(unused_settings(run_cfg))  # keys we read but do not act on are named, not dropped silently
+    unused = " ".join(notices(run_cfg))  # keys we read but do not act on are named, not dropped silently
     assert ("eval_every_n_epochs" in unused and "partition_method" in unused) == (fixture == "min_vram.toml")
     _, note = build_optimizer([torch.nn.Parameter(torch.zeros(2))], run_cfg.optimizer, torch.device("cpu"))
     assert run_cfg.optimizer.type in note

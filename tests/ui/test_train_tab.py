@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -241,14 +242,18 @@ def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
     out = tab.on_import([str(fixture)], draft)
     assert "Imported run settings from `min_vram.toml`" in out[tab.message]
     assert "not on this machine" in out[tab.message]  # /models/Wan2.1-... is replaced by the studio's model
+    assert "Not used by the studio (kept for diffusion-pipe): eval_every_n_epochs" in out[tab.message]
     imported = out[tab.draft]
     assert "blocks_to_swap = 32" in imported["run"] and 'type = "AdamW8bitKahan"' in imported["run"]
     assert imported["dataset"] == draft["dataset"]  # the dataset file was not imported: ours stays
     assert out[tab.run_fields["blocks_to_swap"]] == "32"  # the form shows the imported values
     assert out[tab.run_fields["activation_checkpointing"]] == "unsloth"
 
-    exported = tab.on_export("my run", imported)[tab.export_files]
-    run_toml, dataset_toml = map(Path, exported["value"])
+    export = tab.on_export("my run", imported)
+    run_toml, dataset_toml = map(Path, export[tab.export_files]["value"])
+    raw = tomllib.loads(run_toml.read_text(encoding="utf-8"))  # diffusion-pipe reads these from its own folder
+    assert Path(raw["output_dir"]) == project.run_dir("my run") and Path(raw["dataset"]) == dataset_toml
+    assert "absolute paths" in export[tab.message] and "diffusion-pipe reads the original Wan" in export[tab.message]
     run = load_run_config(run_toml)
     assert run.blocks_to_swap == 32 and run.model.ckpt_path == settings.wan_model
     assert run.dataset_path() == dataset_toml.resolve()
