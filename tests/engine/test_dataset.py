@@ -178,6 +178,9 @@ def test_multiple_resolutions_and_repeats(tmp_path):
     assert sorted({item.bucket for item in report.items}) == [(33, 32, 32), (33, 48, 64)]
     assert [item.start for item in report.items] == [0, 7, 0, 7]
     assert report.bucket_counts() == {(33, 32, 32): 6, (33, 48, 64): 6}
+    cfg.directory[0].num_repeats, cfg.num_repeats = None, 2  # the dataset's num_repeats where a folder sets none
+    assert scan_dataset(cfg, video_clip_mode="multiple_overlapping").bucket_counts() == {(33, 32, 32): 4,
+                                                                                         (33, 48, 64): 4}
 
 
 def test_read_item_frames_resamples_to_16_fps(tmp_path):

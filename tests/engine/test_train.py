@@ -408,6 +408,25 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
     assert {"event": "error"}.items() <= printed[-2].items()  # stdout carries the same events
 
 
+def test_diffusion_pipe_save_cadence_in_examples_and_optimizers_the_studio_lacks(train_project):
+    """save_every_n_examples saves every N // global batch steps (diffusion-pipe's train.py); an optimizer diffusion-pipe
+    has and the studio does not is refused before anything is cached or loaded, naming the key and what to set."""
+    from engine.training.stages import train
+
+    run_toml = write_run(train_project, "examples", {"max_steps": 4, "epochs": 100, "save_every_n_epochs": None,
+                                                     "checkpoint_every_n_epochs": None, "save_every_n_examples": 2,
+                                                     "gradient_accumulation_steps": 1})
+    assert build_trainer(run_toml).run() == 0
+    saved = [Path(e["path"]).parent.name for e in events_of(run_toml, "save") if e["kind"] == "lora"]
+    assert saved == ["step2", "epoch2", "step4"]  # every 2 clips at batch 1, and the last LoRA
+
+    prodigy = write_run(train_project, "prodigy", {"optimizer.type": "Prodigy", "optimizer.lr": 1.0})
+    assert train(prodigy) == 2
+    error = events_of(prodigy, "error")[-1]
+    assert "optimizer.type = 'Prodigy'" in error["message"] and "adamw_optimi" in error["hint"]
+    assert [e["phase"] for e in events_of(prodigy, "phase")] == ["validate", "error"]
+
+
 def test_memory_hint_skips_settings_in_use():
     from engine.training.loop import memory_hint
     from engine.training.schema import RunConfig
