@@ -166,7 +166,7 @@ class VideoLanguageCaptioner:
 
     def __init__(self, source: str | Path, device: str | None = None, *, memory_mode: str = "auto",
                  instruction: str = DEFAULT_INSTRUCTION, video_fps: float = DEFAULT_VIDEO_FPS,
-                 max_new_tokens: int = 77):
+                 max_new_tokens: int = 77, min_new_tokens: int = 1):
         if memory_mode not in MEMORY_MODES:
             raise VideoCaptionerError(f"memory mode {memory_mode!r}: use one of {', '.join(MEMORY_MODES)}.")
         if not instruction.strip():
@@ -181,7 +181,18 @@ class VideoLanguageCaptioner:
                                       f"{self.device} use 'auto'.")
         self.memory_mode, self.instruction, self.video_fps = memory_mode, instruction, float(video_fps)
         self.max_new_tokens = max_new_tokens  # caption length limit, in model tokens
+        self.min_new_tokens = min_new_tokens  # never an empty suggestion
         self._tokenizer = self._video = self._model = None
+        self._template = ""
+
+    @classmethod
+    def from_loaded(cls, tokenizer, model, chat_template: str, video_processor: ClipVideoProcessor, name: str,
+                    **kwargs) -> VideoLanguageCaptioner:
+        """Wrap parts built in memory (benchmarks with random weights); `name` is what a reload would read."""
+        captioner = cls(name, device=str(model.device), **kwargs)
+        captioner._tokenizer, captioner._template, captioner._video, captioner._model = (
+            tokenizer, chat_template, video_processor, model)
+        return captioner
 
     @property
     def loaded(self) -> bool:
@@ -254,7 +265,8 @@ class VideoLanguageCaptioner:
             inputs = self.model_inputs(video)
             try:
                 with torch.inference_mode():
-                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                                  min_new_tokens=self.min_new_tokens, do_sample=False)
             except torch.cuda.OutOfMemoryError as err:
                 torch.cuda.empty_cache()
                 raise CaptionerOutOfMemory(
