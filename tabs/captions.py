@@ -21,7 +21,6 @@ from engine.captions.captioners import (
     Blip2Captioner,
     CaptionerOutOfMemory,
     CaptionerSettings,
-    default_device,
     suggest_captions,
 )
 from engine.captions.store import (
@@ -45,6 +44,7 @@ from engine.captions.style import (
 from engine.captions.text import CaptionError
 from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.captions.tokens import TokenCounter
+from engine.core.hardware import default_device
 from engine.core.models import ModelFolderError
 from engine.jobs import GpuBusyError
 from studio.context import AppContext
@@ -277,7 +277,7 @@ class CaptionsTab:
                     project = self.ctx.project.settings()
                     self.kind = gr.Radio(list(CAPTIONER_KINDS), value=CAPTIONER_KINDS[0], label="Captioner")
                     with gr.Group():
-                        gr.Markdown(f"BLIP-2: `{self.ctx.models.captioner}` on {default_device().upper()}")
+                        gr.Markdown(f"BLIP-2: `{self.ctx.models.captioner}` on {default_device().type.upper()}")
                         self.frames = gr.Slider(1, 8, value=3, step=1,
                                                 label="Frames per clip (first, middle, last for 3)")
                         self.prompt = gr.Textbox(label="Prompt prefix (optional)", placeholder="e.g. a video of")

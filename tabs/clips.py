@@ -32,6 +32,7 @@ from engine.clips.suggest import suggest_windows
 from engine.clips.timestamps import format_timestamps, parse_time, read_timestamps
 from engine.core.files import atomic_write_text
 from engine.core.layout import VIDEO_EXTENSIONS
+from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.video import (
     VideoError,
     VideoInfo,
@@ -48,7 +49,7 @@ TITLE = "Clips"
 OUTPUT_FPS = 16.0  # Wan's frame rate: every exported clip is resampled to it
 PREVIEW_WIDTH = 640
 THUMBNAIL_COUNT = 12
-CUT_HEADERS = ["#", "Start (s)", "End (s)", "Frames", "Name", "Score", "Flags"]
+CUT_HEADERS = ["#", "Start (s)", "End (s)", "Frames", "Name", f"Motion ({MOTION_UNIT_SHORT})", "Flags"]
 EXPORTED_HEADERS = ["Clip", "Start", "Frames", "Size", "Source"]
 BAD_INPUT = (VideoError, ClipError, OSError)
 
@@ -184,7 +185,8 @@ class ClipsTab:
                 play = gr.Button("Play selection")
                 self.selection = gr.Video(label="Selection (16 fps)", interactive=False, autoplay=True, loop=True,
                                           height=240)
-        gr.Markdown("### Cut list")
+        gr.Markdown("### Cut list\n\nA suggested window's motion is the mean optical flow inside it, in "
+                    f"{MOTION_UNIT}: the same measure as the Generate tab's readout of a generated video.")
         self.table = gr.Dataframe(headers=CUT_HEADERS, datatype=["number", "number", "number", "number", "str",
                                                                  "str", "str"],
                                   type="array", interactive=True, label="Cuts (edit start, end or name)",

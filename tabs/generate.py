@@ -7,7 +7,6 @@ strength never reloads the base model. Every video lands in the project's output
 
 from __future__ import annotations
 
-import hashlib
 import html
 import shutil
 import threading
@@ -19,13 +18,14 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.context import Context
 
-from engine.core.files import read_text
+from engine.core.files import file_sha256, read_text
 from engine.core.models import ModelFolderError
+from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.video import frame_at, probe_video
 from engine.generate.comfyui import export_comfyui_workflow
 from engine.generate.lora_files import LoraFileError, LoraMismatchError
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
-from engine.generate.render import changed_inputs, new_output_path, read_sidecar, render_video
+from engine.generate.render import changed_inputs, motion_readout, new_output_path, read_sidecar, render_video
 from engine.generate.request import (
     STRENGTH_MAX,
     STRENGTH_MIN,
@@ -101,7 +101,7 @@ def grid_html(videos: list[Path], labels: list[str], motion: list[float]) -> str
         f'<figure class="generate-cell" style="margin:0">'
         f'<video src="{html.escape(file_url(v))}" autoplay muted loop playsinline preload="auto" '
         f'style="width:100%;display:block"></video>'
-        f'<figcaption><b>{html.escape(label)}</b><br>motion {m:.2f} px/frame</figcaption></figure>'
+        f'<figcaption><b>{html.escape(label)}</b><br>motion {m:.2f} {MOTION_UNIT_SHORT}</figcaption></figure>'
         for v, label, m in zip(videos, labels, motion))
     columns = min(4, max(1, len(videos)))
     return (f'<div id="generate-grid" style="display:grid;grid-template-columns:repeat({columns},1fr);gap:8px">'
@@ -149,7 +149,7 @@ class GenerateTab:
         if not image_path:
             raise GenerationError("No start image: upload one, or pick a frame from a clip.")
         source = Path(image_path)
-        digest = hashlib.sha1(source.read_bytes()).hexdigest()[:16]
+        digest = file_sha256(source)[:16]
         kept = self.ctx.project.output_inputs_dir / f"{digest}{source.suffix.lower() or '.png'}"
         if not kept.exists():
             kept.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ class GenerateTab:
         readout = "\n".join(f"| {label} | {m:.3f} |" for label, m in zip(result.labels, result.motion))
         return {self.grid: grid_html(result.videos, result.labels, result.motion),
                 self.comparison: str(result.comparison), self.seed: seed,
-                self.details: f"Seed {seed} for every variant.\n\n| Variant | Motion (px/frame) |\n|---|---|\n"
+                self.details: f"Seed {seed} for every variant.\n\n| Variant | Motion ({MOTION_UNIT}) |\n|---|---|\n"
                               f"{readout}",
                 self.status: f"Sweep of {len(result.videos)} variants written; comparison `{result.comparison.name}`.",
                 self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
@@ -339,7 +339,7 @@ class GenerateTab:
                  f"**frames** {request['frames']} · **steps** {request['steps']} · "
                  f"**guidance** {request['guidance']}",
                  f"**LoRAs** {loras}",
-                 f"**Motion** {sidecar.get('motion', 0):.3f} px/frame · **time** {sidecar.get('seconds', 0):.1f} s "
+                 f"**Motion** {motion_readout(sidecar)} · **time** {sidecar.get('seconds', 0):.1f} s "
                  f"({sidecar.get('seconds_per_step', 0):.2f} s/step)"]
         lines += [f"*{note}*" for note in sidecar.get("adjustments", [])]
         return "\n\n".join(lines)
@@ -413,7 +413,9 @@ class GenerateTab:
         if "request" in data:
             return path, self.describe(data)
         rows = "\n".join(f"| {v['label']} | {v['video']} | {v['motion']:.3f} |" for v in data.get("variants", []))
-        return path, (f"Sweep comparison, seed {data.get('seed')}\n\n| Variant | Video | Motion |\n|---|---|---|\n"
+        unit = MOTION_UNIT_SHORT if data.get("motion_unit") == MOTION_UNIT else "px/frame"
+        return path, (f"Sweep comparison, seed {data.get('seed')}\n\n| Variant | Video | Motion ({unit}) |\n"
+                      "|---|---|---|\n"
                       f"{rows}")
 
     def on_send_back(self, path: str | None):

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
+import torch
 
 from engine.captions.store import CaptionStore
 from engine.captions.style import StyleRules, apply_style, split_phrases
 from engine.captions.text import CaptionError
+from engine.core.hardware import default_device
 from engine.core.models import load_blip2
 from engine.core.progress import ProgressFn, StopFn, never_stop, no_progress
 
@@ -52,16 +54,10 @@ class CaptionerSettings:
             raise CaptionError(f"batch size must be at least 1, not {self.batch_size}.")
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class Blip2Captioner:
     """BLIP-2 (a local folder or hub id) loaded on first use and kept until `unload()`; fp16 on GPU, float32 on CPU."""
 
-    def __init__(self, source: str | Path, device: str | None = None, max_new_tokens: int = 30,
+    def __init__(self, source: str | Path, device: str | torch.device | None = None, max_new_tokens: int = 30,
                  min_new_tokens: int = 3, batch_size: int = 8):
         if not 0 <= min_new_tokens <= max_new_tokens:
             raise CaptionError(f"caption length: need 0 <= min new tokens ({min_new_tokens}) <= max new tokens "
@@ -93,15 +89,12 @@ class Blip2Captioner:
     def unload(self) -> None:
         import gc
 
-        import torch
-
         self._processor = self._model = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def caption_images(self, images: Sequence[np.ndarray], prompt: str = "") -> list[str]:
-        import torch
         from PIL import Image
 
         self.load()

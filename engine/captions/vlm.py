@@ -23,8 +23,9 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, ClipDecodeError, default_device
+from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, ClipDecodeError
 from engine.captions.text import CaptionError
+from engine.core.hardware import default_device
 
 VLM_MODEL_TYPES = ("qwen2_5_vl",)  # config.json model_type values this captioner loads
 VLM_HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -175,7 +176,7 @@ class VideoLanguageCaptioner:
             raise VideoCaptionerError(f"video frame rate must be in (0, 16] frames per second, not {video_fps}.")
         self.source = str(source)
         self.name = Path(self.source).name or self.source
-        self.device = device or default_device()
+        self.device = str(device or default_device())  # "cuda", "cuda:1" or "cpu"
         if memory_mode in ("8bit", "4bit") and not self.device.startswith("cuda"):
             raise VideoCaptionerError(f"memory mode {memory_mode} needs a CUDA GPU (bitsandbytes); on "
                                       f"{self.device} use 'auto'.")

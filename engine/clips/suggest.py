@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, Cut, Export
 from engine.core.ffmpeg import ffmpeg_exe
 from engine.core.files import atomic_write_json
 from engine.core.layout import CacheLayout
+from engine.core.motion import MOTION_RATE, MOTION_WIDTH, flow_speed, motion_size
 from engine.core.progress import ProgressFn, StopFn
 from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, preview_proxy_path, probe_video
 
@@ -24,13 +27,11 @@ from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, previ
 class Suggestion:
     start: float
     end: float
-    score: float  # mean motion in the window: percent of the frame width moved per second
+    score: float  # mean motion in the window, in engine.core.motion's MOTION_UNIT (% of frame width per second)
     scene: int  # index of the scene (between detected cuts) the window lies in
 
 
 # ---------------------------------------------------------------- suggestions
-
-ANALYSIS_WIDTH = 160  # pixels; motion and scene cuts are judged on small grey frames
 
 
 def _source_greys(info: VideoInfo, analysis_fps: float, width: int, height: int) -> Iterator[tuple[float, np.ndarray]]:
@@ -69,16 +70,16 @@ def _proxy_greys(info: VideoInfo, proxy: Path, analysis_fps: float, width: int,
         proc.wait()
 
 
-def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = 8.0, proxy: Path | None = None,
-                   on_progress: ProgressFn | None = None,
+def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = MOTION_RATE,
+                   proxy: Path | None = None, on_progress: ProgressFn | None = None,
                    should_stop: StopFn | None = None) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """One pass over the video at `analysis_fps`: sample times, motion per sample (Farneback optical flow, percent
-    of the frame width per second) and scene-change times (a sharp jump in the grey-level histogram).
+    """One pass over the video at `analysis_fps`: sample times, motion per sample (engine.core.motion's measure,
+    % of frame width per second, from the previous sample; the first sample has none and reads 0) and scene-change
+    times (a sharp jump in the grey-level histogram).
 
     `proxy`, the source's preview proxy, is read instead of the source when it has every source frame."""
     info = source if isinstance(source, VideoInfo) else probe_video(source)
-    width = min(ANALYSIS_WIDTH, info.width - info.width % 2)
-    height = max(2, int(round(info.height * width / info.width / 2)) * 2)
+    width, height = motion_size(info.width, info.height)
     if proxy is not None and probe_video(proxy).frame_count == info.frame_count:
         samples = _proxy_greys(info, proxy, analysis_fps, width, height)
     else:
@@ -96,9 +97,7 @@ def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float
                 motion.append(0.0)
                 hist_jump.append(0.0)
             else:
-                flow = cv2.calcOpticalFlowFarneback(prev_grey, grey, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-                magnitude = float(np.linalg.norm(flow, axis=2).mean())
-                motion.append(100 * magnitude / width * analysis_fps)
+                motion.append(flow_speed(prev_grey, grey, 1.0 / analysis_fps))
                 hist_jump.append(0.5 * float(np.abs(hist - prev_hist).sum()))  # total variation distance, 0..1
             times.append(t)
             prev_grey, prev_hist = grey, hist
@@ -123,7 +122,7 @@ def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_p
     """analyze_motion, kept in cache_dir/analysis per exact source file, and read from its preview proxy once one
     has been built: asking again (more windows, after new cuts) costs nothing."""
     proxy = preview_proxy_path(info, cache_dir)
-    target = CacheLayout(cache_dir).analysis_dir / f"{proxy.stem}-{analysis_fps:g}fps-{ANALYSIS_WIDTH}px.json"
+    target = CacheLayout(cache_dir).analysis_dir / f"{proxy.stem}-{analysis_fps:g}fps-{MOTION_WIDTH}px.json"
     try:
         kept = json.loads(target.read_text(encoding="utf-8"))
         return np.asarray(kept["times"], float), np.asarray(kept["motion"], float), [float(t) for t in kept["scenes"]]
@@ -138,10 +137,11 @@ def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_p
 
 def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = DEFAULT_FRAMES,
                     fps: float = DEFAULT_FPS, step: float = 0.5, avoid: Sequence[Cut] = (),
-                    analysis_fps: float = 8.0, cache_dir: str | os.PathLike | None = None,
+                    analysis_fps: float = MOTION_RATE, cache_dir: str | os.PathLike | None = None,
                     on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
     """The `count` most dynamic clip windows (frames / fps seconds) that cross no scene change and overlap neither
-    each other nor the cuts in `avoid`, best first, with their motion score.
+    each other nor the cuts in `avoid`, best first, with their motion score: the mean motion between consecutive
+    samples inside the window, the measure and unit of engine.core.motion (what the Generate tab shows of a video).
 
     With `cache_dir` (a project's cache folder) the motion analysis is kept there and read from the source's
     preview proxy when one has been built."""
@@ -157,23 +157,37 @@ def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = 
         times, motion, scene_changes = analyze_motion(info, analysis_fps=analysis_fps, on_progress=on_progress,
                                                       should_stop=should_stop)
     bounds = [0.0, *scene_changes, info.duration]
+
+    def window(start: float) -> Suggestion | None:
+        """The window from `start` with its motion, if it lies inside one scene and holds two samples."""
+        scene = int(np.searchsorted(bounds, start, side="right")) - 1
+        if not 0 <= scene < len(bounds) - 1 or start + span > bounds[scene + 1] + FRAME_TIME_TOLERANCE:
+            return None
+        inside = (times >= start) & (times < start + span)
+        pairs = inside[1:] & inside[:-1]  # flow from a sample before the window is not the window's motion
+        if not pairs.any():
+            return None
+        return Suggestion(start, round(start + span, 4), round(float(motion[1:][pairs].mean()), 2), scene)
+
+    def neighbours(start: float, end: float) -> list[Suggestion]:
+        """Windows right after and right before a taken span: several dynamic windows then fit in one scene."""
+        return [w for w in (window(round(end, 4)), window(round(start - span, 4))) if w is not None]
+
     taken = [(c.start, c.start + span) for c in avoid]
-    candidates = []
-    for scene, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        start = np.ceil(lo / step) * step
-        while start + span <= hi + FRAME_TIME_TOLERANCE:
-            inside = (times >= start) & (times < start + span)
-            if inside.any():
-                candidates.append(Suggestion(round(float(start), 3), round(float(start + span), 4),
-                                             round(float(motion[inside].mean()), 2), scene))
-            start += step
+    candidates = [w for t in np.arange(0.0, info.duration, step) if (w := window(round(float(t), 3))) is not None]
+    candidates += [w for a, b in taken for w in neighbours(a, b)]
+    order = itertools.count()  # equal windows (a neighbour may repeat a grid window) never compare themselves
+    heap = [(-w.score, w.start, next(order), w) for w in candidates]
+    heapq.heapify(heap)
     chosen: list[Suggestion] = []
-    for candidate in sorted(candidates, key=lambda s: (-s.score, s.start)):
-        if len(chosen) == count:
-            break
+    while heap and len(chosen) < count:
+        candidate = heapq.heappop(heap)[-1]
         if all(candidate.end <= a or candidate.start >= b for a, b in taken):
             chosen.append(candidate)
             taken.append((candidate.start, candidate.end))
+            for w in neighbours(candidate.start, candidate.end):
+                heapq.heappush(heap, (-w.score, w.start, next(order), w))
+    chosen.sort(key=lambda w: (-w.score, w.start))
     if on_progress is not None:
         on_progress(1.0, f"{len(chosen)} windows suggested, {len(scene_changes)} scene changes found")
     return chosen

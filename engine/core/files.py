@@ -4,6 +4,7 @@ reader of text inputs (cut lists, captions, style rules, TOML, sidecars) that ac
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import tempfile
@@ -88,6 +89,24 @@ def read_text(source: str | os.PathLike) -> str:
     except UnicodeDecodeError as err:
         raise TextFileError(source, err.start, data[err.start]) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, remembered per (path, mtime, size): a file is hashed once per version.
+    Raises OSError when the file cannot be read."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _SHA256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 def append_jsonl(target: str | os.PathLike, record: dict) -> None:

@@ -14,6 +14,11 @@ class GpuInfo:
     total_gib: float
 
 
+def default_device() -> torch.device:
+    """Where this process computes unless told otherwise: the first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def list_gpus() -> list[GpuInfo]:
     if not torch.cuda.is_available():
         return []

@@ -350,6 +350,25 @@ def load_wan_vae(source: str | Path, torch_dtype: torch.dtype = torch.float32):
     return _from_pretrained(AutoencoderKLWan, source, subfolder="vae", dtype=torch_dtype)
 
 
+def normalize_latents(vae, raw: torch.Tensor) -> torch.Tensor:
+    """VAE latents [B, C, F, H, W] as the Wan transformer sees them: (raw - mean) / std per channel, the statistics
+    from the VAE's config (latents_mean, latents_std: what WanImageToVideoPipeline uses), in raw's dtype and device."""
+    mean, inv_std = _latent_statistics(vae, raw)
+    return (raw - mean) * inv_std
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of normalize_latents: what the VAE decodes."""
+    mean, inv_std = _latent_statistics(vae, latents)
+    return latents / inv_std + mean
+
+
+def _latent_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like)
+    return mean, 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(like)
+
+
 def load_wan_text_encoder(source: str | Path, torch_dtype: torch.dtype = torch.bfloat16):
     """Return (tokenizer, UMT5 encoder)."""
     from transformers import AutoTokenizer, UMT5EncoderModel

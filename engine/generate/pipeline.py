@@ -11,9 +11,11 @@ from typing import Sequence
 
 import torch
 
+from engine.core.files import file_sha256
+from engine.core.hardware import default_device
 from engine.core.progress import ProgressFn
 from engine.generate.lora_files import check_keys_match_model, load_lora
-from engine.generate.request import _HASHES, GenerationError
+from engine.generate.request import GenerationError
 
 MAX_LOADED_ADAPTERS = 6  # older adapters are deleted beyond this (an epoch sweep loads one per epoch)
 
@@ -37,10 +39,6 @@ def memory_advice(options: PipelineOptions, names: dict[str, str]) -> str:
     off = [names[key] for key in ("cpu_offload", "vae_tiling") if not getattr(options, key)]
     savers = f"turn on {' and '.join(off)}, or " if off else ""
     return f"The GPU ran out of memory: {savers}use fewer {names['frames']} or a smaller {names['size']}."
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_pipeline(model: str, device: torch.device, transformer=None):
@@ -122,20 +120,6 @@ class PipelineCache:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered per (path, mtime, size): LoRA files are hashed once per version."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[dict]:

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from engine.core.ffmpeg import write_video
-from engine.core.files import TextFileError, atomic_write_json, read_text
+from engine.core.files import TextFileError, atomic_write_json, file_sha256, read_text
+from engine.core.models import denormalize_latents
+from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT, video_motion
 from engine.core.progress import ProgressFn, StopFn
-from engine.generate.pipeline import PipelineCache, PipelineOptions, apply_loras, file_sha256, load_pipeline
+from engine.generate.pipeline import PipelineCache, PipelineOptions, apply_loras, load_pipeline
 from engine.generate.request import (
     GenerationCancelled,
     GenerationError,
@@ -48,9 +50,7 @@ def _decode_latents(pipe, latents: torch.Tensor) -> np.ndarray:
     """Normalised latents -> uint8 frames, as the pipeline does (done here so a cancel skips the VAE entirely)."""
     vae = pipe.vae
     latents = latents.to(device=pipe._execution_device, dtype=vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    video = vae.decode(denormalize_latents(vae, latents), return_dict=False)[0]
     frames = pipe.video_processor.postprocess_video(video, output_type="np")[0]
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
@@ -111,18 +111,13 @@ def generate(pipe, request: GenerationRequest, *, on_progress: ProgressFn | None
                      seconds=time.perf_counter() - started, image_size=image.size)
 
 
-def motion_score(frames: np.ndarray) -> float:
-    """Mean optical-flow magnitude (pixels per frame, OpenCV Farneback) over consecutive frames: how much moves."""
-    import cv2
-
-    if len(frames) < 2:
-        return 0.0
-    grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
-    magnitudes = []
-    for previous, current in zip(grey, grey[1:]):
-        flow = cv2.calcOpticalFlowFarneback(previous, current, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        magnitudes.append(float(np.linalg.norm(flow, axis=2).mean()))
-    return float(np.mean(magnitudes))
+def motion_readout(sidecar: dict) -> str:
+    """A video's motion with its unit, from its sidecar. Sidecars written before the unit was recorded measured
+    pixels per frame at full size, which cannot be converted afterwards: they say so."""
+    if "motion" not in sidecar:
+        return "not recorded"
+    unit = sidecar.get("motion_unit", "px/frame (an older measure: render again to compare)")
+    return f"{sidecar['motion']:.2f} {MOTION_UNIT_SHORT if unit == MOTION_UNIT else unit}"
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -174,7 +169,8 @@ def write_outputs(pipe, generated: Generated, out_path: str | Path, *, model: st
         "adjustments": generated.notes,
         "seconds": round(generated.seconds, 3),
         "seconds_per_step": round(generated.seconds / generated.request.steps, 4),
-        "motion": round(motion_score(generated.frames), 4),
+        "motion": round(video_motion(generated.frames, generated.request.fps), 4),
+        "motion_unit": MOTION_UNIT,
         "frames_sha256": frames_sha256(generated.frames),
         **_pipeline_facts(pipe),
         **(extra or {}),

@@ -174,9 +174,6 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
                    height=int(height), width=int(width), steps=int(request.steps), loras=loras), notes
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 # The scheduler Wan2.1-I2V-14B-480P-Diffusers ships (UniPC, flow shift 3, variant bh2): for sidecars that predate
 # the scheduler record.
 WAN_480P_SCHEDULER = {"class": "UniPCMultistepScheduler", "flow_shift": 3.0, "solver_type": "bh2"}

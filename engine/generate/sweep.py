@@ -12,6 +12,7 @@ import numpy as np
 
 from engine.core.ffmpeg import write_video
 from engine.core.files import atomic_write_json
+from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.progress import ProgressFn, StopFn
 from engine.generate.render import SIDECAR_VERSION, generate, new_output_path, read_sidecar, sidecar_path, write_outputs
 from engine.generate.request import GenerationError, GenerationRequest
@@ -25,7 +26,7 @@ DEFAULT_SWEEP_STRENGTHS = (0.0, 0.5, 1.0, 1.5)
 class SweepResult:
     videos: list[Path]
     labels: list[str]
-    motion: list[float]
+    motion: list[float]  # each variant's motion, in engine.core.motion's MOTION_UNIT
     comparison: Path  # all variants side by side with labels, one mp4 (+ .json listing them)
 
 
@@ -84,10 +85,12 @@ def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, stren
         motion.append(read_sidecar(path)["motion"])
         clips.append(generated.frames)
     progress(len(variants) / (len(variants) + 0.2), "combining the comparison video")
-    comparison = combine_side_by_side(clips, [f"{lab}  motion {m:.2f}" for lab, m in zip(labels, motion)],
+    comparison = combine_side_by_side(clips, [f"{lab}  motion {m:.1f} {MOTION_UNIT_SHORT}"
+                                              for lab, m in zip(labels, motion)],
                                       base, fps=request.fps)
     atomic_write_json(sidecar_path(comparison), {
         "studio_sweep": SIDECAR_VERSION, "video": comparison.name, "seed": variants[0][1].seed,
+        "motion_unit": MOTION_UNIT,
         "variants": [{"label": lab, "video": v.name, "motion": m} for lab, v, m in zip(labels, videos, motion)],
     })
     progress(1.0, f"wrote {comparison.name}")

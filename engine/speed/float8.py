@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.core.hardware import default_device
 from engine.speed.blocks import _blocks
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ FLOAT8_MAX = torch.finfo(FLOAT8_DTYPE).max  # 448
 
 def float8_compute_support(device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether float8 matmuls (`torch._scaled_mm`) run on `device`, and a sentence saying why not."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else default_device()
     if device.type != "cuda":
         return False, f"float8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer; the device is {device}."
     major, minor = torch.cuda.get_device_capability(device)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.core.files import atomic_path
+from engine.core.files import atomic_path, file_sha256
 from engine.core.layout import CacheLayout
+from engine.core.models import normalize_latents
 from engine.core.progress import ProgressFn, StopFn
 from engine.training.dataset import (
     WAN_FPS,
@@ -98,14 +99,6 @@ class CachedDataset:
         return batches[rank::world_size]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_key(model_path: str | os.PathLike, parts: tuple[str, ...]) -> str:
     """Identity of the model components used: the folder or hub id, their config files' contents and their weight
     files' sizes and times (a replaced weight file means re-encoding; hashing gigabytes would be too slow)."""
@@ -145,11 +138,9 @@ def encode_frames(frames: np.ndarray, vae, image_processor, image_encoder, *, de
     """VAE latents, I2V condition and CLIP image context of RGB uint8 frames [F, H, W, 3] (F = 4k+1, sides
     multiples of 16), as WanImageToVideoPipeline computes them."""
     pixels = frames_to_pixels(frames).to(device=device, dtype=vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(device, dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(device, dtype)
 
     def encode(video: torch.Tensor) -> torch.Tensor:
-        return (vae.encode(video).latent_dist.mode().to(device=device, dtype=dtype) - mean) * inv_std
+        return normalize_latents(vae, vae.encode(video).latent_dist.mode().to(device=device, dtype=dtype))
 
     latents = encode(pixels)
     # Condition as the pipeline builds it: the first frame, then zeros (mid-grey in [-1, 1] pixel space).
@@ -211,7 +202,7 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
     text_key = _model_key(model_path, ("text_encoder", "tokenizer"))
 
     progress(0.0, "Hashing clips")
-    clip_hashes = {clip.path: _sha256_file(clip.path) for clip in report.clips}
+    clip_hashes = {clip.path: file_sha256(clip.path) for clip in report.clips}
     cached: list[CachedItem] = []
     latent_jobs: dict[Path, DatasetItem] = {}
     text_jobs: dict[Path, str] = {}

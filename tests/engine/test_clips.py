@@ -293,6 +293,16 @@ def test_suggestions_find_scene_changes_and_rank_motion(workdir):
     assert avoided[0].start != found[0].start
 
 
+def test_suggestion_scores_are_the_motion_inside_each_window(workdir):
+    """A window that starts at a scene change reads its own scene's motion, not the flow across the cut (the windows
+    of the steady slow scene read alike), and a dynamic scene's windows are packed side by side."""
+    found = suggest_windows(make_scenes_video(workdir / "scenes.mp4"), 20, frames=17, fps=16)
+    steady = [s.score for s in found if s.scene == 2]
+    assert len(steady) >= 2 and max(steady) - min(steady) < 0.1
+    fast = sorted((s for s in found if s.scene == 1), key=lambda s: s.start)
+    assert len(fast) == 2 and fast[0].end == fast[1].start  # two whole windows fit in the 3 s scene: both are found
+
+
 def test_suggestions_read_the_preview_proxy_and_keep_their_analysis(workdir, monkeypatch):
     """With a project cache, the analysis reads the preview proxy (a film's full-size decode is most of its time),
     finds what the source gives, and is kept: asking again decodes nothing. A proxy of another video is ignored."""

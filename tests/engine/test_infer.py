@@ -17,7 +17,6 @@ from engine.generate.comfyui import comfyui_workflow, export_comfyui_workflow
 from engine.generate.lora_files import LoraMismatchError, load_lora, save_lora, save_lora_file
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
 from engine.generate.render import (
-    motion_score,
     options_from_sidecar,
     read_sidecar,
     render_video,
@@ -270,14 +269,6 @@ def test_huge_and_broken_images(tmp_path):
         open_image(broken)
     with pytest.raises(GenerationError, match="not found"):
         open_image(tmp_path / "missing.png")
-
-
-def test_motion_score_sees_motion():
-    still = np.zeros((5, 32, 48, 3), dtype=np.uint8)
-    still[:, 10:20, 10:20] = 255
-    moving = np.stack([np.roll(still[0], shift=2 * t, axis=1) for t in range(5)])
-    assert motion_score(still) == 0.0
-    assert motion_score(moving) > 0.5
 
 
 def test_comfyui_workflow_loads_the_same_model_and_lora(pipe, image_path, lora_file, tmp_path):
