@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import html
 import threading
-from dataclasses import dataclass, replace
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterator
@@ -42,8 +42,8 @@ from engine.captions.style import (
     word_diff,
 )
 from engine.captions.text import CaptionError
-from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.captions.tokens import TokenCounter
+from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.core.hardware import default_device
 from engine.core.models import ModelFolderError
 from engine.jobs import GpuBusyError

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.captions.captioners import CaptionerOutOfMemory, CaptionerSettings, suggest_captions
-from engine.captions.vlm import DEFAULT_INSTRUCTION, DEFAULT_VIDEO_FPS, MEMORY_MODES, open_captioner
 from engine.captions.store import (
     CaptionStore,
     apply_style_to_clips,
@@ -19,6 +18,7 @@ from engine.captions.store import (
 from engine.captions.style import CaptionChange, StyleRules, find_banned_words, load_style_rules
 from engine.captions.text import CaptionError
 from engine.captions.tokens import TokenCounter
+from engine.captions.vlm import DEFAULT_INSTRUCTION, DEFAULT_VIDEO_FPS, MEMORY_MODES, open_captioner
 from engine.core.layout import Project
 from engine.core.models import BLIP2_HUB_ID
 
