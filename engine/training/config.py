@@ -166,7 +166,8 @@ def _check_value(section: Any, name: str, value: Any, key: str, file) -> Any:
         pattern = meta.get("also_matching")
         if not matches and not (pattern and isinstance(value, str) and re.fullmatch(pattern, value)):
             allowed = ", ".join(_toml_literal(c) for c in accepted)
-            near = _near_matches(str(value), [str(c) for c in accepted]) if isinstance(value, str) else []
+            texts = [c for c in accepted if isinstance(c, str)]
+            near = _near_matches(value, texts) if isinstance(value, str) else []
             hint = f" Did you mean {_toml_literal(near[0])}?" if near else ""
             other = " or a pytorch_optimizer class name (e.g. 'Prodigy')" if pattern else ""
             raise ConfigError(f"'{key}'{_where(file)} is {_toml_literal(value)};{hint} allowed values: {allowed}"

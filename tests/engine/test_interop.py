@@ -303,6 +303,10 @@ def test_case_cosine_schedule_round_trip_keeps_diffusion_pipes_meaning(tmp_path)
     earlier = load_run_config(folder / "resaved_by_studio.toml")
     assert earlier.lr_scheduler == "cosine" and earlier == run
     assert _raw(save_run_config(earlier, tmp_path / "again.toml")) == saved
+    contradiction = folder / "contradiction.toml"
+    contradiction.write_text((folder / "resaved_by_studio.toml").read_text().replace('"linear"', '"constant"'))
+    with pytest.raises(ConfigError, match="'lr_scheduler' and 'studio.cosine_schedule'.* disagree"):
+        load_run_config(contradiction)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
