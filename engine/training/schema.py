@@ -163,8 +163,8 @@ class AdapterConfig(_Section):
     type: str = _f("lora", "Adapter kind. Only 'lora'.", choices=("lora",), required=True)
     rank: int = _f(32, "LoRA rank (1-256). Higher learns more detail and uses more memory; 32 is the usual.",
                    minimum=1, maximum=256, required=True)
-    dtype: str = _f("bfloat16", "Dtype of the LoRA weights while training (float32 on a CPU).", choices=DTYPES,
-                    required=True)
+    dtype: str | None = _f(None, "Dtype of the LoRA weights while training (float32 on a CPU); unset = [model] dtype, "
+                                 "as diffusion-pipe.", choices=DTYPES)
     init_from_existing: str | None = _f(None, "Folder of an earlier LoRA (adapter_model.safetensors) to start from; "
                                               "unset = fresh LoRA.")
 
@@ -188,7 +188,8 @@ class OptimizerConfig(_Section):
                    choices=OPTIMIZER_TYPES, required=True, ignore_case=True, also=OTHER_DIFFUSION_PIPE_OPTIMIZERS,
                    also_matching=OPTIMIZER_CLASS_NAME)
     lr: float = _f(2e-5, "Peak learning rate (1e-6 .. 1e-3). 2e-5 suits rank-32 Wan LoRAs; raise it for lower "
-                         "ranks or short runs.", minimum=0.0, maximum=1.0, required=True)
+                         "ranks or short runs. Needed to train here (diffusion-pipe's optimizers have defaults).",
+                   minimum=0.0, maximum=1.0)
     betas: list[float] = _f(help="Adam beta1, beta2 (each 0..1).", factory=lambda: [0.9, 0.99], minimum=0.0,
                             maximum=1.0)
     weight_decay: float = _f(0.01, "Decoupled weight decay (0..1); 0.01 keeps the LoRA from drifting.",

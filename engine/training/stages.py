@@ -44,6 +44,8 @@ def validate(run_cfg, dataset_cfg, events: EventLog):
     if not trains_here(run_cfg.optimizer.type):
         raise TrainingError(f"optimizer.type = '{run_cfg.optimizer.type}' is diffusion-pipe's; the studio cannot "
                             "train with it.", f"Set [optimizer] type to one of {', '.join(OPTIMIZER_TYPES)}.")
+    if not run_cfg.optimizer.is_explicit("lr"):  # diffusion-pipe would take the optimizer class's own default
+        raise TrainingError(f"[optimizer] lr is not set in {run_cfg.source}.", "Set [optimizer] lr (e.g. 2e-5).")
     try:
         check_wan_folder(run_cfg.model.ckpt_path)
     except ModelFolderError as err:

@@ -221,6 +221,13 @@ def test_optimizer_arguments_diffusion_pipe_passes_on_are_kept(tmp_path):
     assert "optimizer.d_coef" in said and "'Prodigy' is kept for diffusion-pipe, but the studio cannot train" in said
     assert _raw(save_run_config(run, tmp_path / "again.toml")) == _raw(src)
     assert apply_overrides(run, {"optimizer.type": "adamw"}).optimizer.kept == {"d_coef": 2.0}
+    # examples/main_example.toml's automagic table has no lr, and an [adapter] without dtype takes [model] dtype.
+    automagic = {**MINIMAL_RUN, "optimizer": {"type": "automagic", "weight_decay": 0.01},
+                 "adapter": {"type": "lora", "rank": 4}}
+    src.write_text(tomli_w.dumps(automagic), encoding="utf-8")
+    run = load_run_config(src)
+    assert run.adapter.dtype is None and not run.optimizer.is_explicit("lr")
+    assert _raw(save_run_config(run, tmp_path / "again.toml")) == _raw(src)
 
 
 # ------------------------------------------------------------------------------------------- the field cases

@@ -425,6 +425,10 @@ def test_diffusion_pipe_save_cadence_in_examples_and_optimizers_the_studio_lacks
     error = events_of(prodigy, "error")[-1]
     assert "optimizer.type = 'Prodigy'" in error["message"] and "adamw_optimi" in error["hint"]
     assert [e["phase"] for e in events_of(prodigy, "phase")] == ["validate", "error"]
+    no_lr = write_run(train_project, "no lr")  # diffusion-pipe would use the optimizer's own default
+    text = no_lr.read_text(encoding="utf-8")
+    no_lr.write_text("\n".join(line for line in text.splitlines() if not line.startswith("lr =")), encoding="utf-8")
+    assert train(no_lr) == 2 and "[optimizer] lr is not set" in events_of(no_lr, "error")[-1]["message"]
 
 
 def test_memory_hint_skips_settings_in_use():
