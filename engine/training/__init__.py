@@ -1,8 +1,8 @@
 """Stage 3, training: a Wan 2.1 I2V LoRA from captioned clips (the Train tab; `python -m engine.training`).
 
 Settings: `schema` (the dataclasses), `config` (diffusion-pipe TOML in and out), `interop` (what the studio does
-with diffusion-pipe's keys, the export for diffusion-pipe), `form` (the Train tab's form), `presets` (per GPU size). Data: `dataset` (scan clips and captions, buckets, frame reading), `cache` (latents and
-embeddings on disk). Training: `objective` (flow matching), `model` (peft LoRA + low-memory modes), `optim`,
+with diffusion-pipe's keys, the export for diffusion-pipe), `form` (the Train tab's form), `presets` (per GPU size).
+Data: `dataset` (scan clips and captions, buckets, frame reading), `cache` (latents and embeddings on disk). Training: `objective` (flow matching), `model` (peft LoRA + low-memory modes), `optim`,
 `loop` (the Trainer), `state` (resume states), `parallel` (DeepSpeed data parallel), `stages` (validate -> cache ->
 train), `events` (the trainer -> UI contract), `runs` (a run folder read back).
 

@@ -409,8 +409,8 @@ def test_errors_are_reported_as_events(train_project, tmp_path, monkeypatch, cap
 
 
 def test_diffusion_pipe_save_cadence_in_examples_and_optimizers_the_studio_lacks(train_project):
-    """save_every_n_examples saves every N // global batch steps (diffusion-pipe's train.py); an optimizer diffusion-pipe
-    has and the studio does not is refused before anything is cached or loaded, naming the key and what to set."""
+    """save_every_n_examples saves every N // global batch steps (diffusion-pipe's train.py); an optimizer only
+    diffusion-pipe has, or no lr, is refused before anything is cached or loaded, naming the key and what to set."""
     from engine.training.stages import train
 
     run_toml = write_run(train_project, "examples", {"max_steps": 4, "epochs": 100, "save_every_n_epochs": None,
