@@ -2,9 +2,10 @@
 
 Settings: `schema` (the dataclasses), `config` (diffusion-pipe TOML in and out), `interop` (what the studio does
 with diffusion-pipe's keys, the export for diffusion-pipe), `form` (the Train tab's form), `presets` (per GPU size).
-Data: `dataset` (scan clips and captions, buckets, frame reading), `cache` (latents and embeddings on disk). Training: `objective` (flow matching), `model` (peft LoRA + low-memory modes), `optim`,
-`loop` (the Trainer), `state` (resume states), `parallel` (DeepSpeed data parallel), `stages` (validate -> cache ->
-train), `events` (the trainer -> UI contract), `runs` (a run folder read back).
+Data: `dataset` (scan clips and captions, buckets, frame reading), `cache` (latents and embeddings on disk).
+Training: `objective` (flow matching), `model` (peft LoRA + low-memory modes), `optim`, `loop` (the Trainer), `state`
+(resume states), `parallel` (DeepSpeed data parallel), `stages` (validate -> cache -> train), `events` (the trainer
+-> UI contract), `runs` (a run folder read back).
 
 Determinism: each micro-batch draws its timestep and noise from a generator seeded by (seed, global micro-batch
 index), and the data order is a function of (seed, epoch), so a run resumed from a saved state continues exactly
