@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
-from engine.core.ffmpeg import write_video
-from engine.core.files import atomic_write_json
+from engine.core.files import atomic_path, atomic_write_json
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.progress import ProgressFn, StopFn
 from engine.generate.render import SIDECAR_VERSION, generate, new_output_path, read_sidecar, sidecar_path, write_outputs
@@ -103,24 +102,44 @@ def _slug(text: str) -> str:
 
 def combine_side_by_side(clips: Sequence[np.ndarray], labels: Sequence[str], out_path: str | Path,
                          fps: float = 16.0, columns: int = 4) -> Path:
-    """Tile equally sized clips in a grid (up to `columns` across), each under a label band; writes one mp4."""
-    import cv2
+    """Tile clips (RGB uint8 [F, H, W, 3], resized to the first one's size) in a grid up to `columns` across, each
+    under its label, into one H.264 mp4 written atomically; a shorter clip holds its last frame. Composed with moviepy
+    (labels are Pillow text: antialiased, shrunk to fit a tile); raises ValueError for no clips or a label count that
+    differs from the clip count."""
+    from moviepy import ColorClip, ImageSequenceClip, clips_array
 
-    if not clips:
-        raise ValueError("combine_side_by_side got no clips")
+    if not clips or len(clips) != len(labels):
+        raise ValueError(f"combine_side_by_side needs one label per clip, got {len(clips)} clips and {len(labels)} "
+                         "labels")
     frames, height, width = max(len(c) for c in clips), clips[0].shape[1], clips[0].shape[2]
-    band = 24 if width >= 160 else 16
-    cols = min(columns, len(clips))
-    rows = math.ceil(len(clips) / cols)
-    canvas = np.zeros((frames, rows * (height + band), cols * width, 3), dtype=np.uint8)
-    for i, (clip, label) in enumerate(zip(clips, labels)):
+    band = 24 if width >= 160 else 16  # label height in pixels
+    tiles = []
+    for clip, label in zip(clips, labels):
         if clip.shape[1:3] != (height, width):
             clip = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in clip])
-        y, x = (i // cols) * (height + band), (i % cols) * width
-        title = np.zeros((band, width, 3), dtype=np.uint8)
-        scale = min(0.5, max(0.25, width / 900))
-        cv2.putText(title, label, (4, band - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-        for t in range(frames):
-            canvas[t, y:y + band, x:x + width] = title
-            canvas[t, y + band:y + band + height, x:x + width] = clip[min(t, len(clip) - 1)]
-    return write_video(canvas, out_path, fps=fps)
+        held = list(clip) + [clip[-1]] * (frames - len(clip))
+        video = ImageSequenceClip(held, fps=fps)
+        tiles.append(clips_array([[_label_clip(label, width, band, video.duration)], [video]]))
+    cols = min(columns, len(tiles))
+    tiles += [ColorClip(tiles[0].size, color=(0, 0, 0), duration=tiles[0].duration)] * (-len(tiles) % cols)
+    grid = clips_array([tiles[i:i + cols] for i in range(0, len(tiles), cols)])
+    with atomic_path(Path(out_path), suffix=".tmp.mp4") as tmp:
+        grid.write_videofile(str(tmp), fps=fps, codec="libx264", preset="veryfast", audio=False, logger=None,
+                             ffmpeg_params=["-crf", "18", "-movflags", "+faststart"])
+    grid.close()
+    return Path(out_path)
+
+
+def _label_clip(text: str, width: int, band: int, duration: float):
+    """White text on a black band `width` x `band` pixels: one font size for every tile, smaller only where a long
+    label would not fit."""
+    from moviepy import TextClip
+    from PIL import ImageFont
+
+    margin = (4, 2)
+    room = (width - 2 * margin[0], band - 2 * margin[1])
+    size = max(6, band - 10)
+    fits = ImageFont.load_default(size).getlength(text) <= room[0]
+    return TextClip(text=text, size=room, margin=margin, font_size=size if fits else None, color="white",
+                    bg_color="black", transparent=False, method="label", text_align="left",
+                    horizontal_align="left").with_duration(duration)

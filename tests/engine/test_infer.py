@@ -33,7 +33,7 @@ from engine.generate.request import (
     output_size,
     resolve_request,
 )
-from engine.generate.sweep import plan_sweep, render_sweep
+from engine.generate.sweep import combine_side_by_side, plan_sweep, render_sweep
 from tests.engine.test_lora_io import make_lora_dir, random_peft_lora
 
 SMALL = dict(prompt="a warrior jumps", seed=7, steps=2, frames=9, height=16, width=32)  # small: the VAE dominates
@@ -154,6 +154,29 @@ def test_sweep_gives_one_output_per_strength_and_a_comparison(pipe, image_path, 
     grid = video_frames(result.comparison)
     assert grid.shape[1:3] == (16 + 16, 3 * 32)  # one row: a label band above each 32x16 tile
     assert json.loads(result.comparison.with_suffix(".json").read_text())["variants"][2]["label"] == "strength 1.5"
+
+
+def test_comparison_video_tiles_labels_and_holds_short_clips(tmp_path):
+    """Five clips, four across: two rows (the empty cells black), each tile under its label, a shorter clip holding
+    its last frame, resized tiles; written atomically (nothing else left in the folder)."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+    clips = [np.full((9 if i != 1 else 5, 64, 96, 3), c, np.uint8) for i, c in enumerate(colours)]
+    clips[4] = np.full((9, 32, 48, 3), colours[4], np.uint8)  # another size: resized to the first tile's
+    out = combine_side_by_side(clips, [f"variant {i}  motion 1.0 % width/s" for i in range(5)], tmp_path / "cmp.mp4",
+                               fps=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["cmp.mp4"]
+    grid = video_frames(out)[..., ::-1]  # BGR -> RGB
+    band = 16
+    assert grid.shape == (9, 2 * (band + 64), 4 * 96, 3)
+    for i, colour in enumerate(colours):
+        top, left = (i // 4) * (band + 64), (i % 4) * 96
+        tile = grid[:, top + band + 8: top + band + 56, left + 8: left + 88].reshape(9, -1, 3).mean(axis=1)
+        assert np.abs(tile - colour).max() < 12, i  # every frame, the short clip's held last frame too
+        label = grid[0, top: top + band, left: left + 96]
+        assert label.max() > 150 and np.median(label) < 30  # white text on a black band
+    assert grid[:, 64 + 2 * band:, 96:].max() < 30  # the three empty cells of the second row stay black
+    with pytest.raises(ValueError, match="one label per clip"):
+        combine_side_by_side(clips, ["only one"], tmp_path / "bad.mp4")
 
 
 def test_epoch_sweep_plan_renders_strength_zero_once(image_path, lora_file, tmp_path):
