@@ -92,8 +92,8 @@ def main() -> None:
     print(f"source: {info.width}x{info.height} {info.codec} {info.fps:g} fps, {info.duration:.1f} s; "
           f"CPU cores: {os.cpu_count()}")
     print("\n| frame preview (640 px wide) | median ms | p95 ms | max ms | n |\n|---|---|---|---|---|")
-    print(row("random seek, source (cv2)", direct_random))
-    print(row("+1 frame steps, source (cv2)", direct_steps))
+    print(row("random seek, source", direct_random))
+    print(row("+1 frame steps, source", direct_steps))
     print(row("random seek, preview proxy", proxy_random))
     print(row("+1 frame steps, preview proxy", proxy_steps))
     clip_seconds = len(cuts) * 81 / 16

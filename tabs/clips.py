@@ -284,7 +284,8 @@ class ClipsTab:
     def info_text(self, info: VideoInfo, building: bool) -> str:
         facts = info.summary()
         parts = [f"**{html.escape(info.path.name)}**", f"{facts['duration_s']} s", f"{facts['fps']} fps "
-                 f"({facts['frame_rate']})", str(facts["resolution"]), str(facts["codec"]),
+                 f"({facts['frame_rate']})", str(facts["resolution"]),
+                 *([facts["stored_as"]] if "stored_as" in facts else []), str(facts["codec"]),
                  f"{facts['pixel_format']} ({facts['bit_depth']}-bit)", f"rotation {facts['rotation']}°",
                  f"{facts['frames']} frames", "audio (dropped on export)" if facts["audio"] else "no audio"]
         text = " · ".join(parts)

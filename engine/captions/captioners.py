@@ -15,6 +15,7 @@ from engine.captions.text import CaptionError
 from engine.core.hardware import default_device
 from engine.core.models import load_blip2
 from engine.core.progress import ProgressFn, StopFn, never_stop, no_progress
+from engine.core.video import VideoError, probe_video, read_frames
 
 
 class ClipDecodeError(CaptionError):
@@ -122,34 +123,15 @@ class Blip2Captioner:
 
 
 def read_clip_frames(clip: str | Path, count: int = 3) -> list[np.ndarray]:
-    """`count` RGB frames spread evenly over the clip (first, middle, last for 3), read with OpenCV."""
-    import cv2
+    """`count` RGB frames spread evenly over the clip (first, middle, last for 3), as shown (engine.core.video).
 
-    clip = Path(clip)
-    capture = cv2.VideoCapture(str(clip))
+    Raises ClipDecodeError naming the clip when it cannot be read or decoded."""
     try:
-        if not capture.isOpened():
-            raise ClipDecodeError(f"Cannot open {clip.name} as a video (unsupported or damaged file).")
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        # The reported count can be off by a few frames: read sequentially and keep the wanted indices.
-        wanted = sorted({int(round(i)) for i in np.linspace(0, max(total - 1, 0), count)}) if total > 0 else [0]
-        frames, last, index = [], None, 0
-        while wanted and index <= wanted[-1]:
-            if not capture.grab():
-                break
-            if index in wanted:
-                ok, frame = capture.retrieve()
-                if ok:
-                    last = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-                    frames.append(last)
-            index += 1
-        if not frames:
-            raise ClipDecodeError(f"No frame of {clip.name} could be decoded; re-cut or re-encode the clip.")
-        while len(frames) < len(wanted):  # the file ended early: reuse its last decoded frame
-            frames.append(last)
-        return frames
-    finally:
-        capture.release()
+        info = probe_video(clip)
+        wanted = sorted(int(round(i)) for i in np.linspace(0, info.frame_count - 1, count))
+        return list(read_frames(info, wanted))
+    except VideoError as err:
+        raise ClipDecodeError(f"{err} Re-cut or re-encode the clip.") from None
 
 
 def merge_captions(captions: Iterable[str]) -> str:

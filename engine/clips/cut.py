@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
-import subprocess
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,10 +11,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from engine.core.ffmpeg import FFmpegError, ffmpeg_exe, write_video
+from engine.core.ffmpeg import FFmpegError, write_video
 from engine.core.files import append_jsonl, atomic_path, read_jsonl
 from engine.core.progress import ProgressFn, StopFn
-from engine.core.video import FRAME_TIME_TOLERANCE, VideoInfo, format_time, probe_video
+from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_time, probe_video, read_frames
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -146,107 +143,45 @@ def clip_name(source: str | os.PathLike, cut: Cut) -> str:
     return stem
 
 
-# ---------------------------------------------------------------- decoding with exact timestamps
+# ---------------------------------------------------------------- frames of a clip
 
 
-def _scale_filter(info: VideoInfo, size: tuple[int, int] | None, crop: bool) -> tuple[str, int, int]:
-    """ffmpeg filter text that brings decoded frames to the export size, and that size."""
-    if size is None:  # keep the source size; yuv420p needs even sides
+@dataclass(frozen=True)
+class _Fit:
+    """How shown source pictures become clip frames: scaled to `scaled` (width, height), then centre-cropped to
+    `size` (width, height)."""
+
+    scaled: tuple[int, int]
+    size: tuple[int, int]
+
+    def apply(self, picture: np.ndarray) -> np.ndarray:
+        (scaled_w, scaled_h), (width, height) = self.scaled, self.size
+        left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+        return picture[top:top + height, left:left + width]
+
+
+def _fit(info: VideoInfo, size: tuple[int, int] | None, crop: bool) -> _Fit:
+    """How the source's display-size pictures (square pixels, upright) are brought to the export size."""
+    if size is None:  # keep the display size; yuv420p needs even sides
         width, height = info.width - info.width % 2, info.height - info.height % 2
         if width < 2 or height < 2:
             raise ClipError(f"{info.path.name} is {info.width}x{info.height}: too small to export.")
-        return f"crop={width}:{height}", width, height
+        return _Fit((info.width, info.height), (width, height))
     width, height = size
     if not crop:
-        return f"scale={width}:{height}:flags=area,setsar=1", width, height
+        return _Fit((width, height), (width, height))
     factor = max(width / info.width, height / info.height)  # cover the target, then cut the overflow evenly
     scaled_w = max(width, int(np.ceil(info.width * factor - 1e-6)))
     scaled_h = max(height, int(np.ceil(info.height * factor - 1e-6)))
-    return f"scale={scaled_w}:{scaled_h}:flags=area,crop={width}:{height},setsar=1", width, height
+    return _Fit((scaled_w, scaled_h), (width, height))
 
 
-class _TimedFrames:
-    """Decoded frames with their presentation times (s, from the first frame), read from one ffmpeg process.
-
-    Timestamps come from ffmpeg's showinfo filter on stderr, matched in order to raw frames on stdout."""
-
-    def __init__(self, info: VideoInfo, seek: float, vf: str, width: int, height: int, pix_fmt: str = "rgb24"):
-        self.info, self.width, self.height = info, width, height
-        self.channels = 1 if pix_fmt == "gray" else 3
-        cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info"]
-        if seek > 0:
-            cmd += ["-ss", f"{info.start_time + seek:.6f}"]
-        cmd += ["-copyts", "-i", str(info.path), "-map", "0:v:0", "-vf", f"{vf},showinfo", "-fps_mode", "passthrough",
-                "-an", "-sn", "-f", "rawvideo", "-pix_fmt", pix_fmt, "-"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.times: queue.Queue[float | None] = queue.Queue()
-        self.log: list[str] = []
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-
-    def _read_log(self) -> None:
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace")
-            match = re.search(r"Parsed_showinfo.* n: *\d+ .*pts_time:(-?[\d.]+)", line)
-            if match:
-                self.times.put(float(match.group(1)) - self.info.start_time)
-            elif "Parsed_showinfo" not in line:
-                self.log.append(line.rstrip())
-        self.times.put(None)
-
-    def __iter__(self) -> Iterator[tuple[float, np.ndarray]]:
-        shape = (self.height, self.width, 3) if self.channels == 3 else (self.height, self.width)
-        size = self.width * self.height * self.channels
-        while True:
-            data = self.proc.stdout.read(size)
-            if len(data) < size:
-                return
-            t = self.times.get(timeout=30)
-            if t is None:
-                return
-            yield t, np.frombuffer(data, np.uint8).reshape(shape)
-
-    def close(self) -> str:
-        """Stop ffmpeg; return its error log if it failed on its own."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            self.reader.join(timeout=5)
-            return ""
-        self.proc.wait()
-        self.reader.join(timeout=5)
-        return "\n".join(self.log[-8:]) if self.proc.returncode else ""
-
-
-def _sample_frames(info: VideoInfo, start: float, count: int, fps: float, vf: str, width: int, height: int,
-                   failure: list[str], should_stop: StopFn | None) -> Iterator[np.ndarray]:
-    """Yield the `count` output frames (frame k = source frame on screen at start + k / fps).
-
-    On trouble it records a message in `failure` and ends early instead of raising, so the encoder that consumes
-    it closes cleanly and the caller can throw the partial file away."""
-    targets = [start + k / fps for k in range(count)]
-    seek = max(0.0, start - max(1.0, 3 / max(info.fps, 1e-3)))  # decode from a little before: frame at t has pts <= t
-    stream = _TimedFrames(info, seek, vf, width, height)
-    produced, previous = 0, None
-    try:
-        for t, frame in stream:
-            if should_stop is not None and should_stop():
-                failure.append("stopped")
-                return
-            while produced < count and t > targets[produced] + FRAME_TIME_TOLERANCE:
-                yield previous if previous is not None else frame
-                produced += 1
-            previous = frame
-            if produced == count:
-                return
-        while produced < count and previous is not None and targets[produced] < info.duration:
-            yield previous  # the last frame stays on screen until the end of the video
-            produced += 1
-    finally:
-        log = stream.close()
-        if produced < count and not failure:
-            failure.append(f"the source ended after {produced} of {count} frames"
-                           + (f" (ffmpeg: {log.strip()[-300:]})" if log else "") + "; it may be truncated or damaged.")
+def _clip_frames(info: VideoInfo, start: float, count: int, fps: float, fit: _Fit, out_name: str,
+                 should_stop: StopFn | None) -> Iterator[np.ndarray]:
+    for picture in read_frames(info, info.indices_at(start, count, fps), size=fit.scaled):
+        if should_stop is not None and should_stop():
+            raise ExportStopped(f"Stopped before {out_name} was finished; it was not written.")
+        yield fit.apply(picture)
 
 
 # ---------------------------------------------------------------- export
@@ -271,22 +206,17 @@ def cut_clip(info: VideoInfo, cut: Cut, out_path: str | os.PathLike, *, frames: 
 
     Nothing is left at out_path (or beside it) when decoding fails or should_stop() turns true."""
     check_frames(frames)
-    vf, width, height = _scale_filter(info, size, crop)
-    failure: list[str] = []
+    fit = _fit(info, size, crop)
     out_path = Path(out_path)
     with atomic_path(out_path, suffix=".part.mp4") as tmp:
         try:
-            write_video(_sample_frames(info, cut.start, frames, fps, vf, width, height, failure, should_stop),
-                        tmp, fps=fps)
-        except (ValueError, FFmpegError) as exc:  # no frame at all, or the encoder failed
-            if not failure:
-                raise ClipError(f"Encoding {out_path.name} failed: {exc}") from None
-        if failure == ["stopped"]:
-            raise ExportStopped(f"Stopped before {out_path.name} was finished; it was not written.")
-        if failure:
+            write_video(_clip_frames(info, cut.start, frames, fps, fit, out_path.name, should_stop), tmp, fps=fps)
+        except VideoError as exc:
             raise ClipError(f"Cutting {out_path.name} from {info.path.name} at {cut.start:.3f} s failed: "
-                            f"{failure[0]}")
-    return width, height
+                            f"{exc}") from None
+        except FFmpegError as exc:
+            raise ClipError(f"Encoding {out_path.name} failed: {exc}") from None
+    return fit.size
 
 
 def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.PathLike, *,
@@ -330,11 +260,12 @@ def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.
         count = clip_frames(cut, frames, fps)
         if on_progress is not None:
             on_progress(i / len(cuts), f"clip {i + 1}/{len(cuts)}: {name}")
-        _, width, height = _scale_filter(info, size, crop)
+        width, height = _fit(info, size, crop).size
         record = {"clip": name, "source": str(info.path.resolve()), "start": round(cut.start, 6),
                   "end": round(cut.start + count / fps, 6), "frames": count, "fps": fps, "width": width,
                   "height": height, "crop": crop if size else None,
-                  "first_source_frame": info.frame_index_at(cut.start)}
+                  "first_source_frame": info.frame_index_at(cut.start), "source_frames": info.frame_count,
+                  "source_size": f"{info.width}x{info.height}"}  # as shown: clips cut by older readers are redone
         previous = latest.get(name)
         same = previous is not None and {k: previous.get(k) for k in record} == record
         if not (same and (out_dir / name).exists()):

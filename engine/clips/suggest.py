@@ -6,7 +6,6 @@ import heapq
 import itertools
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,13 +13,19 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
-from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, Cut, ExportStopped, _TimedFrames, check_frames
-from engine.core.ffmpeg import ffmpeg_exe
+from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, Cut, ExportStopped, check_frames
 from engine.core.files import atomic_write_json
 from engine.core.layout import CacheLayout
 from engine.core.motion import MOTION_RATE, MOTION_WIDTH, flow_speed, motion_size
 from engine.core.progress import ProgressFn, StopFn
-from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, preview_proxy_path, probe_video
+from engine.core.video import (
+    FRAME_TIME_TOLERANCE,
+    VideoError,
+    VideoInfo,
+    preview_proxy_path,
+    probe_video,
+    read_frames,
+)
 
 
 @dataclass
@@ -34,40 +39,21 @@ class Suggestion:
 # ---------------------------------------------------------------- suggestions
 
 
-def _source_greys(info: VideoInfo, analysis_fps: float, width: int, height: int) -> Iterator[tuple[float, np.ndarray]]:
-    """(time, grey frame) every 1 / analysis_fps seconds, decoded from the source itself."""
-    vf = f"fps={analysis_fps}:start_time={info.start_time},scale={width}:{height}:flags=area"
-    stream = _TimedFrames(info, 0.0, vf, width, height, pix_fmt="gray")
-    try:
-        yield from stream
-    finally:
-        stream.close()
-
-
-def _proxy_greys(info: VideoInfo, proxy: Path, analysis_fps: float, width: int,
-                 height: int) -> Iterator[tuple[float, np.ndarray]]:
-    """The same samples read from the preview proxy, whose frame i is source frame i: a film's full-resolution
-    decode is most of the analysis time, and the small proxy decodes many times faster."""
+def _greys(info: VideoInfo, proxy: Path | None, analysis_fps: float, width: int,
+           height: int) -> Iterator[tuple[float, np.ndarray]]:
+    """(time, grey frame) every 1 / analysis_fps seconds: the frame on screen then, read from the preview proxy
+    when it has every source frame (frame i of the proxy is source frame i; a film's full-resolution decode is most
+    of the analysis time, and the small proxy decodes many times faster), else from the source."""
     times = np.arange(0.0, info.duration, 1.0 / analysis_fps)
     wanted = [info.frame_index_at(float(t)) for t in times]
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(proxy), "-map", "0:v:0",
-           "-vf", f"scale={width}:{height}:flags=area", "-fps_mode", "passthrough", "-an", "-sn", "-f", "rawvideo",
-           "-pix_fmt", "gray", "-"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    size, sample = width * height, 0
+    reader = info
+    if proxy is not None and probe_video(proxy).frame_count == info.frame_count:
+        reader = probe_video(proxy)
+    frames = read_frames(reader, wanted, size=(width, height), gray=True)
     try:
-        for index in range(info.frame_count):
-            if sample == len(wanted):
-                return
-            data = proc.stdout.read(size)
-            if len(data) < size:
-                return
-            while sample < len(wanted) and wanted[sample] == index:
-                yield float(times[sample]), np.frombuffer(data, np.uint8).reshape(height, width)
-                sample += 1
+        yield from zip(times.tolist(), frames)
     finally:
-        proc.kill()
-        proc.wait()
+        frames.close()  # closes the video now, also when the analysis stops early
 
 
 def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float = MOTION_RATE,
@@ -80,10 +66,7 @@ def analyze_motion(source: str | os.PathLike | VideoInfo, *, analysis_fps: float
     `proxy`, the source's preview proxy, is read instead of the source when it has every source frame."""
     info = source if isinstance(source, VideoInfo) else probe_video(source)
     width, height = motion_size(info.width, info.height)
-    if proxy is not None and probe_video(proxy).frame_count == info.frame_count:
-        samples = _proxy_greys(info, proxy, analysis_fps, width, height)
-    else:
-        samples = _source_greys(info, analysis_fps, width, height)
+    samples = _greys(info, proxy, analysis_fps, width, height)
     times, motion, hist_jump = [], [], []
     prev_grey, prev_hist = None, None
     expected = max(1, int(info.duration * analysis_fps))

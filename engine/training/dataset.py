@@ -13,7 +13,7 @@ import torch
 from engine.captions.text import CaptionEncodingError, read_caption
 from engine.core.layout import caption_file as caption_path
 from engine.core.layout import list_videos
-from engine.core.video import VideoError, VideoInfo, probe_video
+from engine.core.video import VideoError, VideoInfo, probe_video, read_frames
 from engine.training.schema import DatasetConfig
 
 WAN_FPS = 16.0  # Wan 2.1 is trained at 16 fps: clips are resampled to it
@@ -152,21 +152,6 @@ def _wan_frame_count(info: VideoInfo) -> int:
     return int(math.floor((info.duration - 1e-3) * WAN_FPS)) + 1
 
 
-def _source_indices(info: VideoInfo, start: int, count: int) -> list[int]:
-    """File frame numbers of 16-fps frames start..start+count-1 (the frame on screen at each 1/16 s)."""
-    if abs(info.fps - WAN_FPS) < 0.01:
-        return list(range(start, start + count))
-    return [info.frame_index_at(i / WAN_FPS) for i in range(start, start + count)]
-
-
-def _decodes(path: Path) -> bool:
-    capture = cv2.VideoCapture(str(path))
-    try:
-        return capture.isOpened() and capture.read()[0]
-    finally:
-        capture.release()
-
-
 def scan_dataset(cfg: DatasetConfig, *, video_clip_mode: str = "single_beginning") -> DatasetReport:
     """Find every clip + caption of the dataset, check them and assign buckets. Never raises for bad data: every
     problem is in the report (errors block training, warnings don't)."""
@@ -216,11 +201,8 @@ def _scan_clip(path: Path, directory: int, repeats: int, report: DatasetReport) 
     caption_file = caption_path(path)
     try:
         info = probe_video(path)
-    except VideoError as err:
+    except VideoError as err:  # unreadable, or its first frame does not decode
         report.errors.append(DatasetIssue(path, f"cannot be read: {err}"))
-        return None
-    if not _decodes(path):
-        report.errors.append(DatasetIssue(path, f"cannot be decoded ({info.codec}): re-export it as H.264 mp4."))
         return None
     if not caption_file.is_file():
         report.errors.append(DatasetIssue(path, f"no caption file {caption_file.name} beside it: write one in the "
@@ -260,28 +242,16 @@ def fit_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def read_item_frames(item: DatasetItem) -> np.ndarray:
-    """The item's frames as RGB uint8 [F, H, W, 3]: resampled to 16 fps, window cut, fitted to the bucket."""
+    """The item's frames as RGB uint8 [F, H, W, 3]: resampled to 16 fps (16-fps frame i is the clip's frame on
+    screen at i / 16 s, as clips are cut), window cut, shown as a player shows them (edit lists, pixel aspect,
+    rotation: engine.core.video), fitted to the bucket. Raises DatasetError naming a clip that fails to decode."""
     frames, height, width = item.bucket
     info = probe_video(item.clip.path)
-    wanted = _source_indices(info, item.start, frames)
-    needed = set(wanted)
-    decoded: dict[int, np.ndarray] = {}
-    capture = cv2.VideoCapture(str(item.clip.path))
+    wanted = info.indices_at(item.start / WAN_FPS, frames, WAN_FPS)
     try:
-        index = 0
-        while index <= max(wanted):
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if index in needed:
-                decoded[index] = fit_frame(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), height, width)
-            index += 1
-    finally:
-        capture.release()
-    if len(decoded) < len(needed):
-        raise DatasetError(f"{item.clip.path.name}: could decode only {index} frames, {max(wanted) + 1} needed. "
-                           "The file may be damaged: export the clip again.")
-    return np.stack([decoded[i] for i in wanted])
+        return np.stack([fit_frame(picture, height, width) for picture in read_frames(info, wanted)])
+    except VideoError as err:
+        raise DatasetError(f"{item.clip.path.name}: {err} Export the clip again.") from None
 
 
 def frames_to_pixels(frames: np.ndarray) -> torch.Tensor:

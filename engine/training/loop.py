@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from engine.core.layout import cache_dir_for_run
+from engine.core.video import VideoError, probe_video, read_frames
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
@@ -330,15 +331,15 @@ def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_d
 
 
 def _first_frame(clip: str | Path, out: Path) -> Path:
-    """The clip's first frame as a PNG (the default sample still)."""
-    import cv2
+    """The clip's first frame as shown (engine.core.video), as a PNG (the default sample still)."""
+    from PIL import Image
 
-    capture = cv2.VideoCapture(str(clip))
-    ok, frame = capture.read()
-    capture.release()
-    if not ok:
-        raise TrainingError(f"Could not read the first frame of {clip} for the training sample.",
-                            "Set [studio.samples] image to a still image.")
+    try:
+        info = probe_video(clip)
+        (frame,) = read_frames(info, [0])
+    except VideoError as err:
+        raise TrainingError(f"Could not read the first frame of {clip} for the training sample: {err}",
+                            "Set [studio.samples] image to a still image.") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), frame)
+    Image.fromarray(frame).save(out)
     return out

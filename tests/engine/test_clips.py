@@ -36,6 +36,7 @@ from engine.core.video import (
     preview_proxy_path,
     probe_video,
     read_frame,
+    read_frames,
     thumbnails,
 )
 from tests.engine.test_clips_videos import decode_all, make_indexed_video, make_scenes_video, read_index
@@ -151,7 +152,7 @@ def test_reexport_keeps_identical_clips_and_replaces_changed_ones(workdir):
     assert records[1] | {"exported": None} == {
         "clip": "src_000m01s500.mp4", "source": str(source.resolve()), "start": 1.5, "end": 1.5 + 9 / 16,
         "frames": 9, "fps": 16.0, "width": 64, "height": 48, "crop": True, "first_source_frame": 36,
-        "exported": None}
+        "source_frames": 80, "source_size": "160x96", "exported": None}
     assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *(c.path.name for c in first)])
 
 
@@ -320,11 +321,12 @@ def test_suggestions_read_the_preview_proxy_and_keep_their_analysis(workdir, mon
     stranger = build_preview_proxy(make_indexed_video(workdir / "other.mp4", "16", 40), workdir / "other cache")
     assert analyze_motion(info, proxy=stranger)[2] == changes  # frame counts differ: the source is read instead
 
-    def no_source_decoding(*args, **kwargs):
-        raise AssertionError("the source was decoded although its preview proxy exists")
+    def no_source_decoding(video, *args, **kwargs):
+        assert video.path != info.path, "the source was decoded although its preview proxy exists"
+        return read_frames(video, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(clips, "_source_greys", no_source_decoding)
+        patch.setattr(clips, "read_frames", no_source_decoding)
         found = suggest_windows(source, 3, frames=17, fps=16, cache_dir=cache)
     assert [s.scene for s in found][0] == 1 and len(found) == 3
     kept = list((cache / "analysis").glob("scenes-*.json"))

@@ -49,11 +49,13 @@ def make_indexed_video(path: Path, rate: str, frames: int, *, size=(160, 96), pi
 
 
 def decode_all(path: Path) -> list[np.ndarray]:
-    """Every frame of a video (as displayed), by ffmpeg, for checking exported clips."""
+    """Every frame of a video as a player shows it, by the ffmpeg command (a reference independent of the studio's
+    reader): frames an edit list hides dropped, rotated upright, scaled to the display size (square pixels)."""
     from engine.core.video import probe_video
 
     info = probe_video(path)
     out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",
+                          "-vf", f"scale={info.width}:{info.height}:flags=area,setsar=1",
                           "-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
                          capture_output=True, check=True).stdout
     size = info.width * info.height * 3
