@@ -26,6 +26,7 @@ import numpy as np
 from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, ClipDecodeError
 from engine.captions.text import CaptionError
 from engine.core.hardware import default_device
+from engine.core.video import VideoError, probe_video, read_frames
 
 VLM_MODEL_TYPES = ("qwen2_5_vl",)  # config.json model_type values this captioner loads
 VLM_HUB_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -52,33 +53,21 @@ class ClipVideo:
 
 
 def read_clip_video(clip: str | Path, fps: float = DEFAULT_VIDEO_FPS) -> ClipVideo:
-    """The frames of `clip` on screen at times k / fps (k = 0, 1, ...), read with OpenCV.
+    """The frames of `clip` on screen at times k / fps (k = 0, 1, ... up to its last frame), as shown
+    (engine.core.video: edit lists, pixel aspect and rotation applied, like every other reader of clips).
 
-    Raises ClipDecodeError (a CaptionError) when the clip can't be opened or holds no frame.
+    Raises ClipDecodeError (a CaptionError) when the clip can't be read or decoded.
     """
-    import cv2
-
     if not fps > 0:
         raise VideoCaptionerError(f"video frame rate must be above 0 frames per second, not {fps}.")
     clip = Path(clip)
-    capture = cv2.VideoCapture(str(clip))
     try:
-        if not capture.isOpened():
-            raise ClipDecodeError(f"Cannot open {clip.name} as a video (unsupported or damaged file).")
-        source_fps = capture.get(cv2.CAP_PROP_FPS) or fps
-        frames, index, next_time = [], 0, 0.0
-        while capture.grab():
-            if index / source_fps + 1e-6 >= next_time:
-                ok, frame = capture.retrieve()
-                if ok:
-                    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-                next_time = len(frames) / fps
-            index += 1
-        if not frames:
-            raise ClipDecodeError(f"No frame of {clip.name} could be decoded; re-cut or re-encode the clip.")
-        return ClipVideo(clip.name, np.stack(frames), float(fps))
-    finally:
-        capture.release()
+        info = probe_video(clip)
+        count = int(np.floor(info.frame_times[-1] * fps + 1e-6)) + 1
+        frames = np.stack(list(read_frames(info, info.indices_at(0.0, count, fps))))
+    except VideoError as err:
+        raise ClipDecodeError(f"{err} Re-cut or re-encode the clip.") from None
+    return ClipVideo(clip.name, frames, float(fps))
 
 
 class ClipVideoProcessor:

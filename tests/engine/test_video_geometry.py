@@ -140,7 +140,7 @@ def test_anamorphic_case_uses_the_display_size_everywhere(tmp_path):
         assert roundness(picture) == pytest.approx(1.0, abs=0.03), where
 
 
-def make_circle_video(path: Path, sar: Fraction, stored=(180, 120), frames: int = 20, extra=()) -> Path:
+def make_circle_video(path: Path, sar: Fraction, stored=(180, 120), frames: int = 20) -> Path:
     """A white circle left of centre on black, stored squeezed by `sar` so that it is round on screen."""
     width, height = stored
     yy, xx = np.mgrid[0:height, 0:width]
@@ -148,8 +148,8 @@ def make_circle_video(path: Path, sar: Fraction, stored=(180, 120), frames: int 
     circle = (display_x - width * float(sar) * 0.35) ** 2 + (yy - height * 0.5) ** 2 < (height * 0.3) ** 2
     frame = np.repeat((circle * 255).astype(np.uint8)[..., None], 3, axis=2)
     subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                    "-s", f"{width}x{height}", "-r", "25", "-i", "-", "-vf", f"setsar={sar.numerator}/{sar.denominator}",
-                    "-c:v", "libx264", "-pix_fmt", "yuv420p", *extra, str(path)],
+                    "-s", f"{width}x{height}", "-r", "25", "-i", "-", "-vf", f"setsar={sar}",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)],
                    input=frame.tobytes() * frames, check=True)
     return path
 
