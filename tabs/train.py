@@ -26,9 +26,6 @@ from engine.core.layout import jobs_dir, studio_home
 from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
 from engine.training.dataset import scan_dataset
-from engine.training.form import apply_overrides, describe_fields
-from engine.training.interop import export_for_diffusion_pipe, notices
-from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
 from engine.training.events import (
     Event,
     EventFollower,
@@ -38,6 +35,9 @@ from engine.training.events import (
     last_of,
     parse_line,
 )
+from engine.training.form import apply_overrides, describe_fields
+from engine.training.interop import export_for_diffusion_pipe, notices
+from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
 from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, loss_curve, summarize_run
 from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 from studio.context import AppContext
@@ -142,7 +142,7 @@ def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: floa
                      f"whole run ≈ {human_seconds(total_s)}.")
     else:
         lines.append("Time per epoch: shown once the first steps are measured.")
-    value_bytes = 4 if run.save_dtype == "float32" else 2
+    value_bytes = 4 if run.lora_save_dtype == "float32" else 2
     lora = lora_size_bytes(run.model.ckpt_path, run.adapter.rank, value_bytes)
     if lora and run.save_every_n_epochs:
         saves = max(1, run.epochs // run.save_every_n_epochs)
@@ -374,7 +374,8 @@ class TrainTab:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
             return {self.message: f"⚠️ {err}"}
-        return {**self._form_values(run_cfg, dataset_cfg), self.message: "Settings read from the TOML."}
+        return {**self._form_values(run_cfg, dataset_cfg),
+                self.message: " ".join(["Settings read from the TOML.", *notices(run_cfg, dataset_cfg)])}
 
     def on_import(self, files: list, draft: dict) -> dict:
         """Take a diffusion-pipe run TOML and/or dataset TOML; the studio keeps its own run folder and clip paths

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from engine.training.config import _is_section, _section_fields, save_dataset_config, save_run_config
 from engine.training.runs import DATASET_TOML, RUN_TOML
-from engine.training.schema import ADAMW_EQUIVALENTS, OPTIMIZER_TYPES, DatasetConfig, RunConfig, _Section
+from engine.training.schema import (
+    ADAMW_EQUIVALENTS,
+    OPTIMIZER_TYPES,
+    WAN_BLOCKS,
+    DatasetConfig,
+    RunConfig,
+    _Section,
+)
 
 # ---------------------------------------------------------------------------------------------------- notices
 
@@ -90,6 +97,9 @@ def differences_in_diffusion_pipe(run: RunConfig) -> list[str]:
     if run.studio.float8_matmuls:
         out.append("[studio] float8_matmuls: diffusion-pipe computes in bf16 over the float8 weights (its nearest "
                    "equivalent; slightly different numbers).")
+    if run.blocks_to_swap > WAN_BLOCKS - 2:
+        out.append(f"blocks_to_swap = {run.blocks_to_swap}: diffusion-pipe swaps at most {WAN_BLOCKS - 2} of Wan 14B's "
+                   f"{WAN_BLOCKS} blocks (models/wan/wan.py) and stops there.")
     ckpt = Path(run.model.ckpt_path).expanduser()
     if not ckpt.is_dir() or (ckpt / "model_index.json").exists():
         out.append(f"[model] ckpt_path = '{run.model.ckpt_path}' is a diffusers Wan folder or hub id: diffusion-pipe "

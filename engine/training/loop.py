@@ -240,7 +240,7 @@ class Trainer:
 
         if self.world.is_main:
             dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-                self.cfg.save_dtype]
+                self.cfg.lora_save_dtype]
             state = {k: v.detach().to("cpu", dtype) for k, v in self.trainable.lora_state_dict().items()}
             path = _writing(lambda: save_lora(
                 state, self.paths.run_dir / folder, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,

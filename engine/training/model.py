@@ -69,10 +69,9 @@ def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | tor
     parameters = [p for p in transformer.parameters() if p.requires_grad]
     for p in parameters:
         p.data = p.data.float()
-    adapter_dtype = run_cfg.adapter.dtype or run_cfg.model.dtype
-    if adapter_dtype != "float32":
-        notes.append(f"adapter.dtype={adapter_dtype}: LoRA weights are trained in float32 (no Kahan "
-                     f"summation here) and saved as {run_cfg.save_dtype}.")
+    if run_cfg.adapter_dtype != "float32":
+        notes.append(f"adapter.dtype={run_cfg.adapter_dtype}: LoRA weights are trained in float32 (no Kahan "
+                     f"summation here) and saved as {run_cfg.lora_save_dtype}.")
 
     float8 = run_cfg.model.float8
     swapper = None

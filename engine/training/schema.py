@@ -303,7 +303,8 @@ class RunConfig(_Section):
                              maximum=WAN_BLOCKS - 1)
     partition_method: str = _f("parameters", "How diffusion-pipe splits pipeline stages (unused with 1 stage).",
                                unused=_PIPELINE)
-    save_dtype: str = _f("bfloat16", "Dtype of saved LoRA files.", choices=DTYPES)
+    save_dtype: str | None = _f(None, "Dtype of saved LoRA files; unset = the LoRA's training dtype (adapter.dtype), "
+                                      "as diffusion-pipe.", choices=DTYPES)
     caching_batch_size: int = _f(1, "diffusion-pipe: clips encoded at once while caching (1..64). The studio "
                                     "encodes one clip at a time, exactly as the inference pipeline does.",
                                  minimum=1, maximum=64, unused=_CACHING)
@@ -353,6 +354,16 @@ class RunConfig(_Section):
 
     def output_path(self) -> Path:
         return (self.base_dir / Path(self.output_dir).expanduser()).resolve()
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The LoRA's dtype as diffusion-pipe takes it: [adapter] dtype, else [model] dtype (train.py)."""
+        return self.adapter.dtype or self.model.dtype
+
+    @property
+    def lora_save_dtype(self) -> str:
+        """The dtype LoRA files are saved in: save_dtype, else the adapter's dtype (diffusion-pipe's utils/saver.py)."""
+        return self.save_dtype or self.adapter_dtype
 
     @property
     def lora_alpha(self) -> float:

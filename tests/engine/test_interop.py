@@ -15,7 +15,7 @@ import torch
 
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config
 from engine.training.form import apply_overrides
-from engine.training.interop import export_for_diffusion_pipe, notices
+from engine.training.interop import differences_in_diffusion_pipe, export_for_diffusion_pipe, notices
 from engine.training.optim import learning_rate
 from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, RunConfig
 from tests.engine.test_config import DIFFUSION_PIPE_DATASET, DIFFUSION_PIPE_DIRECTORY, DIFFUSION_PIPE_RUN
@@ -292,6 +292,8 @@ def test_case_export_lora_alpha_says_what_differs(tmp_path, tiny_models):
     said = " ".join(exported.notices)
     assert "lora_alpha = 2 at rank 4" in said and "scale 0.5" in said and "2x the studio's scale" in said
     assert "alpha" not in _raw(exported.run_toml)["adapter"] and _raw(exported.run_toml)["studio"]["lora_alpha"] == 2
+    swapped = apply_overrides(run, {"blocks_to_swap": 39, "activation_checkpointing": True})
+    assert any("at most 38" in note for note in differences_in_diffusion_pipe(swapped))  # models/wan/wan.py asserts
     same = apply_overrides(run, {"studio.lora_alpha": 4.0})
     assert not any("lora_alpha" in n for n in export_for_diffusion_pipe(
         same, load_dataset_config(run.dataset_path()), tmp_path / "same").notices)

@@ -415,10 +415,13 @@ def test_diffusion_pipe_save_cadence_in_examples_and_optimizers_the_studio_lacks
 
     run_toml = write_run(train_project, "examples", {"max_steps": 4, "epochs": 100, "save_every_n_epochs": None,
                                                      "checkpoint_every_n_epochs": None, "save_every_n_examples": 2,
-                                                     "gradient_accumulation_steps": 1})
+                                                     "gradient_accumulation_steps": 1, "save_dtype": None,
+                                                     "adapter.dtype": "float16"})
     assert build_trainer(run_toml).run() == 0
     saved = [Path(e["path"]).parent.name for e in events_of(run_toml, "save") if e["kind"] == "lora"]
     assert saved == ["step2", "epoch2", "step4"]  # every 2 clips at batch 1, and the last LoRA
+    # without save_dtype a LoRA is saved in the adapter's dtype, as diffusion-pipe's saver does
+    assert {v.dtype for v in saved_lora(run_toml.parent / "step4").values()} == {torch.float16}
 
     prodigy = write_run(train_project, "prodigy", {"optimizer.type": "Prodigy", "optimizer.lr": 1.0})
     assert train(prodigy) == 2
