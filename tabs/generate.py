@@ -23,16 +23,26 @@ from engine.core.models import ModelFolderError
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.video import frame_at, probe_video
 from engine.generate.comfyui import export_comfyui_workflow
+from engine.generate.draft import DraftSettings, full_request
 from engine.generate.lora_files import LoraFileError, LoraMismatchError
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
-from engine.generate.render import changed_inputs, motion_readout, new_output_path, read_sidecar, render_video
+from engine.generate.render import (
+    changed_inputs,
+    motion_readout,
+    new_output_path,
+    options_from_sidecar,
+    read_sidecar,
+    render_video,
+)
 from engine.generate.request import (
+    SCHEDULERS,
     STRENGTH_MAX,
     STRENGTH_MIN,
     WAN_NEGATIVE_PROMPT,
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
+    lora_file,
     open_image,
     output_size,
 )
@@ -44,6 +54,11 @@ TITLE = "Generate"
 MAX_LORAS = 3
 NO_LORA = ("(none)", "")
 PEOPLE_ERRORS = (GenerationError, LoraFileError, LoraMismatchError, ModelFolderError, GpuBusyError, OSError)
+DRAFT_NOTE = (
+    "**A draft previews motion, not final quality.** Drafts render through an accelerator (step-distillation) LoRA "
+    "you have, such as lightx2v's Wan 2.1 I2V 480p step-distill LoRA (nothing is downloaded): 4 steps without "
+    "guidance, about 20x fewer transformer passes. Choose a draft under Outputs and press **Render in full** for the "
+    "full-quality video with the same seed and LoRA strengths.")
 SETTING_NAMES = {"cpu_offload": "CPU offload (under Memory)", "vae_tiling": "VAE tiling (under Memory)",
                  "frames": "frames", "size": "size"}
 
@@ -165,10 +180,26 @@ class GenerateTab:
             negative_prompt=data[self.negative_prompt] or "", seed=seed, steps=int(data[self.steps]),
             guidance=float(data[self.guidance]), frames=int(data[self.frames]),
             height=int(data[self.height]) or None, width=int(data[self.width]) or None, fps=float(data[self.fps]),
-            pixel_budget=self.pixel_budget(), loras=loras)
+            pixel_budget=self.pixel_budget(), loras=loras, scheduler=data[self.scheduler],
+            flow_shift=float(data[self.flow_shift]) or None)
         options = PipelineOptions(model=self.model, cpu_offload=bool(data[self.cpu_offload]),
                                   vae_tiling=bool(data[self.vae_tiling]), fast=bool(data[self.fast]))
         return request, options
+
+    def read_draft(self, data: dict) -> DraftSettings | None:
+        """Draft settings when Draft is on; the accelerator file is checked and remembered in the project."""
+        if not data[self.draft]:
+            return None
+        path = (data[self.draft_lora] or "").strip()
+        if not path:
+            raise GenerationError("Draft is on but no accelerator LoRA file is given: enter its path under Draft.")
+        lora_file(path)
+        settings = self.ctx.project.settings()
+        if settings.draft_lora != path:
+            settings.draft_lora = path
+            self.ctx.project.save_settings(settings)
+        return DraftSettings(lora=path, strength=float(data[self.draft_strength]), steps=int(data[self.draft_steps]),
+                             flow_shift=float(data[self.draft_shift]))
 
     def outputs(self) -> list[tuple[str, str]]:
         """Generated videos with sidecars, newest first (single videos and sweep comparisons)."""
@@ -189,6 +220,17 @@ class GenerateTab:
         self.wire()
 
     def build_inputs(self) -> None:
+        with gr.Accordion("Draft", open=True):
+            gr.Markdown(DRAFT_NOTE, elem_id="generate-draft-note")
+            remembered = self.ctx.project.settings().draft_lora
+            with gr.Row():
+                self.draft = gr.Checkbox(label="Draft", value=bool(remembered), scale=1)
+                self.draft_lora = gr.Textbox(label="Accelerator LoRA file", value=remembered, scale=4,
+                                             placeholder="/path/to/wan2.1_i2v_480p_step_distill_lora.safetensors")
+            with gr.Row():
+                self.draft_steps = gr.Number(value=4, precision=0, label="Draft steps")
+                self.draft_shift = gr.Number(value=5.0, label="Draft flow shift")
+                self.draft_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Accelerator strength")
         self.image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"], height=260,
                               elem_id="generate-image")
         with gr.Accordion("Pick a frame from a project clip", open=False):
@@ -204,6 +246,10 @@ class GenerateTab:
         with gr.Row():
             self.steps = gr.Slider(1, 100, value=30, step=1, label="Steps")
             self.guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+        with gr.Row():
+            self.scheduler = gr.Dropdown(list(SCHEDULERS), value="unipc", label="Sampler",
+                                         info="unipc: the model's own; lcm/euler: for step-distilled LoRAs")
+            self.flow_shift = gr.Number(value=0, label="Flow shift (0 = the model's)")
         with gr.Row():
             self.frames = gr.Slider(5, 161, value=self.ctx.project.settings().clip_frames, step=4, label="Frames",
                                     info="4k+1; 81 = 5.06 s at 16 fps")
@@ -260,6 +306,7 @@ class GenerateTab:
             self.output_details = gr.Markdown("", elem_id="generate-output-details")
         with gr.Row():
             self.send_back = gr.Button("Send settings to the form")
+            self.render_full = gr.Button("Render in full", variant="primary")
             self.export_comfy = gr.Button("Export ComfyUI workflow")
         self.comfy_file = gr.File(label="ComfyUI workflow (API format)", interactive=False, height=90,
                                   elem_id="generate-comfy-file")
@@ -269,6 +316,8 @@ class GenerateTab:
     def form_inputs(self) -> set:
         return {self.image, self.prompt, self.negative_prompt, self.seed_mode, self.seed, self.steps, self.guidance,
                 self.frames, self.height, self.width, self.fps, self.cpu_offload, self.vae_tiling, self.fast,
+                self.scheduler, self.flow_shift, self.draft, self.draft_lora, self.draft_steps, self.draft_shift,
+                self.draft_strength,
                 *[c for row in self.lora_rows for c in row]}
 
     def refresh(self):
@@ -282,11 +331,13 @@ class GenerateTab:
         self.stop_requested.clear()
         try:
             request, options = self.read_form(data)
+            draft = self.read_draft(data)
             with self.gpu("generating a video"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
-                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir),
+                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir,
+                                                                  "draft" if draft else "gen"),
                                    on_progress=lambda f, m: progress(f, desc=m),
-                                   should_stop=self.stop_requested.is_set, model=options.model)
+                                   should_stop=self.stop_requested.is_set, model=options.model, draft=draft)
         except GenerationCancelled:
             return {self.status: "Stopped: nothing was written."}
         except PEOPLE_ERRORS as err:
@@ -295,7 +346,8 @@ class GenerateTab:
             raise gr.Error(self.runtime_message(err, options)) from err
         sidecar = read_sidecar(out)
         return {self.video: str(out), self.details: self.describe(sidecar), self.seed: sidecar["request"]["seed"],
-                self.status: f"Wrote `{out.name}`.", self.output_choice: gr.update(choices=self.outputs()),
+                self.status: f"Wrote {'draft ' if draft else ''}`{out.name}`.",
+                self.output_choice: gr.update(choices=self.outputs()),
                 self.model_status: self.cache.describe()}
 
     def on_sweep(self, data: dict, progress=gr.Progress()):
@@ -304,10 +356,12 @@ class GenerateTab:
             request, options = self.read_form(data)
             strengths = parse_strengths(data[self.sweep_strengths])
             epochs = data[self.sweep_epochs] or None
+            draft = self.read_draft(data)
             with self.gpu("generating a sweep"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
                 result = render_sweep(pipe, request, self.ctx.project.outputs_dir, strengths=strengths,
-                                      lora_files=epochs, model=options.model,
+                                      lora_files=epochs, model=options.model, draft=draft,
+                                      name="draft-sweep" if draft else None,
                                       on_progress=lambda f, m: progress(f, desc=m),
                                       should_stop=self.stop_requested.is_set)
         except GenerationCancelled:
@@ -333,16 +387,44 @@ class GenerateTab:
 
     @staticmethod
     def describe(sidecar: dict) -> str:
-        request = sidecar["request"]
+        request, scheduler = sidecar["request"], sidecar.get("scheduler", {})
         loras = ", ".join(f"{lora_label(e['path'])} @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
         lines = [f"**Seed** {request['seed']} · **size** {request['width']}x{request['height']} · "
                  f"**frames** {request['frames']} · **steps** {request['steps']} · "
-                 f"**guidance** {request['guidance']}",
+                 f"**guidance** {request['guidance']} · **sampler** {request.get('scheduler', 'unipc')}, "
+                 f"flow shift {scheduler.get('flow_shift', scheduler.get('shift'))}",
                  f"**LoRAs** {loras}",
                  f"**Motion** {motion_readout(sidecar)} · **time** {sidecar.get('seconds', 0):.1f} s "
                  f"({sidecar.get('seconds_per_step', 0):.2f} s/step)"]
+        if "draft" in sidecar:
+            lines.insert(0, "**Draft**: previews motion, not final quality (Render in full for the final video)")
         lines += [f"*{note}*" for note in sidecar.get("adjustments", [])]
         return "\n\n".join(lines)
+
+    def on_render_full(self, path: str | None, progress=gr.Progress()):
+        """Render the chosen draft again at full quality: same image, prompt, seed and LoRA strengths."""
+        if not path or "request" not in _json(path):
+            raise gr.Error("Choose a draft (a single video, not a sweep comparison) in Outputs first.")
+        self.stop_requested.clear()
+        sidecar = read_sidecar(path)
+        options = options_from_sidecar(path)
+        try:
+            request = full_request(sidecar)
+            with self.gpu("rendering a draft in full"):
+                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
+                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir, "full"),
+                                   on_progress=lambda f, m: progress(f, desc=m),
+                                   should_stop=self.stop_requested.is_set, model=options.model,
+                                   extra={"full_of": sidecar["video"]})
+        except GenerationCancelled:
+            return {self.status: "Stopped: nothing was written."}
+        except PEOPLE_ERRORS as err:
+            raise gr.Error(str(err)) from err
+        except RuntimeError as err:
+            raise gr.Error(self.runtime_message(err, options)) from err
+        return {self.video: str(out), self.details: self.describe(read_sidecar(out)),
+                self.status: f"Wrote `{out.name}`, the full-quality render of draft `{sidecar['video']}`.",
+                self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
 
     def on_stop(self):
         self.stop_requested.set()
@@ -422,13 +504,17 @@ class GenerateTab:
         if not path or "request" not in _json(path):
             raise gr.Error("Choose a single generated video (not a sweep comparison) in Outputs first.")
         sidecar = read_sidecar(path)
-        request, problems = GenerationRequest.from_dict(sidecar["request"]), changed_inputs(sidecar)
+        # a draft's settings are its full-quality ones, with Draft on: the form then makes the same draft again
+        draft = "draft" in sidecar
+        request = full_request(sidecar) if draft else GenerationRequest.from_dict(sidecar["request"])
+        problems = changed_inputs(sidecar)
         status = f"Settings of `{Path(path).name}` loaded." + (
             f" ⚠ Its inputs differ now: {'; '.join(problems)}." if problems else "")
         values = {self.image: request.image, self.prompt: request.prompt, self.negative_prompt: request.negative_prompt,
                   self.seed_mode: "fixed", self.seed: request.seed, self.steps: request.steps,
                   self.guidance: request.guidance, self.frames: request.frames, self.height: request.height,
-                  self.width: request.width, self.fps: request.fps, self.status: status}
+                  self.width: request.width, self.fps: request.fps, self.scheduler: request.scheduler,
+                  self.flow_shift: request.flow_shift or 0, self.draft: draft, self.status: status}
         choices = lora_choices(self.ctx)
         for i, (choice, strength) in enumerate(self.lora_rows):
             lora = request.loras[i] if i < len(request.loras) else ("", 1.0)
@@ -470,9 +556,12 @@ class GenerateTab:
         self.output_choice.change(self.on_output_select, [self.output_choice], [self.output_video, self.output_details])
         self.send_back.click(self.on_send_back, [self.output_choice],
                              [self.image, self.prompt, self.negative_prompt, self.seed_mode, self.seed, self.steps,
-                              self.guidance, self.frames, self.height, self.width, self.fps, self.status,
-                              *[c for row in self.lora_rows for c in row]])
+                              self.guidance, self.frames, self.height, self.width, self.fps, self.scheduler,
+                              self.flow_shift, self.draft, self.status, *[c for row in self.lora_rows for c in row]])
         self.export_comfy.click(self.on_export_comfy, [self.output_choice], [self.comfy_file])
+        self.render_full.click(self.on_render_full, [self.output_choice],
+                               [self.video, self.details, self.status, self.output_choice, self.model_status],
+                               concurrency_id="gpu", concurrency_limit=1)
 
 
 def _json(path: str | Path) -> dict:

@@ -159,6 +159,7 @@ class ProjectSettings:
     clip_fps: float = 16.0  # Wan's native frame rate
     clip_width: int = 832  # export size, multiples of 16; 832x480 is Wan 480p landscape
     clip_height: int = 480
+    draft_lora: str = ""  # an accelerator (step-distillation) LoRA file of the person's: Generate's Draft mode uses it
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
 
 

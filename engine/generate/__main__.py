@@ -7,9 +7,22 @@ import sys
 from pathlib import Path
 
 from engine.generate.comfyui import export_comfyui_workflow
+from engine.generate.draft import DraftSettings, full_request
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
-from engine.generate.render import new_output_path, read_sidecar, render_video, reproduce
-from engine.generate.request import WAN_NEGATIVE_PROMPT, GenerationCancelled, GenerationError, GenerationRequest
+from engine.generate.render import (
+    new_output_path,
+    options_from_sidecar,
+    read_sidecar,
+    render_video,
+    reproduce,
+)
+from engine.generate.request import (
+    SCHEDULERS,
+    WAN_NEGATIVE_PROMPT,
+    GenerationCancelled,
+    GenerationError,
+    GenerationRequest,
+)
 from engine.generate.sweep import render_sweep
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -31,6 +44,22 @@ def _reproduce_cli(sidecar: Path, out_dir: Path | None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{path}\t{'identical frames' if identical else 'frames differ (another device or library version?)'}")
+    return 0
+
+
+def _render_in_full_cli(sidecar: Path, out_dir: Path | None) -> int:
+    try:
+        data = read_sidecar(sidecar)
+        request = full_request(data)
+        options = options_from_sidecar(sidecar)
+        pipe = PipelineCache().get(options)
+        path = render_video(pipe, request, new_output_path(out_dir or Path(sidecar).parent, "full"),
+                            model=options.model, extra={"full_of": data["video"]},
+                            on_progress=lambda f, m: print(f"[{f * 100:5.1f}%] {m}", file=sys.stderr))
+    except (GenerationError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
     return 0
 
 
@@ -56,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default="unipc",
+                        help="sampler: unipc (the model's own), euler or lcm (flow-match; for step-distilled LoRAs)")
+    parser.add_argument("--flow-shift", type=float, default=None, help="sigma shift (default: the model folder's)")
+    parser.add_argument("--draft", type=Path, metavar="ACCELERATOR_LORA",
+                        help="render drafts through this step-distillation LoRA: 4 LCM steps, no guidance, shift 5 "
+                             "(previews motion, not final quality)")
+    parser.add_argument("--render-in-full", type=Path, metavar="SIDECAR",
+                        help="render a draft again at full quality (same seed and LoRA strengths)")
     parser.add_argument("--seed", type=int, default=None, help="default: random (written to the sidecar)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -69,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reproduce:
         return _reproduce_cli(args.reproduce, args.out)
+    if args.render_in_full:
+        return _render_in_full_cli(args.render_in_full, args.out)
     missing = [f"--{name}" for name in ("model", "image", "prompt", "out") if getattr(args, name) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
@@ -78,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     request = GenerationRequest(
         image=str(args.image), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps, guidance=args.guidance, frames=args.frames, height=args.height, width=args.width,
-        fps=args.fps, loras=loras)
+        fps=args.fps, loras=loras, scheduler=args.scheduler, flow_shift=args.flow_shift)
+    draft = DraftSettings(lora=str(args.draft)) if args.draft else None
     options = PipelineOptions(model=args.model, device=args.device, cpu_offload=args.cpu_offload,
                               vae_tiling=args.vae_tiling, fast=args.fast)
 
@@ -93,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         pipe = cache.get(options, on_progress=report)
         if args.strengths or args.epochs:
             result = render_sweep(pipe, request, args.out, strengths=args.strengths, lora_files=args.epochs,
-                                  model=args.model, on_progress=report)
+                                  model=args.model, draft=draft, on_progress=report)
             videos = result.videos
             for label, video, motion in zip(result.labels, result.videos, result.motion):
                 print(f"{video}\t{label}\tmotion {motion:.3f}")
             print(result.comparison)
         else:
-            videos = [render_video(pipe, request, new_output_path(args.out), on_progress=report, model=args.model)]
+            videos = [render_video(pipe, request, new_output_path(args.out, "draft" if draft else "gen"),
+                                   on_progress=report, model=args.model, draft=draft)]
             print(videos[0])
         if args.comfyui:
             for video in videos:

@@ -11,6 +11,10 @@ from engine.generate.request import WAN_480P_SCHEDULER, GenerationError, Generat
 
 # ---------------------------------------------------------------------------------------------- ComfyUI export
 
+# diffusers scheduler class -> ComfyUI KSampler sampler_name (with scheduler "simple": sigmas evenly spaced in t)
+COMFY_SAMPLERS = {"UniPCMultistepScheduler": "uni_pc_bh2", "FlowMatchEulerDiscreteScheduler": "euler",
+                  "FlowMatchLCMScheduler": "lcm"}
+
 @dataclass(frozen=True)
 class ComfyModelFiles:
     """File names inside ComfyUI's models/ folders (the Comfy-Org repackaged Wan 2.1 names by default)."""
@@ -37,9 +41,14 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
     diffusers scheduler). ComfyUI draws its noise differently, so the video is alike in settings, not identical
     in pixels."""
     scheduler = scheduler or WAN_480P_SCHEDULER
-    if scheduler.get("class") != "UniPCMultistepScheduler":
-        raise GenerationError(f"ComfyUI export knows Wan's flow UniPC scheduler only; this video used "
+    if scheduler.get("class") not in COMFY_SAMPLERS:
+        raise GenerationError(f"ComfyUI export knows the {', '.join(COMFY_SAMPLERS)} schedulers; this video used "
                               f"{scheduler.get('class')}.")
+    # ComfyUI's "uni_pc" is UniPC's bh1 variant, "uni_pc_bh2" the bh2 one; the flow-match schedulers call it shift.
+    sampler_name = COMFY_SAMPLERS[scheduler["class"]]
+    if sampler_name == "uni_pc_bh2" and scheduler.get("solver_type") == "bh1":
+        sampler_name = "uni_pc"
+    shift = float(scheduler["flow_shift"] if "flow_shift" in scheduler else scheduler["shift"])
     nodes: dict[str, dict] = {}
 
     def add(class_type: str, title: str | None = None, **inputs) -> str:
@@ -56,7 +65,7 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
         model = [add("LoraLoaderModelOnly", title=f"LoRA: copy {path} to models/loras/{name}", model=model,
                      lora_name=name, strength_model=float(strength)), 0]
     # ModelSamplingSD3 shifts sigmas as diffusers' flow_shift does: s*t / (1 + (s-1)*t).
-    model = [add("ModelSamplingSD3", model=model, shift=float(scheduler["flow_shift"])), 0]
+    model = [add("ModelSamplingSD3", model=model, shift=shift), 0]
     clip = add("CLIPLoader", clip_name=files.text_encoder, type="wan", device="default")
     positive = add("CLIPTextEncode", clip=[clip, 0], text=request.prompt)
     negative = add("CLIPTextEncode", clip=[clip, 0], text=request.negative_prompt)
@@ -71,11 +80,10 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
               clip_vision_output=[vision_out, 0], start_image=[image, 0], width=request.width,
               height=request.height, length=request.frames, batch_size=1)
     # diffusers skips guidance at <= 1 (the prompt alone), which is cfg 1 in ComfyUI; its cfg 0 would be the
-    # negative prompt alone. ComfyUI's "uni_pc" is UniPC's bh1 variant, "uni_pc_bh2" the bh2 one.
+    # negative prompt alone.
     sampler = add("KSampler", model=model, positive=[i2v, 0], negative=[i2v, 1], latent_image=[i2v, 2],
                   seed=int(request.seed or 0), steps=request.steps, cfg=max(float(request.guidance), 1.0),
-                  sampler_name="uni_pc_bh2" if scheduler["solver_type"] == "bh2" else "uni_pc",
-                  scheduler="simple", denoise=1.0)
+                  sampler_name=sampler_name, scheduler="simple", denoise=1.0)
     decoded = add("VAEDecode", samples=[sampler, 0], vae=[vae, 0])
     video = add("CreateVideo", images=[decoded, 0], fps=request.fps)
     add("SaveVideo", video=[video, 0], filename_prefix="video/wan_lora_studio", format="auto", codec="auto")

@@ -4,10 +4,16 @@ We write the diffusion-pipe / ComfyUI layout (`diffusion_model.blocks.{i}.<origi
 in `adapter_model.safetensors`, plus a peft-style `adapter_config.json`), because that is what ComfyUI loads without
 "lora key not loaded" warnings and what diffusers' `load_lora_weights` converts itself. Like diffusion-pipe we store no
 alpha there (its `init_from_existing` refuses any other key and assumes alpha = rank): alpha/rank is folded into
-lora_B, which every reader then applies at scale 1. We read that layout, its
-lora_down/lora_up/.alpha variant, diffusers/peft names (`transformer.blocks.{i}.attn1.to_q.lora_A.weight`) and
-musubi-tuner's `lora_unet_blocks_{i}_self_attn_q.lora_down.weight`. Everything is parsed into one in-memory form
-(`LoraWeights`, keyed by diffusers module path) and written back out in whichever format is asked for.
+lora_B, which every reader then applies at scale 1. We read that layout, its lora_down/lora_up/.alpha variant,
+diffusers/peft names (`transformer.blocks.{i}.attn1.to_q.lora_A.weight`) and the underscore names ComfyUI accepts
+for Wan (musubi-tuner's and kohya's `lora_unet_blocks_{i}_self_attn_q`, Wan-Fun's `lora_unet__blocks_...`,
+SimpleTuner's `lycoris_blocks_...`). Everything is parsed into one in-memory form (`LoraWeights`, keyed by diffusers
+module path) and written back out in whichever format is asked for.
+
+Accelerator (step-distillation) LoRAs such as lightx2v's, CausVid's and AccVid's add what a motion LoRA lacks: LoRAs
+on the head and the time/text/image embedders, `.diff_b` bias changes and `.diff` weight changes (on the q/k norms
+and the cross-attention norm). Each applies as ComfyUI applies it (comfy/lora.py): W + s*(up@down)*alpha/rank,
+b + s*diff_b, W + s*diff at strength s. diffusers' converter agrees except that it drops norm diffs.
 
 Only safetensors are read: a pickled .pt/.ckpt can run code when loaded.
 
@@ -32,7 +38,7 @@ from engine.core.files import atomic_path, atomic_write_json
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
-# Original Wan module name (inside a block) -> diffusers WanTransformer3DModel module name.
+# Original Wan module name (inside a block) -> diffusers WanTransformer3DModel module name: the Linears LoRAs adapt.
 _ORIGINAL_TO_DIFFUSERS: dict[str, str] = {
     "self_attn.q": "attn1.to_q",
     "self_attn.k": "attn1.to_k",
@@ -48,12 +54,48 @@ _ORIGINAL_TO_DIFFUSERS: dict[str, str] = {
     "ffn.2": "ffn.net.2",
 }
 _DIFFUSERS_TO_ORIGINAL = {v: k for k, v in _ORIGINAL_TO_DIFFUSERS.items()}
-# Names as they appear in a block, in either naming, with dots or (musubi/kohya) underscores -> diffusers name.
-_ANY_NAME_TO_DIFFUSERS: dict[str, str] = {}
-for _orig, _diff in _ORIGINAL_TO_DIFFUSERS.items():
-    for _name in (_orig, _diff):
-        _ANY_NAME_TO_DIFFUSERS[_name] = _diff
-        _ANY_NAME_TO_DIFFUSERS[_name.replace(".", "_")] = _diff
+# What else accelerator LoRAs change, inside a block (norms, the modulation table) and outside (head, embedders).
+# Names from diffusers' Wan checkpoint converter (single_file_utils.convert_wan_transformer_to_diffusers): the
+# original norm3 is diffusers' norm2 (the affine cross-attention norm), `modulation` its scale_shift_table.
+_BLOCK_EXTRAS = {
+    "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+    "norm3": "norm2",
+    "modulation": "scale_shift_table",
+}
+_TOP_LEVEL = {
+    "head.head": "proj_out",
+    "head.modulation": "scale_shift_table",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+    "patch_embedding": "patch_embedding",
+}
+_PARAMETERS = ("scale_shift_table",)  # names of a parameter itself (a diff changes it), not of a module
+
+
+def _any_name(table: dict[str, str]) -> dict[str, str]:
+    """Both namings, with dots or (musubi/kohya) underscores -> diffusers name."""
+    out = {}
+    for original, diffusers_name in table.items():
+        for name in (original, diffusers_name):
+            out[name] = out[name.replace(".", "_")] = diffusers_name
+    return out
+
+
+_ANY_BLOCK_NAME = _any_name({**_ORIGINAL_TO_DIFFUSERS, **_BLOCK_EXTRAS})
+_ANY_TOP_NAME = _any_name(_TOP_LEVEL)
+_TO_ORIGINAL = {v: k for k, v in {**_ORIGINAL_TO_DIFFUSERS, **_BLOCK_EXTRAS}.items()}
+_TOP_TO_ORIGINAL = {v: k for k, v in _TOP_LEVEL.items()}
 
 # peft `target_modules` regex for the block Linears diffusion-pipe adapts (a plain suffix list such as "net.0.proj"
 # would also catch the image embedder's feed-forward outside the blocks).
@@ -62,9 +104,12 @@ PEFT_TARGET_MODULES = r"blocks\.\d+\.(" + "|".join(re.escape(n) for n in _DIFFUS
 FORMATS = ("diffusion-pipe", "comfy-down-up", "diffusers", "musubi")
 _ALPHA_BAKED_FORMATS = ("diffusion-pipe", "diffusers")  # no alpha stored: alpha/rank is folded into lora_B
 _PREFIXES = ("base_model.model.", "diffusion_model.", "transformer.", "model.")
-_DOTTED_WEIGHT = re.compile(r"^blocks\.(\d+)\.(.+?)\.(lora_A|lora_B|lora_down|lora_up)(?:\.([\w\-]+))?\.weight$")
-_DOTTED_ALPHA = re.compile(r"^blocks\.(\d+)\.(.+)\.alpha$")
-_UNDERSCORE = re.compile(r"^lora_unet_blocks_(\d+)_(\w+?)\.(?:(lora_down|lora_up)\.weight|(alpha))$")
+# ComfyUI's underscore prefixes for Wan: kohya/musubi `lora_unet_`, Wan-Fun `lora_unet__`, SimpleTuner `lycoris_`.
+_UNDERSCORE_PREFIX = re.compile(r"^(?:lora_unet__?|lycoris_)")
+# <module>.<part>: LoRA halves (peft may add an adapter name), alpha, and ComfyUI's weight/bias diffs; diffusers
+# stores a diff_b beside a LoRA as lora_B.bias.
+_PART = re.compile(r"^(.+?)\.(?:(lora_A|lora_B|lora_down|lora_up)(?:\.[\w\-]+)?\.(weight|bias)|(alpha|diff|diff_b))$")
+_PART_NAMES = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
 
 
 class LoraFileError(ValueError):
@@ -81,11 +126,37 @@ def wan_module_names() -> dict[str, str]:
 
 
 def to_original_module(diffusers_path: str) -> str:
-    """'blocks.3.attn1.to_q' -> 'blocks.3.self_attn.q'; raises KeyError for modules without an original name."""
+    """'blocks.3.attn1.to_q' -> 'blocks.3.self_attn.q', 'proj_out' -> 'head.head'; KeyError for unknown modules."""
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", diffusers_path)
-    if not match or match.group(2) not in _DIFFUSERS_TO_ORIGINAL:
-        raise KeyError(diffusers_path)
-    return f"blocks.{match.group(1)}.{_DIFFUSERS_TO_ORIGINAL[match.group(2)]}"
+    if match and match.group(2) in _TO_ORIGINAL:
+        return f"blocks.{match.group(1)}.{_TO_ORIGINAL[match.group(2)]}"
+    if diffusers_path in _TOP_TO_ORIGINAL:
+        return _TOP_TO_ORIGINAL[diffusers_path]
+    raise KeyError(diffusers_path)
+
+
+def _to_diffusers_path(name: str) -> str | None:
+    """A module name in any naming ('blocks.0.self_attn.q', 'blocks_0_attn1_to_q', 'head.head') -> diffusers path."""
+    match = re.fullmatch(r"blocks[._](\d+)[._](.+)", name)
+    if match:
+        inner = _ANY_BLOCK_NAME.get(match.group(2))
+        return f"blocks.{match.group(1)}.{inner}" if inner else None
+    return _ANY_TOP_NAME.get(name)
+
+
+def _diff_target(module: str, part: str) -> str:
+    """The parameter a `.diff` / `.diff_b` of `module` changes (diffusers path)."""
+    if part == "diff_b":
+        return f"{module}.bias"
+    return module if module.rsplit(".", 1)[-1] in _PARAMETERS else f"{module}.weight"
+
+
+def _original_parameter(parameter: str) -> str:
+    """'blocks.0.attn1.norm_q.weight' -> 'blocks.0.self_attn.norm_q.diff' (the key ComfyUI reads for that change)."""
+    if parameter.rsplit(".", 1)[-1] in _PARAMETERS:
+        return f"{to_original_module(parameter)}.diff"
+    module, kind = parameter.rsplit(".", 1)
+    return f"{to_original_module(module)}.{'diff_b' if kind == 'bias' else 'diff'}"
 
 
 @dataclass
@@ -112,28 +183,42 @@ class LoraModule:
 
 @dataclass
 class LoraWeights:
-    """A LoRA for the Wan transformer in one neutral form, keyed by diffusers module path ('blocks.0.attn1.to_q')."""
+    """A LoRA for the Wan transformer in one neutral form, keyed by diffusers module path ('blocks.0.attn1.to_q').
+
+    `diffs` holds the direct changes accelerator LoRAs carry, keyed by diffusers parameter path
+    ('blocks.0.attn1.to_q.bias', 'blocks.0.norm2.weight'): at strength s the parameter becomes p + s*diff.
+    """
 
     modules: dict[str, LoraModule]
     source_format: str = "diffusion-pipe"
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    diffs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
+        return max((m.rank for m in self.modules.values()), default=0)
 
     @property
     def alpha(self) -> float:
         """The most common alpha (alpha = rank where a module stores none)."""
-        return Counter(m.alpha if m.alpha is not None else m.rank for m in self.modules.values()).most_common(1)[0][0]
+        counts = Counter(m.alpha if m.alpha is not None else m.rank for m in self.modules.values())
+        return counts.most_common(1)[0][0] if counts else 0.0
 
     @property
     def num_blocks(self) -> int:
-        return 1 + max(int(name.split(".")[1]) for name in self.modules)
+        blocks = [int(name.split(".")[1]) for name in [*self.modules, *self.diffs] if name.startswith("blocks.")]
+        return 1 + max(blocks, default=-1)
+
+    @property
+    def accelerator_parts(self) -> list[str]:
+        """What only ComfyUI's layout holds: LoRAs outside the blocks and weight/bias diffs, in original names."""
+        outside = [to_original_module(n) for n in self.modules if not n.startswith("blocks.")]
+        return outside + [_original_parameter(p) for p in self.diffs]
 
     def to_diffusers_peft(self, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
-        """Names for diffusers' `load_lora_weights` (it assumes lora_alpha = rank): alpha/rank is baked into lora_B."""
+        """Names for diffusers' `load_lora_weights` (it assumes lora_alpha = rank): alpha/rank is baked into lora_B.
+        The diffs are not included: peft has no place for a norm's change (see `diffs`)."""
         out = {}
         for name, m in self.modules.items():
             out[f"{prefix}{name}.lora_A.weight"] = m.down
@@ -141,11 +226,16 @@ class LoraWeights:
         return out
 
     def state_dict(self, fmt: str = "diffusion-pipe") -> dict[str, torch.Tensor]:
-        """The tensors under the key names of `fmt` (one of FORMATS)."""
-        if fmt == "diffusers":
-            return self.to_diffusers_peft()
+        """The tensors under the key names of `fmt` (one of FORMATS). Raises LoraFileError when `fmt` cannot hold
+        an accelerator LoRA's parts (only comfy-down-up, ComfyUI's own layout, holds them all)."""
         if fmt not in FORMATS:
             raise ValueError(f"Unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+        extra = self.accelerator_parts
+        if extra and fmt != "comfy-down-up":
+            raise LoraFileError(f"This LoRA changes {_key_list(extra, 4)}, which the {fmt} format cannot hold "
+                                "(its readers load block LoRAs only). Use --format comfy-down-up.")
+        if fmt == "diffusers":
+            return self.to_diffusers_peft()
         out = {}
         for name, m in self.modules.items():
             original = to_original_module(name)
@@ -157,6 +247,8 @@ class LoraWeights:
                     "lora_unet_" + original.replace(".", "_"))
                 out[f"{base}.lora_down.weight"], out[f"{base}.lora_up.weight"] = m.down, m.up
                 out[f"{base}.alpha"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
+        for parameter, diff in self.diffs.items():
+            out[f"diffusion_model.{_original_parameter(parameter)}"] = diff
         return out
 
 
@@ -173,32 +265,30 @@ def _strip_prefixes(key: str) -> str:
 
 
 def _parse_key(key: str) -> tuple[str, str] | None:
-    """key -> (diffusers module path, 'down' | 'up' | 'alpha'), or None when the key names no Wan LoRA part."""
-    match = _UNDERSCORE.match(key)
-    if match:
-        block, name, kind, alpha = match.groups()
-        module = _ANY_NAME_TO_DIFFUSERS.get(name)
-        part = "alpha" if alpha else ("down" if kind == "lora_down" else "up")
-        return (f"blocks.{block}.{module}", part) if module else None
-    key = _strip_prefixes(key)
-    match = _DOTTED_WEIGHT.match(key)
-    if match:
-        block, name, kind, _adapter = match.groups()
-        module = _ANY_NAME_TO_DIFFUSERS.get(name)
-        return (f"blocks.{block}.{module}", "down" if kind in ("lora_A", "lora_down") else "up") if module else None
-    match = _DOTTED_ALPHA.match(key)
-    if match:
-        module = _ANY_NAME_TO_DIFFUSERS.get(match.group(2))
-        return (f"blocks.{match.group(1)}.{module}", "alpha") if module else None
-    return None
+    """key -> (diffusers module path, 'down' | 'up' | 'alpha' | 'diff' | 'diff_b'), or None when the key names no
+    Wan transformer part."""
+    underscored = _UNDERSCORE_PREFIX.match(key)
+    match = _PART.match(key[underscored.end():] if underscored else _strip_prefixes(key))
+    if not match:
+        return None
+    name, half, kind, other = match.groups()
+    if half:
+        if kind == "bias" and half != "lora_B":
+            return None
+        part = "diff_b" if kind == "bias" else _PART_NAMES[half]
+    else:
+        part = other
+    module = _to_diffusers_path(name)
+    return (module, part) if module else None
 
 
 def _detect_format(keys: Iterable[str]) -> str:
     keys = list(keys)
-    if any(k.startswith("lora_unet_") for k in keys):
+    if any(_UNDERSCORE_PREFIX.match(k) for k in keys):
         return "musubi"
-    if any(".self_attn." in k or ".cross_attn." in k or ".ffn.0." in k or ".ffn.2." in k for k in keys):
-        return "comfy-down-up" if any(".lora_down." in k for k in keys) else "diffusion-pipe"
+    originals = tuple(f".{name}." for name in (*_ORIGINAL_TO_DIFFUSERS, *_BLOCK_EXTRAS, *_TOP_LEVEL))
+    if any(k.endswith((".diff", ".diff_b")) or any(o in f".{k}" for o in originals) for k in keys):
+        return "comfy-down-up" if any(".lora_down." in k or k.endswith(".diff_b") for k in keys) else "diffusion-pipe"
     return "diffusers"
 
 
@@ -225,11 +315,16 @@ def parse_lora_state(state: Mapping[str, torch.Tensor], *, default_alpha: float 
         raise LoraFileError(
             f"{source}: {len(unknown)} of {len(state)} keys name no Wan 2.1 transformer LoRA module: "
             f"{_key_list(unknown)}. This looks like a LoRA for another model (or a LoRA type we do not support, "
-            "such as LoHa/LoKr, DoRA or bias diffs). Use a Wan 2.1 LoRA in the diffusion-pipe/ComfyUI, diffusers "
-            "or musubi-tuner format."
+            "such as LoHa/LoKr or DoRA). Use a Wan 2.1 LoRA in the diffusion-pipe/ComfyUI, diffusers or "
+            "musubi-tuner format."
         )
-    modules = {}
+    modules, diffs = {}, {}
     for name, p in sorted(parts.items(), key=lambda kv: _module_sort_key(kv[0])):
+        for kind in ("diff", "diff_b"):
+            if kind in p:
+                diffs[_diff_target(name, kind)] = p[kind]
+        if "down" not in p and "up" not in p:
+            continue
         if "down" not in p or "up" not in p:
             missing = "lora_A/lora_down" if "down" not in p else "lora_B/lora_up"
             raise LoraFileError(f"{source}: module {to_original_module(name)} has no {missing} weight; the file is "
@@ -242,21 +337,35 @@ def parse_lora_state(state: Mapping[str, torch.Tensor], *, default_alpha: float 
             )
         alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
-    return LoraWeights(modules=modules, source_format=_detect_format(state.keys()))
+    return LoraWeights(modules=modules, source_format=_detect_format(state.keys()), diffs=diffs)
 
 
-def _module_sort_key(name: str) -> tuple[int, int]:
-    block, module = name.split(".", 2)[1:]
-    order = list(_DIFFUSERS_TO_ORIGINAL)
-    return int(block), order.index(module) if module in order else len(order)
+def _module_sort_key(name: str) -> tuple[int, int, int]:
+    """Blocks in order, each module in the original order; then the modules outside the blocks."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if not match:
+        order = list(_TOP_TO_ORIGINAL)
+        return 1, 0, order.index(name) if name in order else len(order)
+    order = list(_TO_ORIGINAL)
+    module = match.group(2)
+    return 0, int(match.group(1)), order.index(module) if module in order else len(order)
 
 
 # ---------------------------------------------------------------------------------------------- files
 
-def _resolve_file(path: str | Path) -> Path:
+def resolve_lora_file(path: str | Path) -> Path:
+    """The LoRA file `path` names: the file itself, or a folder's adapter_model.safetensors (a diffusion-pipe or
+    studio epoch folder) or its only .safetensors file. Raises LoraFileError saying what is there instead."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / ADAPTER_FILE
+        found = sorted(path.glob("*.safetensors"))
+        if (path / ADAPTER_FILE).is_file():
+            path = path / ADAPTER_FILE
+        elif len(found) == 1:
+            path = found[0]
+        else:
+            what = f"{len(found)} .safetensors files" if found else "no .safetensors file"
+            raise LoraFileError(f"{path} is a folder with {what} and no {ADAPTER_FILE}: give the LoRA file itself.")
     if not path.exists():
         raise LoraFileError(f"LoRA file not found: {path}.")
     if path.suffix.lower() != ".safetensors":
@@ -288,7 +397,7 @@ def load_lora(path: str | Path) -> LoraWeights:
     """Read a Wan 2.1 LoRA (.safetensors file, or a folder with adapter_model.safetensors) in any supported format."""
     from safetensors import SafetensorError, safe_open
 
-    path = _resolve_file(path)
+    path = resolve_lora_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -371,6 +480,13 @@ def _linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def _parameter_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape, seen through peft wrappers ('blocks.0.attn1.to_q.bias', 'blocks.0.norm2.weight')."""
+    model = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
+    return {name.replace(".base_layer.", "."): tuple(p.shape) for name, p in model.named_parameters()
+            if ".lora_" not in name}
+
+
 def check_keys_match_model(lora: LoraWeights | Mapping[str, torch.Tensor] | Iterable[str],
                            transformer: torch.nn.Module) -> None:
     """Raise LoraMismatchError naming the keys that map to no module of `transformer` or whose shapes differ.
@@ -378,19 +494,24 @@ def check_keys_match_model(lora: LoraWeights | Mapping[str, torch.Tensor] | Iter
     `lora` may be parsed weights, a state dict in any supported format, or bare key names (names checked only).
     """
     if isinstance(lora, LoraWeights):
-        modules = lora.modules
+        modules, diffs = lora.modules, lora.diffs
     elif isinstance(lora, Mapping):
-        modules = parse_lora_state(lora).modules
+        parsed_weights = parse_lora_state(lora)
+        modules, diffs = parsed_weights.modules, parsed_weights.diffs
     else:
-        names = {}
+        modules, diffs = {}, {}
         for key in lora:
             parsed = _parse_key(key)
             if parsed is None:
                 raise LoraMismatchError(f"LoRA key {key} names no Wan 2.1 transformer module.")
-            names[parsed[0]] = None
-        modules = names
+            if parsed[1] in ("diff", "diff_b"):
+                diffs[_diff_target(*parsed)] = None
+            else:
+                modules[parsed[0]] = None
     shapes = _linear_shapes(transformer)
+    parameters = _parameter_shapes(transformer)
     missing = [to_original_module(n) for n in modules if n not in shapes]
+    missing += [_original_parameter(n) for n in diffs if n not in parameters]
     wrong = []
     for name, m in modules.items():
         if m is None or name not in shapes:
@@ -399,6 +520,9 @@ def check_keys_match_model(lora: LoraWeights | Mapping[str, torch.Tensor] | Iter
         if m.down.shape[1] != want_in or m.up.shape[0] != want_out:
             wrong.append(f"{to_original_module(name)} (LoRA {m.up.shape[0]}x{m.down.shape[1]}, "
                          f"model {want_out}x{want_in})")
+    for name, diff in diffs.items():
+        if diff is not None and name in parameters and tuple(diff.shape) != parameters[name]:
+            wrong.append(f"{_original_parameter(name)} (LoRA {tuple(diff.shape)}, model {parameters[name]})")
     if missing or wrong:
         blocks = sum(1 for n in shapes if re.fullmatch(r"blocks\.\d+", n))
         parts = []

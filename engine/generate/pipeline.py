@@ -6,7 +6,6 @@ import gc
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,8 +13,8 @@ import torch
 from engine.core.files import file_sha256
 from engine.core.hardware import default_device
 from engine.core.progress import ProgressFn
-from engine.generate.lora_files import check_keys_match_model, load_lora
-from engine.generate.request import GenerationError
+from engine.generate.lora_files import check_keys_match_model, load_lora, resolve_lora_file
+from engine.generate.request import SCHEDULERS, GenerationError
 
 MAX_LOADED_ADAPTERS = 6  # older adapters are deleted beyond this (an epoch sweep loads one per epoch)
 
@@ -122,48 +121,104 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
 
+def set_scheduler(pipe, name: str, flow_shift: float | None) -> None:
+    """Sample with scheduler `name` (a key of SCHEDULERS) at `flow_shift` (None: the model folder's). The model
+    folder's own scheduler settings are kept aside, so every switch starts from them."""
+    import diffusers
+
+    own = pipe.__dict__.setdefault("_studio_own_scheduler", dict(pipe.scheduler.config))
+    shift = float(flow_shift or own.get("flow_shift", own.get("shift", 1.0)))
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if name == "unipc" and own.get("_class_name") == cls.__name__:
+        pipe.scheduler = cls.from_config(own, flow_shift=shift)
+    elif name == "unipc":  # a model folder with another scheduler: UniPC as Wan's folders set it up
+        pipe.scheduler = cls(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    else:
+        pipe.scheduler = cls(num_train_timesteps=own.get("num_train_timesteps", 1000), shift=shift)
+
+
 def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[dict]:
     """Make exactly `loras` active at their strengths: each file is loaded once as a named adapter, then only
-    `set_adapters` runs. Returns what was applied (file, strength, sha256, format, rank) for the sidecar."""
+    `set_adapters` runs. A file may also be an epoch folder. Accelerator LoRAs' bias and norm diffs (which peft has
+    no place for) are set on the parameters themselves, p = p0 + sum of strength * diff over the active LoRAs, as
+    ComfyUI applies them. Returns what was applied (file, strength, sha256, format, rank) for the sidecar."""
     registry: OrderedDict[tuple, str] = pipe.__dict__.setdefault("_studio_adapters", OrderedDict())
     active, applied = [], []
     for path, strength in loras:
-        path = Path(path).resolve()
+        path = resolve_lora_file(path).resolve()
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)  # a re-saved file at the same path is loaded again
         if key not in registry:
             weights = load_lora(path)
             check_keys_match_model(weights, pipe.transformer)
             name = "lora_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-            pipe.load_lora_weights(weights.to_diffusers_peft(), adapter_name=name)
+            if weights.modules:
+                pipe.load_lora_weights(weights.to_diffusers_peft(), adapter_name=name)
             registry[key] = name
-            _remember_format(pipe, name, weights.source_format, weights.rank)
+            _remember(pipe, name, weights)
         registry.move_to_end(key)
         if strength != 0:  # a LoRA at 0 is left out: the base output exactly, without its extra matmuls
             active.append((registry[key], float(strength)))
         info = pipe.__dict__["_studio_adapter_info"][registry[key]]
         applied.append({"path": str(path), "strength": float(strength), "sha256": file_sha256(path), **info})
     _evict_adapters(pipe, registry, keep={name for name, _ in active})
-    if active:
+    names = [n for n, _ in active]
+    if len(set(names)) != len(names):
+        raise GenerationError("The same LoRA file is stacked twice; give it once with the summed strength.")
+    with_modules = [(n, s) for n, s in active if pipe.__dict__["_studio_adapter_info"][n]["modules"]]
+    if with_modules:
         pipe.enable_lora()
-        names = [n for n, _ in active]
-        if len(set(names)) != len(names):
-            raise GenerationError("The same LoRA file is stacked twice; give it once with the summed strength.")
-        pipe.set_adapters(names, [s for _, s in active])
-    elif registry:
+        pipe.set_adapters([n for n, _ in with_modules], [s for _, s in with_modules])
+    elif getattr(pipe.transformer, "peft_config", None):
         pipe.disable_lora()
+    _set_diffs(pipe, active)
     return applied
 
 
-def _remember_format(pipe, name: str, source_format: str, rank: int) -> None:
-    pipe.__dict__.setdefault("_studio_adapter_info", {})[name] = {"format": source_format, "rank": rank}
+def _remember(pipe, name: str, weights) -> None:
+    pipe.__dict__.setdefault("_studio_adapter_info", {})[name] = {
+        "format": weights.source_format, "rank": weights.rank, "modules": len(weights.modules),
+        "diffs": len(weights.diffs)}
+    diffs = {path: diff.detach().float().cpu() for path, diff in weights.diffs.items()}
+    pipe.__dict__.setdefault("_studio_diffs", {})[name] = diffs
+
+
+def _parameter(transformer, path: str) -> torch.Tensor:
+    module_path, attribute = path.rsplit(".", 1)
+    module = transformer.get_submodule(module_path)
+    return getattr(getattr(module, "base_layer", module), attribute)
+
+
+def _set_diffs(pipe, active: Sequence[tuple[str, float]]) -> None:
+    """Every parameter a loaded LoRA diffs: its original value plus strength * diff of each active LoRA, written in
+    place (compiled blocks keep reading the same tensor). Originals are kept on the CPU: biases and norms, small."""
+    diffs: dict[str, dict[str, torch.Tensor]] = pipe.__dict__.get("_studio_diffs", {})
+    originals: dict[str, torch.Tensor] = pipe.__dict__.setdefault("_studio_diff_originals", {})
+    for adapter in diffs.values():
+        for path in adapter:
+            if path not in originals:
+                tensor = _parameter(pipe.transformer, path)
+                if tensor.dtype.itemsize == 1:
+                    raise GenerationError(f"This LoRA changes the weight {path} directly, which the fast path keeps "
+                                          "in float8; turn the fast path off to use it.")
+                originals[path] = tensor.detach().float().cpu().clone()  # .cpu() of a CPU tensor is itself
+    for path, original in originals.items():
+        value = original.clone()
+        for name, strength in active:
+            if path in diffs.get(name, {}):
+                value += strength * diffs[name][path]
+        tensor = _parameter(pipe.transformer, path)
+        with torch.no_grad():
+            tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
 
 def _evict_adapters(pipe, registry: OrderedDict, keep: set[str]) -> None:
     while len(registry) > MAX_LOADED_ADAPTERS:
         for key, name in registry.items():
             if name not in keep:
-                pipe.delete_adapters(name)
+                if pipe.__dict__["_studio_adapter_info"].pop(name)["modules"]:
+                    pipe.delete_adapters(name)
+                pipe.__dict__["_studio_diffs"].pop(name, None)
                 del registry[key]
                 break
         else:

@@ -19,7 +19,14 @@ from engine.core.files import TextFileError, atomic_write_json, file_sha256, rea
 from engine.core.models import denormalize_latents
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT, video_motion
 from engine.core.progress import ProgressFn, StopFn
-from engine.generate.pipeline import PipelineCache, PipelineOptions, apply_loras, load_pipeline
+from engine.generate.draft import DraftSettings, draft_of, draft_record
+from engine.generate.pipeline import (
+    PipelineCache,
+    PipelineOptions,
+    apply_loras,
+    load_pipeline,
+    set_scheduler,
+)
 from engine.generate.request import (
     GenerationCancelled,
     GenerationError,
@@ -82,6 +89,7 @@ def generate(pipe, request: GenerationRequest, *, on_progress: ProgressFn | None
     for note in notes:
         progress(0.0, note)
     loras = apply_loras(pipe, resolved.loras)
+    set_scheduler(pipe, resolved.scheduler, resolved.flow_shift)
     conditioning = prepare_image(image, resolved.height, resolved.width)
 
     def on_step(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -92,7 +100,11 @@ def generate(pipe, request: GenerationRequest, *, on_progress: ProgressFn | None
 
     started = time.perf_counter()
     progress(0.0, f"step 0/{resolved.steps}")
-    with torch.inference_mode():
+    # The LCM scheduler draws fresh noise at each step from the global generator (the pipeline passes it none):
+    # seeded here, and the caller's random state left as it was.
+    with torch.inference_mode(), torch.random.fork_rng(devices=[pipe._execution_device] if
+                                                      pipe._execution_device.type == "cuda" else []):
+        torch.manual_seed(resolved.seed)
         positive, negative = _prompt_embeds(pipe, resolved.prompt, resolved.negative_prompt, resolved.guidance > 1)
         latents = pipe(
             image=conditioning, prompt_embeds=positive, negative_prompt_embeds=negative,
@@ -180,8 +192,12 @@ def write_outputs(pipe, generated: Generated, out_path: str | Path, *, model: st
 
 
 def render_video(pipe, request: GenerationRequest, out_path: str | Path, *, on_progress: ProgressFn | None = None,
-                 should_stop: StopFn | None = None, model: str | None = None, extra: dict | None = None) -> Path:
-    """Render `request` to `out_path` (mp4) with a `.json` sidecar of the same name; returns the mp4 path."""
+                 should_stop: StopFn | None = None, model: str | None = None, extra: dict | None = None,
+                 draft: DraftSettings | None = None) -> Path:
+    """Render `request` to `out_path` (mp4) with a `.json` sidecar of the same name; returns the mp4 path.
+    With `draft`, a draft of it (see engine.generate.draft) whose sidecar says how to render it in full."""
+    if draft:
+        request, extra = draft_of(request, draft), {**(extra or {}), "draft": draft_record(request, draft)}
     generated = generate(pipe, request, on_progress=on_progress, should_stop=should_stop)
     path = write_outputs(pipe, generated, out_path, model=model, extra=extra)
     if on_progress:

@@ -24,6 +24,13 @@ SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
 STRENGTH_MIN, STRENGTH_MAX = -1.0, 2.0
 
 
+# Samplers by the names people use -> diffusers scheduler classes (all flow-matching, as Wan is trained). "lcm"
+# predicts the clean video at each step and re-noises it: what step-distillation LoRAs (lightx2v, CausVid) are
+# trained for, as ComfyUI's "lcm" sampler.
+SCHEDULERS = {"unipc": "UniPCMultistepScheduler", "euler": "FlowMatchEulerDiscreteScheduler",
+              "lcm": "FlowMatchLCMScheduler"}
+
+
 MAX_IMAGE_SIDE = 4096  # bigger inputs are scaled down first: the model sees about 832x480 anyway
 
 
@@ -57,6 +64,8 @@ class GenerationRequest:
     pixel_budget: int = PIXEL_BUDGET_480P  # width x height aimed at when the size comes from the image
     fps: float = 16.0  # Wan's native rate
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, strength -1..2), stacked
+    scheduler: str = "unipc"  # one of SCHEDULERS: the model's own UniPC, flow-match Euler, or flow-match LCM
+    flow_shift: float | None = None  # sigma shift s*t / (1 + (s-1)*t), 1-20; None: the model folder's (3 at 480p)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationRequest":
@@ -130,6 +139,16 @@ def prepare_image(image, height: int, width: int):
     return resized.crop((left, top, left + width, top + height))
 
 
+def lora_file(path: str | Path) -> Path:
+    """The LoRA file a request names (an epoch folder stands for its adapter file), as a GenerationError if none."""
+    from engine.generate.lora_files import LoraFileError, resolve_lora_file
+
+    try:
+        return resolve_lora_file(path)
+    except LoraFileError as err:
+        raise GenerationError(str(err)) from err
+
+
 def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> tuple[GenerationRequest, list[str]]:
     """Check every parameter; return the request with seed, size and frames made concrete, and notes on changes."""
     notes: list[str] = []
@@ -139,6 +158,11 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         raise GenerationError(f"steps must be between 1 and 200, not {request.steps}.")
     if not 0 <= float(request.guidance) <= 30:
         raise GenerationError(f"guidance must be between 0 and 30 (5 is usual), not {request.guidance}.")
+    if request.scheduler not in SCHEDULERS:
+        raise GenerationError(f"scheduler {request.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
+    if request.flow_shift is not None and not 1 <= float(request.flow_shift) <= 20:
+        raise GenerationError(f"flow shift must be between 1 and 20 (3 is Wan 480p's, 5 is usual for 4-step "
+                              f"LoRAs), not {request.flow_shift}.")
     if not float(request.fps) > 0:
         raise GenerationError(f"fps must be positive, not {request.fps}.")
     frames = int(request.frames)
@@ -154,9 +178,7 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         if not STRENGTH_MIN <= strength <= STRENGTH_MAX:
             raise GenerationError(f"LoRA strength {strength} for {Path(path).name} is outside "
                                   f"{STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
-        if not Path(path).exists():
-            raise GenerationError(f"LoRA file not found: {path}.")
-        loras.append((str(Path(path).resolve()), strength))
+        loras.append((str(lora_file(path).resolve()), strength))
     for name, value in (("height", request.height), ("width", request.width)):
         if value and int(value) < SIZE_MULTIPLE:
             raise GenerationError(f"{name} must be at least {SIZE_MULTIPLE} pixels (or 0: from the image), "

@@ -13,6 +13,7 @@ import numpy as np
 from engine.core.files import atomic_path, atomic_write_json
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.progress import ProgressFn, StopFn
+from engine.generate.draft import DraftSettings, draft_of, draft_record
 from engine.generate.render import SIDECAR_VERSION, generate, new_output_path, read_sidecar, sidecar_path, write_outputs
 from engine.generate.request import GenerationError, GenerationRequest
 
@@ -63,8 +64,10 @@ def lora_label(path: str | Path) -> str:
 
 def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, strengths: Sequence[float] | None = None,
                  lora_files: Sequence[str | Path] | None = None, name: str | None = None, model: str | None = None,
-                 on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> SweepResult:
-    """Render every variant with the same seed, then one side-by-side comparison video of them all."""
+                 draft: DraftSettings | None = None, on_progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None) -> SweepResult:
+    """Render every variant with the same seed, then one side-by-side comparison video of them all. With `draft`,
+    every variant is a draft (see engine.generate.draft) whose sidecar says how to render it in full."""
     progress = on_progress or (lambda fraction, message: None)
     variants = plan_sweep(request, strengths, lora_files)
     if request.seed is None or request.seed < 0:
@@ -76,9 +79,12 @@ def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, stren
         def part(fraction: float, message: str, i=i, label=label) -> None:
             progress((i + fraction) / (len(variants) + 0.2), f"[{i + 1}/{len(variants)} {label}] {message}")
 
+        extra = {"sweep": base.stem, "label": label}
+        if draft:
+            variant, extra["draft"] = draft_of(variant, draft), draft_record(variant, draft)
         generated = generate(pipe, variant, on_progress=part, should_stop=should_stop)
         path = base.with_name(f"{base.stem}-{i + 1:02d}-{_slug(label)}.mp4")
-        write_outputs(pipe, generated, path, model=model, extra={"sweep": base.stem, "label": label})
+        write_outputs(pipe, generated, path, model=model, extra=extra)
         videos.append(path)
         labels.append(label)
         motion.append(read_sidecar(path)["motion"])
@@ -88,7 +94,7 @@ def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, stren
                                               for lab, m in zip(labels, motion)],
                                       base, fps=request.fps)
     atomic_write_json(sidecar_path(comparison), {
-        "studio_sweep": SIDECAR_VERSION, "video": comparison.name, "seed": variants[0][1].seed,
+        "studio_sweep": SIDECAR_VERSION, "video": comparison.name, "seed": variants[0][1].seed, "draft": bool(draft),
         "motion_unit": MOTION_UNIT,
         "variants": [{"label": lab, "video": v.name, "motion": m} for lab, v, m in zip(labels, videos, motion)],
     })

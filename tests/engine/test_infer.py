@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,7 +15,13 @@ from PIL import Image
 
 from engine.generate.__main__ import CLI_SETTING_NAMES
 from engine.generate.comfyui import comfyui_workflow, export_comfyui_workflow
-from engine.generate.lora_files import LoraMismatchError, load_lora, save_lora, save_lora_file
+from engine.generate.lora_files import (
+    LoraMismatchError,
+    load_lora,
+    parse_lora_state,
+    save_lora,
+    save_lora_file,
+)
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
 from engine.generate.render import (
     options_from_sidecar,
@@ -37,6 +44,7 @@ from engine.generate.sweep import combine_side_by_side, plan_sweep, render_sweep
 from tests.engine.test_lora_io import make_lora_dir, random_peft_lora
 
 SMALL = dict(prompt="a warrior jumps", seed=7, steps=2, frames=9, height=16, width=32)  # small: the VAE dominates
+SMALL_GUIDANCE = GenerationRequest.guidance  # the default: guided
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +151,102 @@ def test_stacked_loras_each_with_its_own_strength(pipe, image_path, lora_file, t
         render_video(pipe, request(image_path, loras=[(str(lora_file), 2.5)]), tmp_path / "3.mp4")
 
 
+def effective_linear(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) a Linear (peft-wrapped or not) applies now, read from its outputs: x @ W.T + b."""
+    inputs = module.in_features if hasattr(module, "in_features") else module.base_layer.in_features
+    with torch.no_grad():
+        bias = module(torch.zeros(1, inputs))[0]
+        weight = (module(torch.eye(inputs)) - bias).T
+    return weight, bias
+
+
+def test_accelerator_lora_applies_as_comfyui_does_stacked_with_a_users_lora(pipe, lora_file, tiny_models, tmp_path):
+    """W + s*(up@down)*alpha/rank on every adapted Linear (head, embedders included), b + s*diff_b, norm + s*diff;
+    the user's LoRA at its own strength on top; all of it gone again when the LoRAs are."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.core.models import load_wan_transformer
+    from engine.generate.lora_files import to_original_module
+    from engine.generate.pipeline import apply_loras
+    from tests.engine.test_lora_io import ACCELERATOR, with_alpha
+
+    state = with_alpha(load_file(ACCELERATOR), 8.0)  # rank 4: every LoRA counts twice
+    accelerator = tmp_path / "accelerator.safetensors"
+    save_file(state, str(accelerator))
+    user = load_lora(lora_file)
+    base = load_wan_transformer(tiny_models.wan, torch.float32)
+    s_accel, s_user = 0.6, 0.8
+    apply_loras(pipe, [(str(accelerator), s_accel), (str(lora_file), s_user)])
+    try:
+        checked = 0
+        for name, module in base.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            original = f"diffusion_model.{to_original_module(name)}" if name.startswith(("blocks", "proj_out",
+                                                                                          "condition_")) else None
+            if original is None or f"{original}.lora_down.weight" not in state:
+                continue
+            weight = module.weight + s_accel * state[f"{original}.lora_up.weight"] @ state[
+                f"{original}.lora_down.weight"] * (8.0 / 4)
+            if name in user.modules:
+                weight = weight + s_user * user.modules[name].up @ user.modules[name].down * user.modules[name].scale
+            got_weight, got_bias = effective_linear(pipe.transformer.get_submodule(name))
+            torch.testing.assert_close(got_weight, weight, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got_bias, module.bias + s_accel * state[f"{original}.diff_b"])
+            checked += 1
+        assert checked == 2 * 12 + 6  # every block Linear, the head, the time and text embedders, time projection
+        diffs = parse_lora_state(state).diffs
+        norms = [path for path in diffs if ".norm" in path]
+        assert len(norms) == 2 * 6  # q/k norms of both attentions, the cross-attention norm's weight and bias
+        for path in norms:
+            torch.testing.assert_close(parameter_now(pipe, path), base.get_parameter(path) + s_accel * diffs[path])
+    finally:
+        apply_loras(pipe, [])
+    for path in parse_lora_state(state).diffs:  # every changed parameter is back to the model's own
+        torch.testing.assert_close(parameter_now(pipe, path), base.get_parameter(path), rtol=0, atol=0)
+
+
+def test_accelerator_lora_frames_match_diffusers_load_lora_weights(pipe, image_path, lora_file, tiny_models,
+                                                                    tmp_path):
+    """Our render with the accelerator LoRA and the user's stacked, against diffusers' own pipeline with both loaded
+    by `load_lora_weights`: the same frames. diffusers drops norm diffs (it takes them for zeros) where ComfyUI
+    applies them, so the reference file leaves them out (the test above checks them against ComfyUI's rule)."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.generate.pipeline import load_pipeline
+    from engine.generate.render import generate
+    from engine.generate.request import prepare_image
+    from tests.engine.test_lora_io import ACCELERATOR
+
+    accelerator = tmp_path / "accelerator.safetensors"
+    save_file({k: v for k, v in load_file(ACCELERATOR).items() if not (".norm" in k and ".diff" in k)},
+              str(accelerator))
+    wanted = request(image_path, loras=[(str(accelerator), 1.0), (str(lora_file), 0.6)])
+    ours = generate(pipe, wanted)
+    reference = load_pipeline(tiny_models.wan, torch.device("cpu"))
+    reference.load_lora_weights(str(accelerator), adapter_name="accelerator")
+    reference.load_lora_weights(str(lora_file), adapter_name="user")
+    reference.set_adapters(["accelerator", "user"], [1.0, 0.6])
+    done = ours.request
+    with torch.inference_mode():
+        frames = reference(
+            image=prepare_image(open_image(image_path), done.height, done.width), prompt=done.prompt,
+            negative_prompt=done.negative_prompt, height=done.height, width=done.width, num_frames=done.frames,
+            num_inference_steps=done.steps, guidance_scale=done.guidance,
+            generator=torch.Generator("cpu").manual_seed(done.seed), output_type="np").frames[0]
+    expected = (np.clip(frames, 0, 1) * 255).round().astype(int)
+    without = generate(pipe, request(image_path, loras=[(str(lora_file), 0.6)])).frames.astype(int)
+    assert np.abs(ours.frames.astype(int) - without).max() > 8  # the accelerator LoRA changes the video
+    assert np.abs(ours.frames.astype(int) - expected).max() <= 1
+
+
+def parameter_now(pipe, path: str) -> torch.Tensor:
+    """A transformer parameter by its plain path, also where peft wrapped the module ('...to_q.bias')."""
+    module_path, attribute = path.rsplit(".", 1)
+    module = pipe.transformer.get_submodule(module_path)
+    return getattr(getattr(module, "base_layer", module), attribute)
+
+
 def test_sweep_gives_one_output_per_strength_and_a_comparison(pipe, image_path, lora_file, tmp_path):
     result = render_sweep(pipe, request(image_path, seed=None, loras=[(str(lora_file), 1.0)]), tmp_path,
                           strengths=[0, 1.0, 1.5])
@@ -244,6 +348,16 @@ def test_frames_size_and_seed_are_resolved_and_said(image_path):
     assert (small.height, small.width) == fit_size(1920, 1080, pixel_budget=224 * 128) == (128, 224)
     with pytest.raises(GenerationError, match="steps"):
         resolve_request(request(image_path, steps=0), (96, 64))
+
+
+def test_an_epoch_folder_given_as_lora_is_read(image_path, lora_file, tmp_path):
+    """`--lora runs/r/epoch1` (a diffusion-pipe epoch folder) means its adapter_model.safetensors; a folder without
+    one is a clear error naming it, not a traceback."""
+    resolved, _ = resolve_request(request(image_path, loras=[(str(lora_file.parent), 0.5)]), (96, 64))
+    assert resolved.loras == [(str(lora_file.resolve()), 0.5)]
+    with pytest.raises(GenerationError, match=r"empty.*no \.safetensors file"):
+        (tmp_path / "empty").mkdir()
+        resolve_request(request(image_path, loras=[(str(tmp_path / "empty"), 1.0)]), (96, 64))
 
 
 def test_one_side_given_keeps_the_image_aspect(image_path):
@@ -359,8 +473,66 @@ def test_comfyui_workflow_matches_the_nodes_and_our_sampling(pipe, image_path, l
     shifted.write_text(json.dumps(sidecar))
     workflow = json.loads(export_comfyui_workflow(shifted).read_text())
     assert next(n for n in workflow.values() if n["class_type"] == "ModelSamplingSD3")["inputs"]["shift"] == 5.0
-    with pytest.raises(GenerationError, match="FlowMatchEulerDiscreteScheduler"):
-        comfyui_workflow(request(image_path), scheduler={"class": "FlowMatchEulerDiscreteScheduler", "shift": 5.0})
+    with pytest.raises(GenerationError, match="DPMSolverMultistepScheduler"):
+        comfyui_workflow(request(image_path), scheduler={"class": "DPMSolverMultistepScheduler", "flow_shift": 5.0})
+
+
+@pytest.mark.parametrize("scheduler, sampler_name", [("lcm", "lcm"), ("euler", "euler")])
+def test_scheduler_and_flow_shift_are_rendered_recorded_reproduced_and_exported(
+        cache, image_path, tmp_path, scheduler, sampler_name):
+    """The sampler settings step-distillation LoRAs need: flow-match LCM or Euler at its own shift, in the sidecar,
+    rendered again identically (LCM's per-step noise is seeded) and in the ComfyUI workflow."""
+    pipe = cache.pipe
+    video = render_video(pipe, request(image_path, scheduler=scheduler, flow_shift=5.0, guidance=1.0),
+                         tmp_path / f"{scheduler}.mp4")
+    recorded = read_sidecar(video)
+    assert recorded["request"]["scheduler"] == scheduler and recorded["request"]["flow_shift"] == 5.0
+    assert recorded["scheduler"]["class"] == {"lcm": "FlowMatchLCMScheduler",
+                                              "euler": "FlowMatchEulerDiscreteScheduler"}[scheduler]
+    assert recorded["scheduler"]["shift"] == 5.0
+    unipc = read_sidecar(render_video(pipe, request(image_path, guidance=1.0), tmp_path / "unipc.mp4"))
+    assert unipc["scheduler"]["class"] == "UniPCMultistepScheduler" and unipc["scheduler"]["flow_shift"] == 3.0
+    assert unipc["frames_sha256"] != recorded["frames_sha256"]
+    _, identical = reproduce(video, cache)
+    assert identical
+    workflow = json.loads(export_comfyui_workflow(video).read_text())
+    by_type = {node["class_type"]: node["inputs"] for node in workflow.values()}
+    assert by_type["KSampler"]["sampler_name"] == sampler_name and by_type["ModelSamplingSD3"]["shift"] == 5.0
+    with pytest.raises(GenerationError, match="flow shift"):
+        resolve_request(request(image_path, flow_shift=0.5), (96, 64))
+    with pytest.raises(GenerationError, match="scheduler 'dpm'"):
+        resolve_request(request(image_path, scheduler="dpm"), (96, 64))
+
+
+def test_draft_then_render_in_full_keeps_seed_and_strengths(cache, image_path, lora_file, tmp_path):
+    """Draft: the accelerator LoRA stacked after the person's, 4 LCM steps without guidance at shift 5; its sidecar
+    gives back the full-quality request (same seed and strengths, no accelerator), which renders as a plain full
+    render does. A draft sweep varies the person's LoRA and keeps the accelerator at its strength."""
+    from engine.generate.draft import DraftSettings, full_request
+    from tests.engine.test_lora_io import ACCELERATOR
+
+    pipe = cache.pipe
+    draft = DraftSettings(lora=str(ACCELERATOR), steps=2)
+    wanted = request(image_path, seed=None, steps=3, loras=[(str(lora_file), 0.7)])
+    video = render_video(pipe, wanted, tmp_path / "draft.mp4", draft=draft)
+    sidecar = read_sidecar(video)
+    done = sidecar["request"]
+    assert (done["steps"], done["guidance"], done["scheduler"], done["flow_shift"]) == (2, 1.0, "lcm", 5.0)
+    assert done["loras"] == [[str(lora_file.resolve()), 0.7], [str(ACCELERATOR), 1.0]]
+    full = full_request(sidecar)
+    assert full.seed == done["seed"] and full.loras == [(str(lora_file.resolve()), 0.7)]
+    assert (full.steps, full.guidance, full.scheduler, full.flow_shift) == (3, SMALL_GUIDANCE, "unipc", None)
+    in_full = render_video(pipe, full, tmp_path / "full.mp4")
+    direct = render_video(pipe, replace(wanted, seed=done["seed"]), tmp_path / "direct.mp4")
+    assert read_sidecar(in_full)["frames_sha256"] == read_sidecar(direct)["frames_sha256"] != sidecar["frames_sha256"]
+    with pytest.raises(GenerationError, match="not a draft"):
+        full_request(read_sidecar(in_full))
+    swept = render_sweep(pipe, wanted, tmp_path / "sweep", strengths=[0.5, 1.0], draft=draft)
+    variants = [read_sidecar(v) for v in swept.videos]
+    assert [v["request"]["loras"] for v in variants] == [
+        [[str(lora_file.resolve()), s], [str(ACCELERATOR), 1.0]] for s in (0.5, 1.0)]
+    assert all(v["request"]["steps"] == 2 and v["draft"]["full"]["steps"] == 3 for v in variants)
+    assert full_request(variants[1]).loras == [(str(lora_file.resolve()), 1.0)]
 
 
 def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path, tmp_path):

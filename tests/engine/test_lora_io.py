@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,75 @@ def test_cli_info_and_convert(peft_state, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "musubi" and info["rank"] == RANK and info["metadata"]["steps"] == "3"
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- accelerator LoRAs
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+ACCELERATOR = FIXTURES / "lightx2v_style_r4.safetensors"  # lora_down/up, diff_b, norm diffs, head/time/text LoRAs
+
+
+def with_alpha(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """The same LoRA with an `.alpha` beside every lora_down (alpha != rank: the scale must be applied)."""
+    out = dict(state)
+    for key in state:
+        if key.endswith(".lora_down.weight"):
+            out[key.removesuffix(".lora_down.weight") + ".alpha"] = torch.tensor(alpha)
+    return out
+
+
+def test_accelerator_layout_is_read_part_by_part():
+    from safetensors.torch import load_file
+
+    state = load_file(ACCELERATOR)
+    weights = load_lora(ACCELERATOR)
+    assert weights.source_format == "comfy-down-up" and weights.rank == 4 and weights.num_blocks == 2
+    assert {"proj_out", "condition_embedder.time_embedder.linear_1", "condition_embedder.text_embedder.linear_2",
+            "condition_embedder.time_proj"} <= set(weights.modules)
+    # every .diff / .diff_b lands on a parameter, under diffusers' names (the original norm3 is diffusers' norm2)
+    assert len(weights.diffs) == sum(k.endswith((".diff", ".diff_b")) for k in state)
+    torch.testing.assert_close(weights.diffs["blocks.1.norm2.bias"], state["diffusion_model.blocks.1.norm3.diff_b"])
+    torch.testing.assert_close(weights.diffs["blocks.0.attn2.norm_k.weight"],
+                               state["diffusion_model.blocks.0.cross_attn.norm_k.diff"])
+    torch.testing.assert_close(weights.diffs["proj_out.bias"], state["diffusion_model.head.head.diff_b"])
+    # written back in ComfyUI's layout every key comes back (with an alpha per module); other formats refuse
+    written = weights.state_dict("comfy-down-up")
+    assert {k for k in written if not k.endswith(".alpha")} == set(state)
+    with pytest.raises(LoraFileError, match=r"head\.head.*--format comfy-down-up"):
+        weights.state_dict("diffusion-pipe")
+
+
+def underscore_name(key: str, prefix: str) -> str:
+    """'diffusion_model.blocks.0.norm3.diff_b' -> prefix + 'blocks_0_norm3.diff_b' (kohya-style module names)."""
+    module, part = re.fullmatch(r"diffusion_model\.(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)",
+                                key).groups()
+    return f"{prefix}{module.replace('.', '_')}.{part}"
+
+
+@pytest.mark.parametrize("prefix", ["lora_unet_", "lora_unet__", "lycoris_"])
+def test_every_underscore_prefix_comfyui_accepts_for_wan_loads(prefix):
+    """kohya/musubi `lora_unet_`, Wan-Fun `lora_unet__` and SimpleTuner `lycoris_` names, as ComfyUI maps them."""
+    from safetensors.torch import load_file
+
+    state = with_alpha(load_file(ACCELERATOR), 8.0)
+    renamed = {underscore_name(k, prefix): v for k, v in state.items()}
+    assert f"{prefix}blocks_0_self_attn_q.lora_down.weight" in renamed
+    expected, got = parse_lora_state(state), parse_lora_state(renamed)
+    assert got.modules.keys() == expected.modules.keys() and got.diffs.keys() == expected.diffs.keys()
+    assert all(m.alpha == 8.0 for m in got.modules.values())
+    for name, m in got.modules.items():
+        torch.testing.assert_close(m.up @ m.down, expected.modules[name].up @ expected.modules[name].down)
+
+
+def test_a_folder_names_its_lora_file(peft_state, tmp_path):
+    from engine.generate.lora_files import resolve_lora_file
+
+    file = save_lora(peft_state, tmp_path / "epoch3", rank=RANK, alpha=ALPHA)
+    assert resolve_lora_file(tmp_path / "epoch3") == file  # a diffusion-pipe / studio epoch folder
+    single = tmp_path / "download"
+    single.mkdir()
+    (single / "wan_motion.safetensors").write_bytes(file.read_bytes())
+    assert load_lora(single).path == single / "wan_motion.safetensors"
+    (single / "other.safetensors").write_bytes(file.read_bytes())
+    with pytest.raises(LoraFileError, match=r"2 \.safetensors files and no adapter_model.safetensors"):
+        resolve_lora_file(single)

@@ -93,6 +93,50 @@ def test_generate_with_a_lora_then_sweep_three_strengths(page, generate_studio):
     assert any(node["class_type"] == "LoraLoaderModelOnly" for node in workflow.values())
 
 
+def test_draft_then_render_in_full(page, generate_studio):
+    """Point once at an accelerator LoRA file, render a draft (4 LCM steps, no guidance), then Render in full: the
+    same seed and LoRA strength at the form's full settings, without the accelerator."""
+    from tests.engine.test_lora_io import ACCELERATOR
+
+    url, project_root, image = generate_studio
+    page.goto(url)
+    page.get_by_role("tab", name="Generate").click()
+    wait_idle(page)
+    expect(page.locator("#generate-draft-note")).to_contain_text("previews motion, not final quality")
+    fill_small_settings(page, image)
+    page.get_by_label("LoRA 1", exact=True).click()
+    page.get_by_role("option", name="browser-run / epoch1").click()
+    strength = page.get_by_label("number input for Strength 1")
+    strength.fill("0.7")
+    strength.press("Enter")
+    accelerator = page.get_by_label("Accelerator LoRA file")
+    accelerator.fill(str(ACCELERATOR))
+    accelerator.press("Tab")
+    page.get_by_label("Draft", exact=True).check()
+    expect(accelerator).to_have_value(str(ACCELERATOR))
+    expect(strength).to_have_value("0.7")
+
+    page.get_by_role("button", name="Generate", exact=True).click()
+    expect(page.locator("#generate-status")).to_contain_text("Wrote draft", timeout=180_000)
+    expect(page.locator("#generate-details")).to_contain_text("previews motion, not final quality")
+    draft_file = next((project_root / "outputs").glob("draft-*.json"))
+    draft = json.loads(draft_file.read_text())
+    assert (draft["request"]["steps"], draft["request"]["guidance"], draft["request"]["scheduler"]) == (4, 1.0, "lcm")
+    assert [lora[1] for lora in draft["request"]["loras"]] == [0.7, 1.0]
+    assert json.loads((project_root / "project.json").read_text())["draft_lora"] == str(ACCELERATOR)  # remembered
+
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_label("Output", exact=True).click()
+    page.get_by_role("option", name=draft_file.with_suffix(".mp4").name).click()
+    expect(page.locator("#generate-output-details")).to_contain_text("Draft")
+    page.get_by_role("button", name="Render in full").click()
+    expect(page.locator("#generate-status")).to_contain_text("full-quality render of draft", timeout=180_000)
+    full = json.loads(next((project_root / "outputs").glob("full-*.json")).read_text())
+    assert full["request"]["seed"] == draft["request"]["seed"] and full["full_of"] == draft["video"]
+    assert (full["request"]["steps"], full["request"]["scheduler"]) == (2, "unipc")
+    assert [lora[1] for lora in full["request"]["loras"]] == [0.7] and "draft" not in full
+
+
 def test_form_helpers(tmp_path):
     from engine.generate.request import GenerationError
     from tabs.generate import grid_html, parse_strengths, run_epochs
