@@ -79,6 +79,16 @@ def write_accelerator(transformer, path: Path, rank: int) -> Path:
     return path
 
 
+def combine_with_opencv(clips, labels, out_path, fps: float = 16.0, columns: int = 4) -> Path:
+    """The sweep's comparison as unlabelled tiles in one row per `columns`, for machines without ffmpeg/moviepy."""
+    frames = max(len(c) for c in clips)
+    held = [np.concatenate([c, np.repeat(c[-1:], frames - len(c), axis=0)]) for c in clips]
+    rows = [np.concatenate(held[i:i + columns], axis=2) for i in range(0, len(held), columns)]
+    width = max(r.shape[2] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, 0), (0, width - r.shape[2]), (0, 0))) for r in rows]
+    return write_with_opencv(np.concatenate(rows, axis=1), out_path, fps)
+
+
 def memory() -> dict:
     if not torch.cuda.is_available():
         return {}
@@ -123,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         import engine.generate.render
         import engine.generate.sweep
 
-        engine.generate.render.write_video = engine.generate.sweep.write_video = write_with_opencv
-        results_note = "mp4s written by OpenCV (no ffmpeg on this machine)"
+        engine.generate.render.write_video = write_with_opencv
+        engine.generate.sweep.combine_side_by_side = combine_with_opencv
+        results_note = "mp4s and the comparison (unlabelled tiles) written by OpenCV (no ffmpeg on this machine)"
     else:
         results_note = "mp4s written by ffmpeg"
     device = "cpu" if args.tiny else "cuda"
