@@ -11,6 +11,7 @@ from typing import Sequence
 from engine.clips.cut import DEFAULT_FPS, DEFAULT_FRAMES, ClipError, ExportStopped, cut_clips
 from engine.clips.suggest import suggest_windows
 from engine.clips.timestamps import read_timestamps
+from engine.core.motion import MOTION_UNIT
 from engine.core.video import VideoError, format_time, probe_video
 
 # ---------------------------------------------------------------- command line
@@ -56,9 +57,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         else:
             found = suggest_windows(args.video, args.count, frames=args.frames, fps=args.fps, cache_dir=args.cache,
                                     on_progress=progress)
-            print("# start end  # motion score (% of frame width per second), scene")
+            print(f"# start end  # motion ({MOTION_UNIT}), scene")
             for s in found:
-                print(f"{format_time(s.start)} {format_time(s.end)}  # score {s.score:.2f}, scene {s.scene + 1}")
+                print(f"{format_time(s.start)} {format_time(s.end)}  # motion {s.score:.2f}, scene {s.scene + 1}")
     except (VideoError, ClipError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

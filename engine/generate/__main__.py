@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.core.motion import MOTION_UNIT_SHORT
 from engine.generate.comfyui import export_comfyui_workflow
 from engine.generate.draft import DraftSettings, full_request
 from engine.generate.pipeline import PipelineCache, PipelineOptions, memory_advice
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                   model=args.model, draft=draft, on_progress=report)
             videos = result.videos
             for label, video, motion in zip(result.labels, result.videos, result.motion):
-                print(f"{video}\t{label}\tmotion {motion:.3f}")
+                print(f"{video}\t{label}\tmotion {motion:.3f} {MOTION_UNIT_SHORT}")
             print(result.comparison)
         else:
             videos = [render_video(pipe, request, new_output_path(args.out, "draft" if draft else "gen"),
