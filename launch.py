@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--video-captioner", help="Qwen2.5-VL folder or hub id for the Captions tab's video-language "
                                                   "captioner; default: the project's, else the tiny demo one")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="another name this studio may be reached by (a reverse proxy's, or this machine's on the "
+                             "network with --host 0.0.0.0); requests naming any other host are refused")
     return parser.parse_args(argv)
 
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from studio.app import build
+    from studio.app import allowed_hosts, build, host_check, serve
     from studio.context import AppContext
 
     ctx = AppContext(project=project, models=models, device_description=describe_device(),
@@ -68,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     app = build(ctx)
     app.queue(default_concurrency_limit=4)
     print(f"Wan LoRA Studio: project {project.root}", flush=True)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(project.root)],
-               show_error=True, css_paths=[ASSETS / "studio.css"])
+    hosts = allowed_hosts(args.host, args.allow_host, share=args.share)
+    if args.share:  # Gradio's own launcher makes the share link (its start-up checks need a network anyway)
+        app.launch(server_name=args.host, server_port=args.port, share=True, allowed_paths=[str(project.root)],
+                   show_error=True, css_paths=[ASSETS / "studio.css"], app_kwargs={"middleware": [host_check(hosts)]})
+    else:
+        serve(app, args.host, args.port, hosts, allowed_paths=[str(project.root)], css_paths=[ASSETS / "studio.css"])
     return 0
 
 

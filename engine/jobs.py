@@ -13,7 +13,9 @@ records how it exited, and holds the studio-wide GPU lock (an fcntl lock on `<st
 long as the job lives, so the lock is released even when nobody is watching.
 
 In-process GPU work (captioning, generation) takes the same lock with `JobRunner.gpu_slot(...)`, which refuses with
-`GpuBusyError("training is using the GPU ...")` or waits, as the caller chooses.
+`GpuBusyError("training is using the GPU ...")` or waits, as the caller chooses. A trainer started from a terminal
+takes it too (`JobRunner.hold_gpu`); one started by JobRunner finds GPU_LOCK_HELD_ENV naming the lock its supervisor
+already holds for it. `exclusive_folder` keeps a second trainer out of a run folder, naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ GPU_LOCK_FILE = "gpu.lock"
 GPU_HOLDER_FILE = "gpu-holder.json"
 
 
+GPU_LOCK_HELD_ENV = "WAN_STUDIO_GPU_LOCK_HELD"  # set for a job's command: the path of the GPU lock held for it
+
+
+FOLDER_LOCK_FILE = ".lock"  # in a run folder: held by the one trainer writing there
+
+
 RUNNING_STATES = ("running", "stopping")
 
 
@@ -61,6 +69,38 @@ class GpuBusyError(RuntimeError):
 
 class JobError(RuntimeError):
     """A job could not be started or found; the message says why."""
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds a folder's lock; the message names it and its pid."""
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, description: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (an fcntl lock on folder/FOLDER_LOCK_FILE, recording `description` and this
+    pid) while the block runs. The kernel drops the lock when the process dies, however it ends.
+
+    Raises FolderBusyError naming the holder and its pid when another process holds it.
+    """
+    lock = Path(folder) / FOLDER_LOCK_FILE
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = json.loads(lock.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):  # the holder is between taking the lock and writing its name
+            holder = {}
+        raise FolderBusyError(f"{folder} is in use by {holder.get('description', 'another process')} (pid "
+                              f"{holder.get('pid', 'unknown')}); stop it first, or wait for it to finish.") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"description": description, "pid": os.getpid()}).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- processes -------------------------------------------------------------------------------------------------
@@ -279,8 +319,10 @@ class JobRunner:
 
     def busy_message(self) -> str:
         holder = self.gpu_holder()
-        what = holder["description"] if holder else "another job"
-        return f"{what} is using the GPU; wait for it to finish or stop it in the Train tab."
+        if holder is None:
+            return "another job is using the GPU; wait for it to finish or stop it in the Train tab."
+        return (f"{holder['description']} is using the GPU (pid {holder['pid']}); wait for it to finish or stop it "
+                "in the Train tab.")
 
     @contextmanager
     def gpu_slot(self, description: str, wait: bool = False) -> Iterator[None]:
@@ -298,6 +340,17 @@ class JobRunner:
             if holder and holder["pid"] == pid and holder["description"] == description:
                 self.holder_path.unlink(missing_ok=True)
             os.close(fd)
+
+    @contextmanager
+    def hold_gpu(self, description: str) -> Iterator[None]:
+        """Hold the studio's GPU for this whole process (a trainer), unless the job supervisor that started it holds
+        it already (GPU_LOCK_HELD_ENV names this lock): then taking it again would refuse our own job."""
+        held = os.environ.get(GPU_LOCK_HELD_ENV)
+        if held and Path(held).resolve() == self.lock_path.resolve():
+            yield
+            return
+        with self.gpu_slot(description):
+            yield
 
     # jobs
     def start(self, name: str, argv: list[str], *, cwd: str | os.PathLike, run_dir: str | os.PathLike,
@@ -326,6 +379,8 @@ class JobRunner:
             (run_dir / STOP_REQUEST_FILE).unlink(missing_ok=True)
             log_path = run_dir / LOG_FILE
             child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+            if kind == "gpu":
+                child_env[GPU_LOCK_HELD_ENV] = str(self.lock_path.resolve())
             supervisor = [sys.executable, "-m", "engine.jobs", "--exit-file", str(run_dir / EXIT_FILE), "--", *argv]
             with open(log_path, "ab") as log:
                 log_offset = log.tell()

@@ -1,8 +1,11 @@
-"""build(ctx) -> gr.Blocks: a header (project, models, device) and the four tabs in workflow order."""
+"""build(ctx) -> gr.Blocks: a header (project, models, device) and the four tabs in workflow order; serve(...) runs
+it on this machine behind a Host header check."""
 
 from __future__ import annotations
 
 import html
+import socket
+from pathlib import Path
 
 import gradio as gr
 
@@ -40,3 +43,47 @@ def build(ctx: AppContext) -> gr.Blocks:
             if hasattr(tab, "connect"):
                 tab.connect(ctx)
     return app
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(bind: str, extra: list[str], share: bool = False) -> list[str]:
+    """The host names a request may carry: this machine's loopback names, the bound address, and `extra`. Any other
+    Host header is refused, so a web page that points its own domain at 127.0.0.1 (DNS rebinding) cannot call the
+    studio from the user's browser. Bound to every interface, the machine's own names count too."""
+    hosts = [*LOCAL_HOSTS, *extra]
+    if bind in ALL_INTERFACES:
+        hosts += [socket.gethostname(), socket.getfqdn()]
+    else:
+        hosts.append(bind)
+    if share:
+        hosts.append("*.gradio.live")  # Gradio's share links arrive through its tunnel under this domain
+    return list(dict.fromkeys(hosts))
+
+
+def host_check(hosts: list[str]):
+    """Starlette's TrustedHostMiddleware (a 400 answer to any other Host header) as a FastAPI middleware entry."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    return Middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+
+
+def serve(app: gr.Blocks, host: str, port: int, hosts: list[str], *, allowed_paths: list[str],
+          css_paths: list[Path]) -> None:
+    """Serve the studio until interrupted: the Blocks mounted on a FastAPI app with the Host check, run by uvicorn.
+
+    Not Blocks.launch: its start-up checks give up after a few seconds (a 5 s wait for the server thread, 3 s
+    requests to itself), so a launch on a busy machine (load average 13) aborted. uvicorn here waits as long as
+    start-up takes.
+    """
+    import uvicorn
+    from fastapi import FastAPI
+
+    server = FastAPI(middleware=[host_check(hosts)])
+    server = gr.mount_gradio_app(server, app, path="/", server_name=host, server_port=port,
+                                 allowed_paths=allowed_paths, show_error=True, css_paths=css_paths)
+    print(f"Wan LoRA Studio on http://{'127.0.0.1' if host in ALL_INTERFACES else host}:{port}/", flush=True)
+    uvicorn.run(server, host=host, port=port, log_level="warning")

@@ -8,7 +8,6 @@ cache/cuts/ on every change, so a page reload or a restart shows the same list.
 from __future__ import annotations
 
 import html
-import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,7 +68,10 @@ class ClipsTab:
     def source_path(self, name: str | None) -> Path:
         if not name:
             raise ClipError("No source video: upload one or pick one from the project's sources.")
-        path = self.project.sources_dir / name
+        try:
+            path = self.project.source_file(name)
+        except ValueError as err:
+            raise ClipError(str(err)) from None
         if not path.is_file():
             raise ClipError(f"{name} is no longer in {self.project.sources_dir}.")
         return path
@@ -311,17 +313,18 @@ class ClipsTab:
         if file is None:
             return gr.skip()
         uploaded = Path(file if isinstance(file, str) else file.name)
-        target = self.project.sources_dir / uploaded.name
         if uploaded.suffix.lower() not in VIDEO_EXTENSIONS:
             raise gr.Error(f"{uploaded.name} is not an mp4, mkv, mov, webm or avi file.")
         try:
             probe_video(uploaded)
         except VideoError as exc:
             raise gr.Error(str(exc)) from None
-        if not target.exists():
-            partial = target.with_name(f".{target.name}.part")
-            shutil.copyfile(uploaded, partial)
-            partial.replace(target)
+        try:  # a different video of the same name is kept beside the first, not dropped
+            target = self.project.add_upload(uploaded, self.project.sources_dir)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if target.name != uploaded.name:
+            gr.Info(f"Another {uploaded.name} is in the sources already: this one is kept as {target.name}.")
         return gr.Dropdown(choices=self.source_choices(), value=target.name)
 
     def position_text(self, info: VideoInfo, t: float) -> str:

@@ -442,9 +442,12 @@ class GenerateTab:
     def on_upload(self, path: str | None):
         if not path:
             return [gr.skip() for _ in self.lora_rows] + [None]
-        target = self.ctx.project.loras_dir / Path(path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+        try:  # a different file of the same name is kept beside the first, not written over it
+            target = self.ctx.project.add_upload(path, self.ctx.project.loras_dir)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if target.name != Path(path).name:
+            gr.Info(f"Another {Path(path).name} is in the project already: this one is kept as {target.name}.")
         choices = lora_choices(self.ctx)
         first = gr.update(choices=choices, value=str(target))
         return [first] + [gr.update(choices=choices) for _ in self.lora_rows[1:]] + [None]
@@ -456,7 +459,10 @@ class GenerateTab:
     def on_clip_change(self, clip: str | None):
         if not clip:
             return gr.update()
-        info = probe_video(self.ctx.project.clips_dir / clip)
+        try:
+            info = probe_video(self.ctx.project.clip_file(clip))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         return gr.update(maximum=max(info.duration - 1 / 16, 0.0625), value=0)
 
     def on_use_frame(self, clip: str | None, t: float):
@@ -464,7 +470,10 @@ class GenerateTab:
             raise gr.Error("Choose a clip first.")
         from PIL import Image
 
-        frame = frame_at(self.ctx.project.clips_dir / clip, float(t))
+        try:
+            frame = frame_at(self.ctx.project.clip_file(clip), float(t))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
         path = self.ctx.project.cache.frames_dir / f"{Path(clip).stem}-{float(t):.3f}s.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(frame).save(path)

@@ -1,6 +1,6 @@
 """Train tab: one click trains a LoRA on the project's clips; a live loss plot, stop and resume, runs and samples.
 
-Thin UI over engine.training.config (presets, generated form, TOML), engine.training.dataset (the pre-flight report) and engine.jobs
+Thin UI over engine.training.config (presets, generated form, TOML), engine.training.check (the pre-flight report) and engine.jobs
 (the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
 page reload or a studio restart picks a running or finished run up where it is.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 import tempfile
 import threading
@@ -24,8 +23,8 @@ from engine.core.files import TextFileError, read_text
 from engine.core.hardware import list_gpus
 from engine.core.layout import jobs_dir, studio_home
 from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
+from engine.training.check import human_seconds, preflight
 from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
-from engine.training.dataset import scan_dataset
 from engine.training.events import (
     Event,
     EventFollower,
@@ -92,64 +91,6 @@ def write_run_folder(run_dir: Path, run: RunConfig, dataset: DatasetConfig) -> P
     run_dir.mkdir(parents=True, exist_ok=True)
     save_dataset_config(dataset, run_dir / DATASET_TOML)
     return save_run_config(run, run_dir / RUN_TOML)
-
-
-def lora_size_bytes(model_path: str, rank: int, bytes_per_value: int = 2) -> int | None:
-    """Size of one saved LoRA: rank x (in + out) for every Linear of each block (10 of width d, 2 of the FFN)."""
-    try:
-        transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
-        width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
-        per_block = rank * (10 * 2 * width + 2 * (width + transformer["ffn_dim"]))
-        return per_block * transformer["num_layers"] * bytes_per_value
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def preflight(run: RunConfig, dataset: DatasetConfig, measured_steps_per_s: float | None = None
-              ) -> tuple[list[str], list[str], str]:
-    """The dataset report (errors block a run, warnings don't) and an estimate of steps, time and disk use."""
-    report = scan_dataset(dataset, video_clip_mode=run.clip_mode)
-    errors = [str(issue) for issue in report.errors]
-    warnings = [str(issue) for issue in report.warnings]
-    samples = sum(report.bucket_counts().values())
-    batch = run.micro_batch_size_per_gpu * run.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(samples / batch)) if samples else 0
-    total = steps_per_epoch * run.epochs
-    if run.max_steps:
-        total = min(total, run.max_steps)
-    limit = f", max_steps {run.max_steps}" if run.max_steps else ""
-    lines = [f"**{len(report.clips)} clips**, {samples} samples per epoch: **{steps_per_epoch} steps per epoch**, "
-             f"**{total} steps** in all ({run.epochs} epochs{limit})."]
-    if measured_steps_per_s:
-        epoch_s, total_s = steps_per_epoch / measured_steps_per_s, total / measured_steps_per_s
-        lines.append(f"Time per epoch ≈ {human_seconds(epoch_s)} at the measured {measured_steps_per_s:.3g} steps/s; "
-                     f"whole run ≈ {human_seconds(total_s)}.")
-    else:
-        lines.append("Time per epoch: shown once the first steps are measured.")
-    value_bytes = 4 if run.lora_save_dtype == "float32" else 2
-    lora = lora_size_bytes(run.model.ckpt_path, run.adapter.rank, value_bytes)
-    if lora and run.save_every_n_epochs:
-        saves = max(1, run.epochs // run.save_every_n_epochs)
-        state = lora // value_bytes * 4 * 3  # LoRA weights and Adam's two moments, in float32
-        lines.append(f"Disk: each LoRA ≈ {human_bytes(lora)}, {saves} saved ≈ {human_bytes(saves * lora)}; each "
-                     f"resume state ≈ {human_bytes(state)} (LoRA and optimizer moments in float32).")
-    return errors, warnings, "\n\n".join(lines)
 
 
 def loss_frame(events: list[Event]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -424,10 +365,13 @@ class TrainTab:
 
     # handlers: running
     def _measured_rate(self, run_name: str | None) -> float | None:
-        if not run_name or not (self.project.runs_dir / run_name).is_dir():
+        try:
+            run_dir = self.project.run_dir(run_name) if run_name else None
+        except ValueError:
             return None
-        step = next((e for e in reversed(self.events(self.project.runs_dir / run_name))
-                     if isinstance(e, StepEvent) and e.steps_per_s), None)
+        if run_dir is None or not run_dir.is_dir():
+            return None
+        step = next((e for e in reversed(self.events(run_dir)) if isinstance(e, StepEvent) and e.steps_per_s), None)
         return step.steps_per_s if step else None
 
     def _preflight_text(self, run_cfg, dataset_cfg, measured) -> tuple[bool, str]:
@@ -481,7 +425,10 @@ class TrainTab:
     def on_resume(self, selected: str | None, num_gpus: str) -> str:
         if not selected:
             return "⚠️ Select a run to resume."
-        run_dir = self.project.run_dir(selected)
+        try:
+            run_dir = self.project.run_dir(selected)
+        except ValueError as err:
+            return f"⚠️ {err}"
         try:
             self.jobs.start(selected, training_argv(run_dir / RUN_TOML, resume=True, num_gpus=int(num_gpus or 1)),
                             cwd=REPO, run_dir=run_dir, description=f"training run {selected!r}",
@@ -491,7 +438,10 @@ class TrainTab:
         return f"Resuming **{selected}** from its last saved state."
 
     def on_stop(self, selected: str | None) -> str:
-        job = self.jobs.attach(self.project.run_dir(selected)) if selected else None
+        try:
+            job = self.jobs.attach(self.project.run_dir(selected)) if selected else None
+        except ValueError as err:
+            return f"⚠️ {err}"
         if job is None or not job.is_running():
             return "Nothing to stop: the selected run is not running."
         # The stop waits for the current step and the state save; a thread keeps the page responsive meanwhile.

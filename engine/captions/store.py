@@ -12,7 +12,15 @@ from typing import Iterable, Sequence
 
 from engine.captions.style import CaptionChange, StyleRules, find_replace, normalize_caption, preview_style
 from engine.captions.text import CaptionEncodingError, CaptionError, read_caption
-from engine.core.files import TextFileError, append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl, read_text
+from engine.core.files import (
+    TextFileError,
+    append_jsonl,
+    append_numbered_jsonl,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_jsonl,
+    read_text,
+)
 from engine.core.layout import CaptionMetaLayout, caption_file, list_videos
 
 
@@ -126,9 +134,7 @@ class CaptionStore:
         return target
 
     def _append_history(self, clip: str | Path, record: dict) -> None:
-        history = read_jsonl(self.history_file(clip))
-        record["id"] = max((r.get("id", 0) for r in history), default=0) + 1
-        append_jsonl(self.history_file(clip), record)
+        append_numbered_jsonl(self.history_file(clip), record)  # locked: two writers never share an id
 
     def history(self, clip: str | Path) -> list[dict]:
         return read_jsonl(self.history_file(clip))

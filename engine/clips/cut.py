@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from engine.core.ffmpeg import FFmpegError, write_video
-from engine.core.files import append_jsonl, atomic_path, read_jsonl
+from engine.core.files import append_jsonl, atomic_path, read_jsonl, remove_stale_temps
 from engine.core.progress import ProgressFn, StopFn
 from engine.core.video import FRAME_TIME_TOLERANCE, VideoError, VideoInfo, format_time, probe_video, read_frames
 
@@ -252,6 +252,7 @@ def cut_clips(source: str | os.PathLike, cuts: Sequence[Cut], out_dir: str | os.
                         "or starts.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # clips half-written by an export that was killed
     latest = _manifest_latest(out_dir)
     results = []
     for i, (cut, name) in enumerate(zip(cuts, names)):

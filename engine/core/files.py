@@ -1,50 +1,149 @@
 """Atomic file writes (a crash or a full disk never leaves a half-written file in place of a good one), and the one
-reader of text inputs (cut lists, captions, style rules, TOML, sidecars) that accepts what editors save."""
+reader of text inputs (cut lists, captions, style rules, TOML, sidecars) that accepts what editors save.
+
+A write goes to a hidden temporary name beside its target, `.<target name>.<pid>-<random>.tmp<ending>`, is synced to
+disk, renamed over the target, and the folder is synced so the rename itself survives a power cut. A process killed
+mid-write leaves its temporary file behind: `remove_stale_temps` clears those of dead processes when a stage starts.
+Files get the permissions the user's umask gives (not mkstemp's 0600), so another user's tool can read them.
+"""
 
 from __future__ import annotations
 
 import codecs
+import fcntl
+import filecmp
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
+    with other threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-_UMASK = _current_umask()
+# .<target name>.<pid>-<8 random chars from mkstemp>.tmp<ending>, or a folder .<name>.<pid>-<random>.tmp
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp(\..*)?")
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}-"
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a new entry in `folder` durable (a file's own fsync does not cover its folder's entry)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str | None = None, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename.
 
-    On any error the temporary file is removed and `target` is left as it was.
+    `suffix` is the temporary file's ending (default `.tmp` + the target's extension; ffmpeg reads the container from
+    it). With `overwrite=False` an existing `target` is never replaced: FileExistsError is raised instead (also when
+    another writer got there first). On any error the temporary file is removed and `target` is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else f".tmp{target.suffix}",
-        dir=target.parent,
-    )
+    ending = suffix if suffix is not None and suffix.startswith(".tmp") else f".tmp{suffix or target.suffix}"
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=ending, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        # mkstemp makes 0600, and writers that replace the file (safetensors) keep that: give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())
+        _fsync_file(tmp)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            os.link(tmp, target)  # fails if target exists, unlike a rename
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `target`; on success every file in it is synced and the folder takes
+    `target`'s place in one rename (an older `target` is removed first). On any error nothing is left behind."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        umask = current_umask()  # mkdtemp makes 0700 and safetensors writes 0600: give the usual permissions
+        for path in [tmp, *tmp.rglob("*")]:
+            if path.is_dir():
+                os.chmod(path, 0o777 & ~umask)
+            elif path.is_file():
+                os.chmod(path, 0o666 & ~umask)
+                _fsync_file(path)
+        fsync_dir(tmp)
+        if target.exists():  # the same folder written again (e.g. a state saved twice at one step)
+            shutil.rmtree(target)
+        tmp.rename(target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in `folder` (and below, with `recursive`).
+
+    Only names of this module's pattern whose writing process is gone are touched, so a write in progress elsewhere
+    (another thread or process) is never disturbed. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*") if recursive else folder.glob(".*"):
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or _pid_alive(int(match["pid"])):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
@@ -117,6 +216,44 @@ def append_jsonl(target: str | os.PathLike, record: dict) -> None:
     with open(target, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
+
+
+def append_numbered_jsonl(target: str | os.PathLike, record: dict, key: str = "id") -> int:
+    """Append `record` with `key` set to one more than the highest number in the file; returns that number.
+
+    The read and the append happen under an exclusive lock on the file, so two writers never get the same number.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a+", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        number = max((r.get(key, 0) for r in read_jsonl(target) if isinstance(r.get(key), int)), default=0) + 1
+        f.write(json.dumps({**record, key: number}, ensure_ascii=False) + "\n")
+        f.flush()
+    return number
+
+
+def copy_keeping_apart(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy `source` to `target` unless a file with the same bytes is there; a different file of that name is kept
+    and the copy gets the next free numbered name ("IMG_0001 (2).mp4"). Returns where the bytes now are.
+
+    Same bytes are the same file (uploading it again reuses the copy); nothing is ever overwritten.
+    """
+    source, target = Path(source), Path(target)
+    number = 1
+    while True:
+        candidate = target if number == 1 else target.with_name(f"{target.stem} ({number}){target.suffix}")
+        if candidate.exists():
+            if candidate.is_file() and filecmp.cmp(source, candidate, shallow=False):
+                return candidate
+            number += 1
+            continue
+        try:
+            with atomic_path(candidate, overwrite=False) as tmp:
+                shutil.copyfile(source, tmp)
+        except FileExistsError:  # another upload took this name meanwhile: compare with it on the next pass
+            continue
+        return candidate
 
 
 def read_jsonl(source: str | os.PathLike) -> list[dict]:

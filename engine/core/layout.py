@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from engine.core.files import atomic_write_json, read_text
+from engine.core.files import atomic_write_json, copy_keeping_apart, read_text
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 PROJECT_FILE = "project.json"
@@ -45,6 +44,32 @@ def list_videos(folder: Path) -> list[Path]:
     """Video files in a folder, sorted; hidden names (such as in-progress atomic writes) are skipped."""
     return sorted(p for p in folder.iterdir()
                   if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
+def checked_name(name: str, what: str) -> str:
+    """`name` unchanged if it can be one file or folder name inside a project folder, else ValueError saying why.
+
+    Every name that comes from a person or a browser (run, upload, clip, output names) passes here before it becomes a
+    path, so none can point outside its folder. Spaces, quotes and non-ASCII characters are fine; a path separator,
+    '.' or '..', a leading '.' (hidden and in-progress files), control characters or over 255 bytes are not.
+    """
+    problem = None
+    if not isinstance(name, str) or not name.strip():
+        problem = "is empty"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator ('/' or '\\')"
+    elif name.startswith("."):
+        problem = "starts with '.' (hidden files, and '..' would leave the folder)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "holds a control character"
+    elif len(name.encode("utf-8")) > 255:
+        problem = "is longer than 255 bytes"
+    elif name != name.strip():
+        problem = "starts or ends with a space"
+    if problem:
+        raise ValueError(f"{what} {name!r} {problem}: use a plain name such as 'run 1' (letters, digits, spaces and "
+                         "punctuation other than '/' and '\\').")
+    return name
 
 
 def studio_home() -> Path:
@@ -265,9 +290,23 @@ class Project:
         return sorted((p for p in self.runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
     def run_dir(self, name: str) -> Path:
-        if not re.fullmatch(r"[\w.\- ]+", name) or name in (".", ".."):
-            raise ValueError(f"Run name {name!r} may hold only letters, digits, spaces, '.', '_' and '-'.")
-        return self.runs_dir / name
+        """runs/<name>; ValueError when `name` is not a plain name (see checked_name)."""
+        return self.runs_dir / checked_name(name, "Run name")
+
+    def source_file(self, name: str) -> Path:
+        """sources/<name>; ValueError when `name` is not a plain name."""
+        return self.sources_dir / checked_name(name, "Source video name")
+
+    def clip_file(self, name: str) -> Path:
+        """clips/<name>; ValueError when `name` is not a plain name."""
+        return self.clips_dir / checked_name(name, "Clip name")
+
+    def add_upload(self, upload: str | os.PathLike, folder: Path) -> Path:
+        """Copy an uploaded file into one of the project's folders under its own (checked) name, kept apart by
+        content: the same bytes again reuse the earlier copy, different bytes under a taken name get "name (2).ext".
+        Returns the file in the project; ValueError when the name cannot be a file name here."""
+        upload = Path(upload)
+        return copy_keeping_apart(upload, folder / checked_name(upload.name, "Uploaded file name"))
 
     def new_run_name(self, prefix: str = "run") -> str:
         """A fresh, sortable run name such as run-20261125-235900 (suffixed if that exists already)."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.core.files import atomic_dir
 
 WAN_I2V_HUB_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BLIP2_HUB_ID = "Salesforce/blip2-opt-2.7b"
@@ -238,16 +238,8 @@ def make_tiny_qwen_vl(out_dir: str | Path, seed: int = 0) -> Path:
 
 def _save_into(out_dir: Path, save) -> None:
     """Save into a temporary sibling folder, then move it into place: no half-written model folder survives."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def ensure_tiny_kits(models_dir: str | Path, seed: int = 0) -> ModelChoice:

@@ -1,4 +1,5 @@
-"""`python -m engine.training --config run.toml [--resume]` (also under deepspeed or torchrun for several GPUs)."""
+"""`python -m engine.training --config run.toml [--resume | --check]` (also under deepspeed or torchrun for several
+GPUs). `--check` runs only the dataset check (what the Train tab's "Check dataset" shows) and exits 2 on errors."""
 
 from __future__ import annotations
 
@@ -15,12 +16,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="run TOML (diffusion-pipe format + [studio])")
     parser.add_argument("--resume", action="store_true", help="continue from the latest state in <output_dir>/state")
+    parser.add_argument("--check", action="store_true",
+                        help="only check the dataset and estimate the run (exit 2 when it finds errors)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args(argv)
+    if args.check:
+        return check(args.config)
     stop = StopFlag()
     stop.install()
     _prefer_expandable_segments(args.config)
     return train(args.config, resume=args.resume, should_stop=stop)
+
+
+def check(config_path: Path) -> int:
+    """Print the pre-flight report of a run file; 2 when the configs or the dataset have errors, else 0."""
+    from engine.training.check import preflight
+    from engine.training.events import TrainingError
+    from engine.training.stages import load_configs
+
+    try:
+        run_cfg, dataset_cfg = load_configs(config_path)
+    except TrainingError as err:
+        print(f"error: {err}\n{err.hint}", file=sys.stderr)
+        return err.exit_code
+    errors, warnings, estimate = preflight(run_cfg, dataset_cfg)
+    for error in errors:
+        print(f"error: {error}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    print(estimate.replace("**", ""))
+    if errors:
+        print(f"{len(errors)} error(s): fix them (the Clips and Captions tabs) before training.", file=sys.stderr)
+        return 2
+    print("Ready to train.")
+    return 0
 
 
 def _prefer_expandable_segments(config_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.core.files import atomic_path, file_sha256
+from engine.core.files import atomic_path, file_sha256, remove_stale_temps
 from engine.core.layout import CacheLayout
 from engine.core.models import normalize_latents
 from engine.core.progress import ProgressFn, StopFn
@@ -196,6 +196,7 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
         raise DatasetError("The dataset has problems to fix before training:\n"
                            + "\n".join(f"- {issue.file}: {issue.message}" for issue in report.errors))
     cache = CacheLayout(Path(cache_dir))
+    remove_stale_temps(cache.root, recursive=True)  # files half-written by a caching that was killed
     device = torch.device(device)
     dtype_name = str(dtype).removeprefix("torch.")
     vision_key = _model_key(model_path, ("vae", "image_encoder", "image_processor"))

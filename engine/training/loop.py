@@ -16,7 +16,7 @@ from engine.core.video import VideoError, probe_video, read_frames
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
-from engine.training.optim import build_optimizer, learning_rate
+from engine.training.optim import build_optimizer, learning_rate, optimizer_record, resume_optimizer
 from engine.training.parallel import (
     DataStream,
     DeepSpeedStepper,
@@ -97,7 +97,12 @@ class Trainer:
         optimizer, note = build_optimizer(self.trainable.parameters, self.cfg.optimizer, self.device)
         self.events.log(note)
         if state is not None:
-            optimizer.load_state_dict(state.optimizer)
+            try:
+                notes = resume_optimizer(optimizer, self.cfg.optimizer, state.optimizer, state.info.get("optimizer"))
+            except ValueError as err:
+                raise TrainingError(str(err), "Set [optimizer] type back to resume, or start a new run.") from err
+            for note in notes:
+                self.events.log(note)
             restore_rng_state(state.rng)
             self.step = state.step
             # The data position is global: on another GPU count each rank starts at its share of it.
@@ -262,7 +267,8 @@ class Trainer:
                 info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
                       "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
                       "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
-                      "dataset_fingerprint": self.fingerprint})
+                      "dataset_fingerprint": self.fingerprint,
+                      "optimizer": optimizer_record(self.optimizer, self.cfg.optimizer)})
             path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
                             self.paths.state_root)
             self.events.emit(SaveEvent(kind="state", epoch=state.epoch, step=self.step, path=str(path)))

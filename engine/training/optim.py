@@ -59,3 +59,47 @@ def learning_rate(step: int, *, lr: float, warmup_steps: int, schedule_steps: in
     if schedule == "cosine":
         return COSINE_FLOOR_LR + (lr - COSINE_FLOOR_LR) * (1 + math.cos(math.pi * done / schedule_steps)) / 2
     raise ValueError(f"lr_scheduler {schedule!r}: use constant, linear or cosine.")
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer, optimizer_cfg) -> dict:
+    """What a resume state records of its optimizer: the class that owns its moments and the run file's settings."""
+    return {"class": _class_name(optimizer), "type": optimizer_cfg.type, "lr": optimizer_cfg.lr,
+            "betas": list(optimizer_cfg.betas), "eps": optimizer_cfg.eps, "weight_decay": optimizer_cfg.weight_decay}
+
+
+def resume_optimizer(optimizer: torch.optim.Optimizer, optimizer_cfg, saved_state: dict,
+                     saved_record: dict | None) -> list[str]:
+    """Load a saved optimizer state, then apply the run file's settings where they changed since it was saved.
+
+    torch's load_state_dict brings back the saved betas, eps and weight decay: a change in the run file before a
+    resume would be ignored silently. Returns one sentence per setting that changed (the learning rate is set every
+    step from the run file, so its change is only reported). Raises ValueError when the optimizer itself changed
+    (its saved moments do not fit another optimizer).
+    """
+    if saved_record and saved_record.get("class") != _class_name(optimizer):
+        raise ValueError(f"The saved state was trained with [optimizer] type = '{saved_record.get('type')}' "
+                         f"({saved_record.get('class')}); the run file now asks for '{optimizer_cfg.type}' "
+                         f"({_class_name(optimizer)}), whose state cannot continue from it.")
+    optimizer.load_state_dict(saved_state)
+    notes = []
+    wanted = {"betas": tuple(optimizer_cfg.betas), "eps": optimizer_cfg.eps, "weight_decay": optimizer_cfg.weight_decay}
+    for name, value in wanted.items():
+        before = optimizer.param_groups[0].get(name)
+        if before is None or (tuple(before) if name == "betas" else before) == value:
+            continue
+        for group in optimizer.param_groups:
+            group[name] = value
+        notes.append(f"Optimizer {name} changed in the run file: {_shown(before)} in the saved state, "
+                     f"{_shown(value)} from now on.")
+    if saved_record and saved_record.get("lr") != optimizer_cfg.lr:
+        notes.append(f"Optimizer lr changed in the run file: {saved_record.get('lr')} in the saved state, "
+                     f"{optimizer_cfg.lr} from now on (the schedule continues from the current step).")
+    return notes
+
+
+def _class_name(optimizer: torch.optim.Optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _shown(value) -> str:
+    return str(list(value)) if isinstance(value, (tuple, list)) else f"{value:g}"

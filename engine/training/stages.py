@@ -5,16 +5,24 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from engine.core.files import remove_stale_temps
 from engine.core.layout import STOP_REQUEST_FILE
 from engine.training.events import ErrorEvent, EventLog, ProgressEvent, TrainingError
 from engine.training.loop import EXIT_OK, RunPaths, Trainer, memory_hint
 from engine.training.model import compute_dtype, storage_dtype
 from engine.training.parallel import World, any_rank, barrier, start_world
-from engine.training.state import TrainingState, latest_state_dir, load_training_state
+from engine.training.state import (
+    StateDamagedError,
+    TrainingState,
+    latest_state_dir,
+    list_state_dirs,
+    load_training_state,
+)
 
 # ================================================================================================ the stages
 
@@ -96,14 +104,23 @@ def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: t
 
 
 def train(config_path: str | Path, *, resume: bool = False, should_stop: Callable[[], bool] | None = None) -> int:
-    """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request)."""
+    """Run the whole pipeline for a run TOML; returns the process exit code (0 also when stopped on request).
+
+    The run folder and the studio's GPU are held for the whole run: a second trainer on the same run, or any GPU job
+    of the studio, is refused with the holder's pid (before it writes anything into the run folder).
+    """
     world, device = start_world()
     should_stop = should_stop or (lambda: False)
     events = EventLog(None, world)
+    locks = ExitStack()
     try:
         run_cfg, dataset_cfg = load_configs(config_path)
         paths = RunPaths.for_run(run_cfg)
+        locks = hold_run(paths.run_dir, world, device)
         events = EventLog(paths.run_dir, world)
+        if world.is_main:
+            for left in remove_stale_temps(paths.run_dir, recursive=True):
+                events.log(f"Removed {left}, left by a save that was killed.")
         should_stop = _or_stop_requested(should_stop, paths.run_dir / STOP_REQUEST_FILE)
         torch.manual_seed(run_cfg.studio.seed)
         state = _resume_state(paths, resume, events, world)
@@ -136,8 +153,32 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
         raise
     finally:
         events.close()
+        locks.close()
         if world.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def hold_run(run_dir: Path, world: World, device: torch.device) -> ExitStack:
+    """Take the run folder's lock (rank 0) and the studio's GPU lock (local rank 0 of each machine); all ranks refuse
+    together with a TrainingError naming the holder when either is taken."""
+    from engine.core.layout import studio_home
+    from engine.jobs import FolderBusyError, GpuBusyError, JobRunner, exclusive_folder
+
+    locks, refusal = ExitStack(), None
+    description = f"training run {run_dir.name!r}"
+    try:
+        if world.is_main:
+            locks.enter_context(exclusive_folder(run_dir, description))
+        if world.local_rank == 0:
+            locks.enter_context(JobRunner(studio_home() / "jobs").hold_gpu(description))
+    except (FolderBusyError, GpuBusyError) as err:
+        refusal = err
+    if any_rank(refusal is not None, world, device):
+        locks.close()
+        raise TrainingError(str(refusal) if refusal else "Another rank of this run found its lock taken.",
+                            "One trainer per run and one GPU job at a time: wait for the other to finish, or stop "
+                            "it (the Train tab, or Ctrl-C in its terminal).")
+    return locks
 
 
 def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> Callable[[], bool]:
@@ -157,8 +198,9 @@ def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> C
 
 
 def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:
-    """The latest saved state when resuming. A fresh start moves earlier states aside, so a later --resume can
-    never pick up a state of the earlier run (nothing is deleted)."""
+    """The latest readable saved state when resuming. A damaged newest state is moved aside (never deleted) and the
+    one before it is used, with a log line naming both. A fresh start moves earlier states aside, so a later --resume
+    can never pick up a state of the earlier run (nothing is deleted)."""
     if not resume:
         if world.is_main and latest_state_dir(paths.state_root) is not None:
             aside = paths.state_root.with_name(f"state.before-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -166,10 +208,26 @@ def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World)
             events.log(f"Started without --resume: the earlier run's resume states were moved to {aside}.")
         barrier(world)
         return None
-    state_dir = latest_state_dir(paths.state_root)
-    if state_dir is None:
+    damaged: list[tuple[Path, StateDamagedError]] = []
+    state, chosen = None, None
+    for state_dir in reversed(list_state_dirs(paths.state_root)):
+        try:
+            state, chosen = load_training_state(state_dir), state_dir
+            break
+        except StateDamagedError as err:
+            damaged.append((state_dir, err))
+    barrier(world)  # every rank has read (or failed to read) the same folders before any is moved
+    for state_dir, err in damaged:
+        aside = state_dir.with_name(f"{state_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        if world.is_main:
+            state_dir.rename(aside)
+        fallback = f"resuming from {chosen} instead" if chosen else "no earlier state is kept"
+        events.log(f"The saved state {state_dir} is damaged ({err}); moved it to {aside.name}, {fallback}.")
+    if state is None:
+        if damaged:
+            raise TrainingError(f"No readable saved state in {paths.state_root}: {damaged[-1][1]}",
+                                "Start the run again without --resume (the damaged states are kept aside).")
         events.log(f"No saved state in {paths.state_root}: starting from step 0.")
         return None
-    state = load_training_state(state_dir)
-    events.log(f"Resuming from {state_dir} (step {state.step}).")
+    events.log(f"Resuming from {chosen} (step {state.step}).")
     return state

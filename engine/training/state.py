@@ -1,8 +1,10 @@
 """Training state for exact resume: LoRA weights, optimizer state, step, data position and RNG states.
 
 A state is a folder `runs/<run>/state/step{S}/` holding safetensors files (every tensor) and `state.json` (every
-scalar), never a pickle. It is written into a hidden temporary folder and renamed into place in one step, so a kill
-at any moment leaves either the complete new state or none of it; `latest_state_dir` only sees complete folders.
+scalar and each file's size and SHA-256), never a pickle. It is written into a hidden temporary folder, synced to disk
+and renamed into place in one step, so a kill or a power cut at any moment leaves either the complete new state or
+none of it; `latest_state_dir` only sees complete folders. A state damaged later on disk (a truncated copy, a bad
+sector) fails `load_training_state` with StateDamagedError naming the file, and the resume falls back to the one before.
 The state is rank-independent (global step and a global data position), so a run may resume on another GPU count.
 """
 
@@ -12,7 +14,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.core.files import atomic_write_json
+from engine.core.files import atomic_dir, atomic_write_json, file_sha256
 
 STATE_FILE = "state.json"
 LORA_FILE = "lora.safetensors"
@@ -28,6 +29,11 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FORMAT = 1
 _STEP_DIR = re.compile(r"step(\d+)")
+TENSOR_FILES = (LORA_FILE, OPTIMIZER_FILE, RNG_FILE)
+
+
+class StateDamagedError(ValueError):
+    """A saved state cannot be read back as it was written; the message names the file."""
 
 
 @dataclass
@@ -102,14 +108,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ save / load
 
 def save_training_state(state_root: str | Path, state: TrainingState, keep: int = 2) -> Path:
-    """Write `state_root/step{S}/` atomically (temporary folder, then one rename); keep the newest `keep` states."""
+    """Write `state_root/step{S}/` atomically (temporary folder, synced, then one rename); keep the newest `keep`."""
     from safetensors.torch import save_file
 
     state_root = Path(state_root)
-    state_root.mkdir(parents=True, exist_ok=True)
     final = state_root / f"step{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step{state.step}.", dir=state_root))
-    try:
+    with atomic_dir(final) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.lora.items()}, str(tmp / LORA_FILE))
         optimizer_tensors: dict[str, torch.Tensor] = {}
         optimizer_skeleton = _flatten(state.optimizer, "optimizer", optimizer_tensors)
@@ -121,25 +125,23 @@ def save_training_state(state_root: str | Path, state: TrainingState, keep: int 
             "format": STATE_FORMAT, "step": state.step, "epoch": state.epoch,
             "global_micro_batches": state.global_micro_batches, "info": state.info,
             "optimizer": optimizer_skeleton, "rng": rng_skeleton,
+            "files": {name: _file_record(tmp / name) for name in TENSOR_FILES},
         })
-        if final.exists():  # the same step saved again (e.g. stop right after a periodic save)
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_state_dirs(state_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def list_state_dirs(state_root: str | Path) -> list[Path]:
-    """Complete state folders under `state_root`, oldest step first."""
+    """State folders under `state_root`, oldest step first (each complete when written: see the module docstring)."""
     state_root = Path(state_root)
     if not state_root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in state_root.iterdir()
-             if (m := _STEP_DIR.fullmatch(p.name)) and (p / STATE_FILE).exists()]
+    found = [(int(m.group(1)), p) for p in state_root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -149,17 +151,39 @@ def latest_state_dir(state_root: str | Path) -> Path | None:
 
 
 def load_training_state(state_dir: str | Path) -> TrainingState:
-    """Read a state folder written by save_training_state (safetensors + JSON only)."""
+    """Read a state folder written by save_training_state (safetensors + JSON only).
+
+    Raises StateDamagedError naming the file when a file is missing, truncated, altered or unreadable.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state_dir = Path(state_dir)
-    meta = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StateDamagedError(f"{state_dir / STATE_FILE} cannot be read: {err}") from err
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{state_dir / STATE_FILE} has state format {meta.get('format')}, expected {STATE_FORMAT}.")
-    return TrainingState(
-        step=int(meta["step"]), epoch=int(meta["epoch"]), global_micro_batches=int(meta["global_micro_batches"]),
-        lora=load_file(str(state_dir / LORA_FILE)),
-        optimizer=_unflatten(meta["optimizer"], load_file(str(state_dir / OPTIMIZER_FILE))),
-        rng=_unflatten(meta["rng"], load_file(str(state_dir / RNG_FILE))),
-        info=meta.get("info", {}),
-    )
+    for name, expected in meta.get("files", {}).items():  # states written before checksums have none
+        path = state_dir / name
+        try:
+            found = _file_record(path)
+        except OSError as err:
+            raise StateDamagedError(f"{path} cannot be read: {err}") from err
+        if found != expected:
+            raise StateDamagedError(f"{path} is damaged: {found['bytes']} bytes with SHA-256 {found['sha256'][:12]}, "
+                                    f"written as {expected['bytes']} bytes with SHA-256 {expected['sha256'][:12]}.")
+    tensors = {}
+    for name in TENSOR_FILES:
+        try:
+            tensors[name] = load_file(str(state_dir / name))
+        except (SafetensorError, OSError) as err:
+            raise StateDamagedError(f"{state_dir / name} cannot be read: {err}") from err
+    try:
+        return TrainingState(
+            step=int(meta["step"]), epoch=int(meta["epoch"]), global_micro_batches=int(meta["global_micro_batches"]),
+            lora=tensors[LORA_FILE], optimizer=_unflatten(meta["optimizer"], tensors[OPTIMIZER_FILE]),
+            rng=_unflatten(meta["rng"], tensors[RNG_FILE]), info=meta.get("info", {}))
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateDamagedError(f"{state_dir / STATE_FILE} does not match its tensor files: {err!r}") from err

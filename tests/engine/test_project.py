@@ -3,7 +3,7 @@
 import cv2
 import pytest
 
-from engine.core.layout import Project, ProjectSettings
+from engine.core.layout import Project, ProjectSettings, checked_name
 
 
 def test_layout_created_with_odd_path(tmp_path):
@@ -27,10 +27,31 @@ def test_missing_project_without_create(tmp_path):
 def test_run_names_are_validated(tmp_path):
     p = Project.open(tmp_path / "p")
     assert p.run_dir("run 1").parent == p.runs_dir
-    for bad in ("../x", "a/b", ".."):
-        with pytest.raises(ValueError):
+    for bad in ("../x", "a/b", "..", "../../..", "/etc", "a\\b", ".hidden", "", " ", "a\nb", "x" * 256):
+        with pytest.raises(ValueError, match="Run name"):
             p.run_dir(bad)
     assert p.new_run_name() != "" and not (p.runs_dir / p.new_run_name()).exists()
+
+
+def test_names_from_people_and_browsers_are_checked_in_one_place(tmp_path):
+    p = Project.open(tmp_path / "p")
+    for fine in ("it's \"run\" 2 é 日本", "IMG_0001.mp4", "a..b"):  # quotes, non-ASCII, inner dots are fine
+        assert checked_name(fine, "Name") == fine
+        assert p.clip_file(fine).parent == p.clips_dir and p.source_file(fine).parent == p.sources_dir
+    for bad, why in (("../../..", "path separator"), ("/abs/path", "path separator"), ("..", "starts with '.'"),
+                     (".part.mp4", "starts with '.'"), ("a\x00b", "control character"), ("", "empty")):
+        with pytest.raises(ValueError, match=why):
+            checked_name(bad, "Name")
+        with pytest.raises(ValueError, match="Clip name"):
+            p.clip_file(bad)
+        with pytest.raises(ValueError, match="Source video name"):
+            p.source_file(bad)
+    upload = tmp_path / "up" / ".hidden.mp4"
+    upload.parent.mkdir()
+    upload.write_bytes(b"x")
+    with pytest.raises(ValueError, match="Uploaded file name"):
+        p.add_upload(upload, p.sources_dir)
+    assert list(p.sources_dir.iterdir()) == []
 
 
 def test_demo_project_has_a_source_with_motion_and_scene_changes(demo_home):
