@@ -161,7 +161,7 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
 def hold_run(run_dir: Path, world: World, device: torch.device) -> ExitStack:
     """Take the run folder's lock (rank 0) and the studio's GPU lock (local rank 0 of each machine); all ranks refuse
     together with a TrainingError naming the holder when either is taken."""
-    from engine.core.layout import studio_home
+    from engine.core.layout import jobs_dir, studio_home
     from engine.jobs import FolderBusyError, GpuBusyError, JobRunner, exclusive_folder
 
     locks, refusal = ExitStack(), None
@@ -170,7 +170,7 @@ def hold_run(run_dir: Path, world: World, device: torch.device) -> ExitStack:
         if world.is_main:
             locks.enter_context(exclusive_folder(run_dir, description))
         if world.local_rank == 0:
-            locks.enter_context(JobRunner(studio_home() / "jobs").hold_gpu(description))
+            locks.enter_context(JobRunner(jobs_dir(studio_home())).hold_gpu(description))
     except (FolderBusyError, GpuBusyError) as err:
         refusal = err
     if any_rank(refusal is not None, world, device):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.jobs import JobRunner, training_argv
+from engine.training.events import StepEvent
 from engine.training.state import StateDamagedError, load_training_state
 from tests.engine import test_train
 from tests.engine.test_files import kill_a_writer
@@ -142,7 +143,7 @@ def test_a_trainer_started_by_the_studio_uses_the_gpu_lock_it_holds(train_projec
     job = runner.start("from the studio", training_argv(run_toml), cwd=REPO, run_dir=run_toml.parent, env=env,
                        description="training run 'from the studio'", watches_stop_request=True)
     try:
-        next(e for e in job.follow() if e.get("event") == "step")  # it trains: no deadlock on its own lock
+        next(e for e in job.follow() if isinstance(e, StepEvent))  # it trains: no deadlock on its own lock
         message = refusal(run_cli(["--config", str(write_run(train_project, "terminal", {"max_steps": 2}))],
                                   env={"WAN_STUDIO_HOME": str(home)}))
         assert "training run 'from the studio' is using the GPU" in message and f"pid {job.record.pid}" in message
