@@ -18,7 +18,7 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.context import Context
 
-from engine.core.files import file_sha256, read_text
+from engine.core.files import atomic_path, file_sha256, read_text
 from engine.core.models import ModelFolderError
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.video import frame_at, probe_video
@@ -167,8 +167,8 @@ class GenerateTab:
         digest = file_sha256(source)[:16]
         kept = self.ctx.project.output_inputs_dir / f"{digest}{source.suffix.lower() or '.png'}"
         if not kept.exists():
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, kept)
+            with atomic_path(kept) as tmp:
+                shutil.copyfile(source, tmp)
         return str(kept)
 
     def read_form(self, data: dict) -> tuple[GenerationRequest, PipelineOptions]:
@@ -475,8 +475,8 @@ class GenerateTab:
         except ValueError as err:
             raise gr.Error(str(err)) from None
         path = self.ctx.project.cache.frames_dir / f"{Path(clip).stem}-{float(t):.3f}s.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(frame).save(path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(frame).save(tmp)
         return str(path)
 
     def pixel_budget(self) -> int:

@@ -1,7 +1,7 @@
 """Train tab: one click trains a LoRA on the project's clips; a live loss plot, stop and resume, runs and samples.
 
-Thin UI over engine.training.config (presets, generated form, TOML), engine.training.check (the pre-flight report) and engine.jobs
-(the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
+Thin UI over engine.training.config (presets, generated form, TOML), engine.training.check (the pre-flight report)
+and engine.jobs (the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
 page reload or a studio restart picks a running or finished run up where it is.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from engine.core.files import TextFileError, read_text
+from engine.core.files import TextFileError, atomic_path, read_text
 from engine.core.hardware import list_gpus
 from engine.core.layout import jobs_dir, studio_home
 from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
@@ -412,7 +412,8 @@ class TrainTab:
             if sample_image:  # kept with the run, so a resume or a later look finds the same still
                 still = run_dir / f"sample start{Path(sample_image).suffix.lower()}"
                 run_dir.mkdir(parents=True)
-                shutil.copyfile(sample_image, still)
+                with atomic_path(still) as tmp:
+                    shutil.copyfile(sample_image, tmp)
                 run_cfg = apply_overrides(run_cfg, {"studio.samples.image": str(still)})
             run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
             self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run_dir,

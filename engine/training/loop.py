@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from engine.core.files import atomic_path
 from engine.core.layout import cache_dir_for_run
 from engine.core.video import VideoError, probe_video, read_frames
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
@@ -346,6 +347,6 @@ def _first_frame(clip: str | Path, out: Path) -> Path:
     except VideoError as err:
         raise TrainingError(f"Could not read the first frame of {clip} for the training sample: {err}",
                             "Set [studio.samples] image to a still image.") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(frame).save(out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(frame).save(tmp)
     return out

@@ -85,6 +85,11 @@ def test_tab_handlers_without_a_browser(tmp_path):
     video = make_indexed_video(tmp_path / "my 'film'.mp4", "24", 96)
     choice = tab.add_upload(str(video))
     assert choice.value == "my 'film'.mp4" and (project.sources_dir / "my 'film'.mp4").exists()
+    (tmp_path / "second camera").mkdir()
+    other = make_indexed_video(tmp_path / "second camera" / "my 'film'.mp4", "24", 48)  # same name, other bytes
+    assert tab.add_upload(str(other)).value == "my 'film' (2).mp4"  # kept apart: neither dropped nor written over
+    assert tab.add_upload(str(video)).value == "my 'film'.mp4"  # the same bytes again are the same file
+    assert (project.sources_dir / "my 'film' (2).mp4").read_bytes() == other.read_bytes()
     not_video = tmp_path / "fake.mp4"
     not_video.write_text("hello")
     with pytest.raises(gr.Error, match="not a readable video|not a video"):
