@@ -113,10 +113,40 @@ def timed_draft(pipe, request, draft, out: Path) -> dict:
             "decode_s": sidecar["seconds"] - (clock.decode_started() - clock.marks[0][1]), **memory()}
 
 
+def full_quality(pipe, request, results: dict, tiny: bool) -> None:
+    """Parts 1 and 2: plain diffusers, our bf16 path (the quality reference), then the fast path with the LoRA."""
+    from dataclasses import replace
+
+    from engine.speed.inference import prepare_pipeline_for_inference
+
+    run_plain(pipe, request, results)
+    results["plain diffusers (no LoRA)"].update(memory())
+    frames_bf16 = run_generate(pipe, request, "ours bf16 + LoRA 1.0", results)
+    results["ours bf16 + LoRA 1.0"].update(memory())
+    inputs = velocity_inputs(pipe, request.frames, request.height, request.width, pipe._execution_device.type, tiny)
+    v_ref = [velocity(pipe, x) for x in inputs]
+    # the fast path, applied before any LoRA is loaded (as PipelineCache(fast=True) does)
+    pipe.unload_lora_weights()
+    for key in ("_studio_adapters", "_studio_adapter_info", "_studio_diffs"):
+        pipe.__dict__.pop(key, None)
+    results["fast_notes"] = prepare_pipeline_for_inference(pipe).notes
+    t0 = time.perf_counter()
+    run_generate(pipe, replace(request, steps=2), "fast warm-up (compiles)", results)
+    results["fast_warmup_s"] = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    frames_fast = run_generate(pipe, request, "ours fast + LoRA 1.0", results)
+    results["ours fast + LoRA 1.0"].update(memory())
+    v_fast = [velocity(pipe, x) for x in inputs]
+    results["velocity_relative_error"] = [float((f - r).norm() / r.norm()) for f, r in zip(v_fast, v_ref)]
+    results["frames_psnr_db"] = psnr(frames_fast, frames_bf16)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=3, help="guided steps per timed full-quality generation")
+    parser.add_argument("--draft-only", action="store_true", help="only part 3 (the Draft video and sweep)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     args = parser.parse_args(argv)
 
@@ -160,29 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                                 steps=args.steps, guidance=5.0, frames=frames, height=height, width=width,
                                 loras=[(str(lora), 1.0)])
 
-    # 1. plain diffusers and our bf16 path (the quality reference)
-    run_plain(pipe, request, results)
-    results["plain diffusers (no LoRA)"].update(memory())
-    frames_bf16 = run_generate(pipe, request, "ours bf16 + LoRA 1.0", results)
-    inputs = velocity_inputs(pipe, frames, height, width, device, args.tiny)
-    v_ref = [velocity(pipe, x) for x in inputs]
-
-    # 2. the fast path, applied before any LoRA is loaded (as PipelineCache(fast=True) does)
-    pipe.unload_lora_weights()
-    for key in ("_studio_adapters", "_studio_adapter_info", "_studio_diffs"):
-        pipe.__dict__.pop(key, None)
-    report = prepare_pipeline_for_inference(pipe)
-    results["fast_notes"] = report.notes
-    t0 = time.perf_counter()
-    run_generate(pipe, replace(request, steps=2), "fast warm-up (compiles)", results)
-    results["fast_warmup_s"] = time.perf_counter() - t0
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    frames_fast = run_generate(pipe, request, "ours fast + LoRA 1.0", results)
-    results["ours fast + LoRA 1.0"].update(memory())
-    v_fast = [velocity(pipe, x) for x in inputs]
-    results["velocity_relative_error"] = [float((f - r).norm() / r.norm()) for f, r in zip(v_fast, v_ref)]
-    results["frames_psnr_db"] = psnr(frames_fast, frames_bf16)
+    if not args.draft_only:
+        full_quality(pipe, request, results, args.tiny)
+    else:
+        results["fast_notes"] = prepare_pipeline_for_inference(pipe).notes
 
     # 3. Draft: warm-ups at 1 step (the new adapters' layers compile), one video, a sweep of 4 strengths
     draft = DraftSettings(lora=str(accelerator))
@@ -201,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep: {json.dumps(results['draft sweep'])}", flush=True)
     (args.out / "generate_draft.json").write_text(json.dumps(results, indent=1))
 
-    plain = results["plain diffusers (no LoRA)"]["median_step_s"]
     print("\n| what | seconds | x plain | peak allocated / reserved GiB |")
     print("|---|---|---|---|")
-    for label in ("plain diffusers (no LoRA)", "ours bf16 + LoRA 1.0", "ours fast + LoRA 1.0"):
+    for label in () if args.draft_only else ("plain diffusers (no LoRA)", "ours bf16 + LoRA 1.0",
+                                              "ours fast + LoRA 1.0"):
+        plain = results["plain diffusers (no LoRA)"]["median_step_s"]
         entry = results[label]
         print(f"| guided step, {label} | {entry['median_step_s']:.2f} | {plain / entry['median_step_s']:.2f} | "
               f"{entry.get('peak_allocated_gib', entry.get('peak_gpu_gib', 0)):.1f} / "
@@ -217,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     s = results["draft sweep"]
     print(f"| Draft sweep, 4 strengths + comparison | {s['total_s']:.1f} | | "
           f"{s.get('peak_allocated_gib', 0):.1f} / {s.get('peak_reserved_gib', 0):.1f} |")
-    print(f"\n{results_note}; fast vs bf16: velocity relative error {results['velocity_relative_error']}, "
-          f"final frames PSNR {results['frames_psnr_db']:.1f} dB; compile warm-up {results['fast_warmup_s']:.0f} s, "
-          f"draft warm-up {results['draft_warmup_s']:.0f} s")
+    print(f"\n{results_note}; draft warm-up {results['draft_warmup_s']:.0f} s")
+    if not args.draft_only:
+        print(f"fast vs bf16: velocity relative error {results['velocity_relative_error']}, final frames PSNR "
+              f"{results['frames_psnr_db']:.1f} dB; compile warm-up {results['fast_warmup_s']:.0f} s")
     return 0
 
 

@@ -26,19 +26,21 @@ class DraftSettings:
     guidance: float = 1.0  # guidance off: one transformer pass per step (the guidance is distilled in)
     scheduler: str = "lcm"  # flow-match LCM: predict the clean video, re-noise at the next level
     flow_shift: float = 5.0  # sigma shift for 4 steps at 480p
+    decode_bf16: bool = True  # a preview: the VAE decodes under bf16 autocast on a GPU
 
 
 def draft_of(request: GenerationRequest, draft: DraftSettings) -> GenerationRequest:
     """`request` as a draft: the accelerator stacked after the person's LoRAs, with its steps, guidance, sampler."""
     return replace(request, steps=draft.steps, guidance=draft.guidance, scheduler=draft.scheduler,
-                   flow_shift=draft.flow_shift, loras=[*request.loras, (draft.lora, draft.strength)])
+                   flow_shift=draft.flow_shift, decode_bf16=draft.decode_bf16,
+                   loras=[*request.loras, (draft.lora, draft.strength)])
 
 
 def draft_record(request: GenerationRequest, draft: DraftSettings) -> dict:
     """The sidecar's `draft` entry: which LoRA is the accelerator, and the full-quality settings to return to."""
     return {"lora": str(lora_file(draft.lora).resolve()), "strength": draft.strength,
             "full": {"steps": request.steps, "guidance": request.guidance, "scheduler": request.scheduler,
-                     "flow_shift": request.flow_shift}}
+                     "flow_shift": request.flow_shift, "decode_bf16": request.decode_bf16}}
 
 
 def full_request(sidecar: dict) -> GenerationRequest:

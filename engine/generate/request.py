@@ -66,6 +66,7 @@ class GenerationRequest:
     loras: list[tuple[str, float]] = field(default_factory=list)  # (file, strength -1..2), stacked
     scheduler: str = "unipc"  # one of SCHEDULERS: the model's own UniPC, flow-match Euler, or flow-match LCM
     flow_shift: float | None = None  # sigma shift s*t / (1 + (s-1)*t), 1-20; None: the model folder's (3 at 480p)
+    decode_bf16: bool = False  # VAE decode under bf16 autocast (GPU only): faster, frames differ slightly (drafts)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationRequest":

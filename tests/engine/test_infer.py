@@ -518,6 +518,7 @@ def test_draft_then_render_in_full_keeps_seed_and_strengths(cache, image_path, l
     sidecar = read_sidecar(video)
     done = sidecar["request"]
     assert (done["steps"], done["guidance"], done["scheduler"], done["flow_shift"]) == (2, 1.0, "lcm", 5.0)
+    assert done["decode_bf16"] and not full_request(sidecar).decode_bf16  # a preview decode (bf16 on a GPU)
     assert done["loras"] == [[str(lora_file.resolve()), 0.7], [str(ACCELERATOR), 1.0]]
     full = full_request(sidecar)
     assert full.seed == done["seed"] and full.loras == [(str(lora_file.resolve()), 0.7)]
@@ -533,6 +534,27 @@ def test_draft_then_render_in_full_keeps_seed_and_strengths(cache, image_path, l
         [[str(lora_file.resolve()), s], [str(ACCELERATOR), 1.0]] for s in (0.5, 1.0)]
     assert all(v["request"]["steps"] == 2 and v["draft"]["full"]["steps"] == 3 for v in variants)
     assert full_request(variants[1]).loras == [(str(lora_file.resolve()), 1.0)]
+
+
+def test_a_sweep_encodes_the_start_image_once(pipe, image_path, lora_file, tmp_path):
+    """The I2V condition (start image padded to the clip, through the VAE) is encoded once for the same image and
+    size: every variant of a sweep after the first reuses it; another size encodes again."""
+    from engine.generate.render import generate
+
+    generate(pipe, request(image_path, height=32, width=48))
+    calls = []
+    encode = pipe.vae.encode.encode
+    pipe.vae.encode.encode = lambda x, *args, **kwargs: calls.append(tuple(x.shape)) or encode(x, *args, **kwargs)
+    try:
+        swept = render_sweep(pipe, request(image_path, loras=[(str(lora_file), 1.0)]), tmp_path,
+                             strengths=[0.0, 0.5, 1.0])
+        assert len(calls) == 1 and len(swept.videos) == 3
+        generate(pipe, request(image_path, height=32, width=48))
+        assert len(calls) == 2
+    finally:
+        pipe.vae.encode.encode = encode
+    again = render_video(pipe, request(image_path, loras=[(str(lora_file), 0.5)]), tmp_path / "again.mp4")
+    assert read_sidecar(again)["frames_sha256"] == read_sidecar(swept.videos[1])["frames_sha256"]
 
 
 def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path, tmp_path):
