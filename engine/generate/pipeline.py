@@ -169,8 +169,8 @@ def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[dict]:
     if with_modules:
         pipe.enable_lora()
         pipe.set_adapters([n for n, _ in with_modules], [s for _, s in with_modules])
-    elif getattr(pipe.transformer, "peft_config", None):
-        pipe.disable_lora()
+    elif any(pipe.__dict__["_studio_adapter_info"][n]["modules"] for n in registry.values()):
+        pipe.disable_lora()  # only adapters this pipeline loaded: a trainer's own adapter (its samples) stays on
     _set_diffs(pipe, active)
     return applied
 
