@@ -9,10 +9,10 @@ import gradio as gr
 import pytest
 
 from engine.captions.store import CaptionStore
+from engine.captions.style import StyleRules, save_style_rules
 from engine.core.layout import Project
 from engine.core.models import ModelChoice
 from studio.context import AppContext
-from engine.captions.style import StyleRules, save_style_rules
 from tabs.captions import CAPTIONER_KINDS, CaptionsTab
 
 NO_RULES = ("", "", "", False)  # trigger, replacement table, banned words, normalise
