@@ -1,4 +1,5 @@
-""""Pure style" rules: trigger word, replacement table, banned words, the phrase normaliser, find/replace and word diffs."""
+""""Pure style" rules: trigger word, replacement table, banned words, the phrase normaliser, find/replace and word
+diffs."""
 
 from __future__ import annotations
 

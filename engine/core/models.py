@@ -6,7 +6,8 @@ of the same classes with random weights and saved with `save_pretrained` in the 
 demo go through exactly the code path that real 14B folders go through. Weights are only ever read from
 safetensors, never from pickles.
 
-Command line: `python -m engine.core.models make-tiny --out DIR [--seed N]` and `python -m engine.core.models check PATH`.
+Command line: `python -m engine.core.models make-tiny --out DIR [--seed N]` and
+`python -m engine.core.models check PATH`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _word_tokenizer(specials: list[str], model_max_length: int, **special_tokens
         eos = special_tokens["eos_token"]
         tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, vocab[eos])])
     special_tokens.pop("append_eos", None)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **special_tokens), len(vocab)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **special_tokens)
+    return tokenizer, len(vocab)
 
 
 def make_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
@@ -299,7 +301,8 @@ def check_blip2_folder(source: str | Path) -> None:
         return
     root = Path(source).expanduser()
     if not root.is_dir():
-        raise ModelFolderError(f"Captioner folder not found: {root}. Give a local copy of {BLIP2_HUB_ID} or its hub id.")
+        raise ModelFolderError(f"Captioner folder not found: {root}. Give a local copy of {BLIP2_HUB_ID} or its hub "
+                               "id.")
     config = root / "config.json"
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.exists() else None
     if config.exists() and model_type != "blip-2":

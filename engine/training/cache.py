@@ -1,4 +1,5 @@
-"""Caching: VAE latents, the I2V first-frame condition, CLIP image and UMT5 text embeddings as safetensors in cache/, keyed by content, model and settings."""
+"""Caching: VAE latents, the I2V first-frame condition, CLIP image and UMT5 text embeddings as safetensors in cache/,
+keyed by content, model and settings."""
 
 from __future__ import annotations
 
