@@ -260,6 +260,12 @@ def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
     assert load_dataset_config(dataset_toml).directory_path(load_dataset_config(dataset_toml).directory[0]) == (
         project.clips_dir)
 
+    for name in ("../../..", str(tmp_path / "elsewhere"), ".hidden"):  # run names that would leave runs/
+        assert "⚠️ Run name" in tab.on_export(name, imported)[tab.message]
+        assert "⚠️ Run name" in tab.on_train(name, imported, "1", None)[0]
+        assert "⚠️ Run name" in tab.on_resume(name, "1") and "⚠️ Run name" in tab.on_stop(name)
+    assert not (tmp_path / "elsewhere").exists() and not (project.root / "run.toml").exists()
+
     with ctx.jobs.gpu_slot("captioning"):  # e.g. the Captions tab is suggesting captions
         message, _ = tab.on_train("blocked run", imported, "1", None)
     assert "captioning is using the GPU" in message and not project.run_dir("blocked run").exists()
