@@ -1,7 +1,7 @@
 """Train tab: one click trains a LoRA on the project's clips; a live loss plot, stop and resume, runs and samples.
 
-Thin UI over engine.training.config (presets, generated form, TOML), engine.training.check (the pre-flight report)
-and engine.jobs (the child process, its events, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
+Thin UI over engine.training (presets, generated form, TOML, the preflight check, events, run summaries) and
+engine.jobs (the child process, the studio-wide GPU lock). Everything shown is read back from the run folders, so a
 page reload or a studio restart picks a running or finished run up where it is.
 """
 
@@ -36,7 +36,7 @@ from engine.training.events import (
 )
 from engine.training.form import apply_overrides, describe_fields
 from engine.training.interop import export_for_diffusion_pipe, notices
-from engine.training.presets import PRESET_24GB, PRESET_48GB, PRESET_80GB, PRESET_CPU_DEMO, preset_configs, presets
+from engine.training.presets import preset_configs, presets, recommended_preset
 from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, loss_curve, summarize_run
 from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 from studio.context import AppContext
@@ -52,20 +52,6 @@ STUDIO_KEYS = ("output_dir", "dataset")  # set by the studio: a run writes into 
 
 
 # --- what the tab computes (no widgets) --------------------------------------------------------------------------
-
-def recommended_preset(model_path: str) -> str:
-    """The preset for this model and machine: the CPU demo for a tiny model or no GPU, else by GPU memory."""
-    try:
-        transformer = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
-        width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
-    except (OSError, KeyError, ValueError):
-        width = None  # a hub id or an unreadable folder: decide by the hardware alone
-    gpus = list_gpus()
-    if not gpus or (width is not None and width < 1024):
-        return PRESET_CPU_DEMO
-    smallest = min(g.total_gib for g in gpus)
-    return PRESET_80GB if smallest >= 70 else PRESET_48GB if smallest >= 40 else PRESET_24GB
-
 
 def draft_configs(preset: str, clips_dir: Path, model_path: str) -> tuple[RunConfig, DatasetConfig]:
     """The preset's configs for this project: output_dir "." (the run folder holding run.toml), dataset beside it."""
@@ -274,7 +260,7 @@ class TrainTab:
         self.import_button.upload(self.on_import, [self.import_button, draft], [draft, *toml, *form, self.message],
                                   **serial)
         self.export_button.click(self.on_export, [self.run_name, draft], [self.export_files, self.message], **serial)
-        self.check_button.click(self.on_check, [draft, self.run_select], [self.message], **serial)
+        self.check_button.click(self.on_check, [draft, self.num_gpus, self.run_select], [self.message], **serial)
         self.train_button.click(self.on_train, [self.run_name, draft, self.num_gpus, self.sample_image],
                                 [self.message, self.run_select], **serial)
         self.stop_button.click(self.on_stop, [self.run_select], [self.message])
@@ -374,23 +360,22 @@ class TrainTab:
         step = next((e for e in reversed(self.events(run_dir)) if isinstance(e, StepEvent) and e.steps_per_s), None)
         return step.steps_per_s if step else None
 
-    def _preflight_text(self, run_cfg, dataset_cfg, measured) -> tuple[bool, str]:
-        errors, warnings, estimate = preflight(run_cfg, dataset_cfg, measured)
+    def _preflight_text(self, run_cfg, dataset_cfg, num_gpus: str, measured) -> tuple[bool, str]:
+        check = preflight(run_cfg, dataset_cfg, num_gpus=int(num_gpus or 1), measured_steps_per_s=measured)
         parts = []
-        if errors:
-            parts.append("**Errors (fix these first):**\n" + "\n".join(f"- ❌ {e}" for e in errors))
-        if warnings:
-            parts.append("**Warnings:**\n" + "\n".join(f"- ⚠️ {w}" for w in warnings))
-        if estimate:
-            parts.append(estimate)
-        return not errors, "\n\n".join(parts)
+        if check.errors:
+            parts.append("**Errors (fix these first):**\n" + "\n".join(f"- ❌ {e}" for e in check.errors))
+        if check.warnings:
+            parts.append("**Warnings:**\n" + "\n".join(f"- ⚠️ {w}" for w in check.warnings))
+        parts.append(check.estimate())
+        return check.ok, "\n\n".join(parts)
 
-    def on_check(self, draft: dict, selected: str | None) -> str:
+    def on_check(self, draft: dict, num_gpus: str, selected: str | None) -> str:
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
             return f"⚠️ {err}"
-        ok, text = self._preflight_text(run_cfg, dataset_cfg, self._measured_rate(selected))
+        ok, text = self._preflight_text(run_cfg, dataset_cfg, num_gpus, self._measured_rate(selected))
         return ("✅ Ready to train.\n\n" if ok else "") + text
 
     def on_train(self, run_name: str, draft: dict, num_gpus: str, sample_image: str | None):
@@ -405,7 +390,7 @@ class TrainTab:
                     gr.skip())
         if self.jobs.gpu_holder():
             return f"⚠️ {self.jobs.busy_message()}", gr.skip()
-        ok, report = self._preflight_text(run_cfg, dataset_cfg, None)
+        ok, report = self._preflight_text(run_cfg, dataset_cfg, num_gpus, None)
         if not ok:
             return report, gr.skip()
         try:

@@ -295,6 +295,15 @@ def check_wan_folder(source: str | Path) -> None:
             )
 
 
+def wan_transformer_config(source: str | Path) -> dict | None:
+    """The transformer's config.json of a local Wan folder (num_layers, num_attention_heads, attention_head_dim,
+    ffn_dim, ...); None for a hub id or an unreadable folder."""
+    try:
+        return json.loads((Path(source) / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def check_blip2_folder(source: str | Path) -> None:
     """Raise ModelFolderError when a local captioner folder is missing files or is not BLIP-2."""
     if not is_local(source):

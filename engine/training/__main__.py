@@ -18,18 +18,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest state in <output_dir>/state")
     parser.add_argument("--check", action="store_true",
                         help="only check the dataset and estimate the run (exit 2 when it finds errors)")
+    parser.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                        help="with --check: count the steps for N data-parallel GPUs (default 1)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by deepspeed
     args = parser.parse_args(argv)
     if args.check:
-        return check(args.config)
+        return check(args.config, args.num_gpus)
     stop = StopFlag()
     stop.install()
     _prefer_expandable_segments(args.config)
     return train(args.config, resume=args.resume, should_stop=stop)
 
 
-def check(config_path: Path) -> int:
-    """Print the pre-flight report of a run file; 2 when the configs or the dataset have errors, else 0."""
+def check(config_path: Path, num_gpus: int = 1) -> int:
+    """Print the pre-flight report of a run file (steps counted for `num_gpus` GPUs); 2 when the configs or the
+    dataset have errors, else 0."""
     from engine.training.check import preflight
     from engine.training.events import TrainingError
     from engine.training.stages import load_configs
@@ -39,14 +42,14 @@ def check(config_path: Path) -> int:
     except TrainingError as err:
         print(f"error: {err}\n{err.hint}", file=sys.stderr)
         return err.exit_code
-    errors, warnings, estimate = preflight(run_cfg, dataset_cfg)
-    for error in errors:
+    report = preflight(run_cfg, dataset_cfg, num_gpus=num_gpus)
+    for error in report.errors:
         print(f"error: {error}")
-    for warning in warnings:
+    for warning in report.warnings:
         print(f"warning: {warning}")
-    print(estimate.replace("**", ""))
-    if errors:
-        print(f"{len(errors)} error(s): fix them (the Clips and Captions tabs) before training.", file=sys.stderr)
+    print(report.estimate().replace("**", ""))
+    if report.errors:
+        print(f"{len(report.errors)} error(s): fix them (the Clips and Captions tabs) before training.", file=sys.stderr)
         return 2
     print("Ready to train.")
     return 0

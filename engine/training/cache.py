@@ -59,6 +59,13 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def bucket_counts(self) -> dict[tuple[int, int, int], int]:
+        """Items per (frames, height, width) bucket, repeats included (as DatasetReport.bucket_counts)."""
+        counts: dict[tuple[int, int, int], int] = {}
+        for item in self.items:
+            counts[item.bucket] = counts.get(item.bucket, 0) + item.repeats
+        return dict(sorted(counts.items()))
+
     @property
     def fingerprint(self) -> str:
         """A short hash of the data trained on (content, buckets, repeats), for LoRA metadata."""

@@ -26,6 +26,7 @@ from engine.training.parallel import (
     all_ranks_mean,
     any_rank,
     barrier,
+    planned_steps,
 )
 from engine.training.state import TrainingState, capture_rng_state, restore_rng_state, save_training_state
 
@@ -76,8 +77,8 @@ class Trainer:
         self.seed = run_cfg.studio.seed
         self.accumulation = run_cfg.gradient_accumulation_steps
         self.stream = DataStream(dataset, seed=self.seed, batch_size=run_cfg.micro_batch_size_per_gpu, world=world)
-        steps_in_epochs = max(1, run_cfg.epochs * self.stream.per_epoch // self.accumulation)
-        self.max_steps = min(run_cfg.max_steps, steps_in_epochs) if run_cfg.max_steps else steps_in_epochs
+        self.max_steps = planned_steps(self.stream.per_epoch, epochs=run_cfg.epochs, accumulation=self.accumulation,
+                                       max_steps=run_cfg.max_steps)
         # diffusion-pipe's schedule length (train.py): epochs x steps per epoch, whatever max_steps says
         self.schedule_steps = max(1, run_cfg.epochs * (self.stream.per_epoch // self.accumulation))
         self.timesteps = TimestepSampling.from_run_config(run_cfg)

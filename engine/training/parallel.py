@@ -9,6 +9,7 @@ cast, and float8 storage and block swap keep working. Without a launcher the Loc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -119,6 +120,24 @@ class DeepSpeedStepper:
 
 
 
+# ========================================================================================== the step arithmetic
+
+def micro_batches_per_rank(bucket_sizes: Iterable[int], *, batch_size: int, world_size: int) -> int:
+    """Micro-batches each rank trains per epoch: every bucket (its items x num_repeats) cut into batches of
+    `batch_size` (a batch never mixes buckets; the last one of a bucket may be short), and those batches shared out
+    over `world_size` ranks, the list padded by wrapping round so every rank gets as many (CachedDataset.batch_order
+    builds exactly these batches)."""
+    batches = sum(-(-size // batch_size) for size in bucket_sizes)
+    return -(-batches // world_size)
+
+
+def planned_steps(micro_batches_per_epoch: int, *, epochs: int, accumulation: int, max_steps: int | None) -> int:
+    """The optimizer steps a run takes: `epochs` x this rank's micro-batches per epoch, `accumulation` micro-batches a
+    step (a last partial step is dropped; at least 1), capped by max_steps when set."""
+    steps_in_epochs = max(1, epochs * micro_batches_per_epoch // accumulation)
+    return min(max_steps, steps_in_epochs) if max_steps else steps_in_epochs
+
+
 class DataStream:
     """This rank's micro-batches, epoch after epoch, in the order `batch_order` gives; positioned by a global index.
 
@@ -128,7 +147,8 @@ class DataStream:
     def __init__(self, dataset, *, seed: int, batch_size: int, world: World):
         self.dataset, self.seed, self.batch_size, self.world = dataset, seed, batch_size, world
         self._orders: dict[int, list[list[int]]] = {}
-        self.per_epoch = len(self.order(1))
+        self.per_epoch = micro_batches_per_rank(dataset.bucket_counts().values(), batch_size=batch_size,
+                                                world_size=world.world_size)
         if self.per_epoch == 0:
             raise TrainingError("The dataset gives no batch to this rank.",
                                 "Add clips, lower micro_batch_size_per_gpu or use fewer GPUs.")

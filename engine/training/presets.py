@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.core.hardware import GpuInfo, list_gpus
+from engine.core.models import wan_transformer_config
 from engine.training.form import apply_overrides
 from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, RunConfig
 
@@ -108,6 +110,19 @@ _DATASET_PRESETS: dict[str, dict[str, Any]] = {
                                      (PRESET_80GB, GPU80_RESOLUTION, GPU80_FRAMES),
                                      (PRESET_CPU_DEMO, CPU_DEMO_RESOLUTION, CPU_DEMO_FRAMES))
 }
+
+
+def recommended_preset(model_path: str, gpus: list[GpuInfo] | None = None) -> str:
+    """The preset for this model and machine (`gpus`: this machine's, by default): the CPU demo for a tiny model
+    (transformer narrower than 1024) or no GPU, else by the smallest GPU's memory."""
+    transformer = wan_transformer_config(model_path) or {}
+    heads, head_dim = transformer.get("num_attention_heads"), transformer.get("attention_head_dim")
+    width = heads * head_dim if heads and head_dim else None  # a hub id: decide by the hardware alone
+    gpus = list_gpus() if gpus is None else gpus
+    if not gpus or (width is not None and width < 1024):
+        return PRESET_CPU_DEMO
+    smallest = min(g.total_gib for g in gpus)
+    return PRESET_80GB if smallest >= 70 else PRESET_48GB if smallest >= 40 else PRESET_24GB
 
 
 def presets() -> dict[str, dict[str, Any]]:

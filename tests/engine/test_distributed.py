@@ -86,9 +86,47 @@ def test_each_rank_gets_its_own_shard(dist_project):
     whole = DataStream(dataset, seed=42, batch_size=1, world=World())
     ranks = [DataStream(dataset, seed=42, batch_size=1, world=World(r, 2, r)) for r in range(2)]
     assert whole.per_epoch == 4 and [r.per_epoch for r in ranks] == [2, 2]
+    assert all(len(stream.order(1)) == stream.per_epoch for stream in (whole, *ranks))  # one arithmetic
     for local in range(6):  # three epochs: rank r's local batch i is global batch i*2 + r, noise index too
         for r, stream in enumerate(ranks):
             assert stream.batch(local) == whole.batch(local * 2 + r)
             assert stream.global_index(local) == local * 2 + r
     first_epoch = sorted(i for stream in ranks for local in range(2) for i in stream.batch(local)[1])
     assert first_epoch == [0, 1, 2, 3]  # disjoint shards covering the epoch
+
+
+def _counting_run(project, name: str, overrides: dict, repeats: int = 1) -> Path:
+    """A run whose step count depends on everything the trainer counts: two size buckets per clip (two
+    resolutions), so batches are cut per bucket; no max_steps cap."""
+    from engine.training.config import load_dataset_config, save_dataset_config
+    from engine.training.form import apply_overrides
+
+    run_toml = write_run(project, name, {"epochs": 2, "checkpoint_every_n_epochs": None, **overrides})
+    dataset_toml = run_toml.parent / "dataset.toml"
+    dataset = apply_overrides(load_dataset_config(dataset_toml), {"resolutions": [32, 48]})
+    dataset.directory[0].num_repeats = repeats
+    save_dataset_config(dataset, dataset_toml)
+    return run_toml
+
+
+def test_preflight_counts_the_steps_the_trainer_takes(dist_project):
+    """"Check dataset" and the trainer agree: GPU count, per-bucket micro-batches, accumulation, num_repeats."""
+    from engine.training.check import preflight
+    from engine.training.stages import load_configs, train
+
+    # 4 clips x 2 buckets x 2 repeats: 8 per bucket, batches of 3 -> 3 + 3 = 6 micro-batches, 3 per rank on 2
+    # ranks, 2 a step: 3 steps over 2 epochs (counting samples / (batch x accumulation) per epoch said 6).
+    two_ranks = _counting_run(dist_project, "count two ranks",
+                              {"micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2}, repeats=2)
+    # 4 clips x 2 buckets: 4 per bucket, batches of 3 -> 2 + 2 = 4 micro-batches a step each: 8 steps (said 6).
+    one_rank = _counting_run(dist_project, "count one rank",
+                             {"micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1})
+    result = _torchrun(two_ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert train(one_rank) == 0
+    for run_toml, gpus, expected in ((two_ranks, 2, 3), (one_rank, 1, 8)):
+        check = preflight(*load_configs(run_toml), num_gpus=gpus)
+        last = events_of(run_toml, "step")[-1]
+        assert (last["step"], last["max_steps"]) == (expected, expected)
+        assert check.total_steps == expected, (run_toml.parent.name, check.estimate())
+    assert preflight(*load_configs(two_ranks), num_gpus=1).total_steps == 6  # one GPU takes twice the steps

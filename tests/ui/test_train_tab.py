@@ -177,49 +177,25 @@ def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
 
 # --- the tab's computations, without a browser ---------------------------------------------------------------------
 
-def test_settings_round_trip_and_preflight_on_the_demo_project(demo_home, tmp_path):
+def test_settings_round_trip_on_the_demo_project(demo_home, tmp_path):
     from engine.core.layout import Project
     from engine.training.config import load_run_config, to_toml
     from engine.training.presets import PRESET_CPU_DEMO
     from engine.training.schema import ConfigError
-    from tabs.train import (
-        configs_from_text,
-        draft_configs,
-        preflight,
-        recommended_preset,
-        write_run_folder,
-    )
+    from tabs.train import configs_from_text, draft_configs, write_run_folder
 
     project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
-    clips = demo_clips(project.root)
     model = project.settings().wan_model
-    assert recommended_preset(model) == PRESET_CPU_DEMO  # a tiny model trains on the CPU preset on any machine
     run, dataset = draft_configs(PRESET_CPU_DEMO, project.clips_dir, model)
     run2, dataset2 = configs_from_text(to_toml(run), to_toml(dataset))
     assert to_toml(run2) == to_toml(run) and to_toml(dataset2) == to_toml(dataset)
     with pytest.raises(ConfigError, match=r"'epochs' in run.toml must be"):  # names the file, not a scratch copy
         configs_from_text(to_toml(run).replace(f"epochs = {run.epochs}", 'epochs = "many"'), to_toml(dataset))
 
-    errors, warnings, estimate = preflight(run, dataset, measured_steps_per_s=2.0)
-    assert errors == []
-    steps_per_epoch = len(clips)  # one 17-frame bucket per clip, batch 1
-    assert f"{steps_per_epoch} steps per epoch" in estimate
-    assert f"{steps_per_epoch * run.epochs} steps" in estimate
-    assert "Time per epoch" in estimate and "each LoRA" in estimate
-
     run_toml = write_run_folder(project.run_dir("a run"), run, dataset)
     loaded = load_run_config(run_toml)
     assert loaded.output_path() == project.run_dir("a run")
     assert loaded.dataset_path() == project.run_dir("a run") / "dataset.toml"
-
-    caption = clips[0].with_suffix(".txt")
-    text = caption.read_text()
-    caption.unlink()
-    try:
-        errors, _, _ = preflight(run, dataset)
-        assert any(clips[0].name in e and "caption" in e for e in errors)  # a missing caption blocks the run
-    finally:
-        caption.write_text(text)
 
 
 def test_import_a_diffusion_pipe_toml_and_export_ours(demo_home, tmp_path):
