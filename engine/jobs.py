@@ -30,23 +30,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from engine.core.files import atomic_write_json
-from engine.core.layout import STOP_REQUEST_FILE
+from engine.core.layout import RunLayout
 from engine.training.events import Event, read_events_since
-
-JOB_FILE = "job.json"
-
-
-LOG_FILE = "job.log"
-
-
-EXIT_FILE = "job-exit.json"
-
 
 GPU_LOCK_FILE = "gpu.lock"
 
@@ -166,7 +157,7 @@ class JobRecord:
     started: float  # time.time()
     stop_requested: float | None = None
     killed: bool = False  # the group had to be killed after the grace period
-    watches_stop_request: bool = False  # the child checks run_dir/STOP_REQUEST_FILE: stop() asks there first
+    watches_stop_request: bool = False  # the child checks its run's stop-request file: stop() asks there
 
 
 @dataclass
@@ -197,8 +188,12 @@ class Job:
         return Path(self.record.run_dir)
 
     @property
+    def files(self) -> RunLayout:
+        return RunLayout(self.run_dir)
+
+    @property
     def log_path(self) -> Path:
-        return self.run_dir / LOG_FILE
+        return self.files.job_log
 
     @property
     def name(self) -> str:
@@ -213,7 +208,7 @@ class Job:
 
     def exit_info(self) -> dict | None:
         try:
-            return json.loads((self.run_dir / EXIT_FILE).read_text(encoding="utf-8"))
+            return json.loads(self.files.job_exit_file.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -321,12 +316,16 @@ class JobRunner:
         holder = self.gpu_holder()
         if holder is None:
             return "another job is using the GPU; wait for it to finish or stop it in the Train tab."
+        if holder["pid"] == os.getpid():  # in-process work of this studio (captioning, generation)
+            return f"{holder['description']} is using the GPU; try again when it has finished."
         return (f"{holder['description']} is using the GPU (pid {holder['pid']}); wait for it to finish or stop it "
                 "in the Train tab.")
 
     @contextmanager
     def gpu_slot(self, description: str, wait: bool = False) -> Iterator[None]:
-        """Hold the studio's GPU for in-process work; while a job has it, raise GpuBusyError (or block, with `wait`)."""
+        """Hold the studio's GPU for in-process work; while a job or other in-process work (another thread: each slot
+        opens the lock file anew, and flock locks of separate opens exclude each other) has it, raise GpuBusyError
+        naming the holder (or block, with `wait`)."""
         fd = self._try_lock(wait=wait)
         if fd is None:
             raise GpuBusyError(self.busy_message())
@@ -352,6 +351,20 @@ class JobRunner:
         with self.gpu_slot(description):
             yield
 
+    @contextmanager
+    def gpu_work_paused(self, description: str) -> Iterator[None]:
+        """Keep this process's GPU work from starting while the body runs (e.g. unloading a model): the GPU slot, or
+        nothing while another process holds the GPU (then no GPU work of this process can be running). GpuBusyError
+        while GPU work of this process holds it."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.gpu_slot(description))
+            except GpuBusyError:
+                holder = self.gpu_holder()
+                if not holder or holder["pid"] == os.getpid():
+                    raise
+            yield
+
     # jobs
     def start(self, name: str, argv: list[str], *, cwd: str | os.PathLike, run_dir: str | os.PathLike,
               kind: str = "gpu", env: dict[str, str] | None = None, description: str | None = None,
@@ -359,7 +372,7 @@ class JobRunner:
         """Start `argv` (an argument list, never a shell line) as a job whose files live in `run_dir`.
 
         `description` names the job where others are told it holds the GPU (default: its name).
-        `watches_stop_request`: the child stops by itself when run_dir/STOP_REQUEST_FILE appears (the trainer does).
+        `watches_stop_request`: the child stops by itself when the run's stop-request file appears (the trainer does).
 
         Raises GpuBusyError when `kind` is "gpu" and another job holds the GPU, JobError if this run is already
         running or the command cannot be started.
@@ -375,13 +388,14 @@ class JobRunner:
         if kind == "gpu" and lock_fd is None:
             raise GpuBusyError(self.busy_message())
         try:
-            (run_dir / EXIT_FILE).unlink(missing_ok=True)
-            (run_dir / STOP_REQUEST_FILE).unlink(missing_ok=True)
-            log_path = run_dir / LOG_FILE
+            files = RunLayout(run_dir)
+            files.job_exit_file.unlink(missing_ok=True)
+            files.stop_request_file.unlink(missing_ok=True)
+            log_path = files.job_log
             child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
             if kind == "gpu":
                 child_env[GPU_LOCK_HELD_ENV] = str(self.lock_path.resolve())
-            supervisor = [sys.executable, "-m", "engine.jobs", "--exit-file", str(run_dir / EXIT_FILE), "--", *argv]
+            supervisor = [sys.executable, "-m", "engine.jobs", "--exit-file", str(files.job_exit_file), "--", *argv]
             with open(log_path, "ab") as log:
                 log_offset = log.tell()
                 try:
@@ -395,7 +409,7 @@ class JobRunner:
             record = JobRecord(name=name, kind=kind, argv=list(argv), cwd=str(cwd), run_dir=str(run_dir),
                                log_offset=log_offset, pid=process.pid, start_ticks=start_ticks or 0,
                                started=time.time(), watches_stop_request=watches_stop_request)
-            atomic_write_json(run_dir / JOB_FILE, asdict(record))
+            atomic_write_json(files.job_file, asdict(record))
             if kind == "gpu":
                 atomic_write_json(self.holder_path, {"description": description or name, "pid": process.pid,
                                                      "start_ticks": record.start_ticks, "run_dir": str(run_dir)})
@@ -408,7 +422,7 @@ class JobRunner:
     def attach(self, run_dir: str | os.PathLike) -> Job | None:
         """The job recorded in `run_dir` (running or ended), or None if no job ever ran there."""
         try:
-            data = json.loads((Path(run_dir) / JOB_FILE).read_text(encoding="utf-8"))
+            data = json.loads(RunLayout(Path(run_dir)).job_file.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         known = JobRecord.__dataclass_fields__
@@ -436,16 +450,16 @@ class JobRunner:
         if not job.is_running():
             return job.status()
         record.stop_requested = time.time()
-        atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
+        atomic_write_json(job.files.job_file, asdict(record))
         if record.watches_stop_request:
-            atomic_write_json(job.run_dir / STOP_REQUEST_FILE, {"requested": record.stop_requested})
+            atomic_write_json(job.files.stop_request_file, {"requested": record.stop_requested})
             if job.wait(grace_s) or not job.is_running():
                 return job.status()
             grace_s = SIGNAL_GRACE_S
         _signal_group(record.pid, signal.SIGINT)
         if not job.wait(grace_s) and job.is_running():
             record.killed = True
-            atomic_write_json(job.run_dir / JOB_FILE, asdict(record))
+            atomic_write_json(job.files.job_file, asdict(record))
             _signal_group(record.pid, signal.SIGKILL)
             job.wait(10.0)
         return job.status()  # no leftovers to kill: the supervisor outlives every process the job started

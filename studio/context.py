@@ -1,14 +1,17 @@
-"""What every tab shares: the project, the chosen models, the device, and the studio-wide job lock."""
+"""What every tab shares: the project, the chosen models, the device, and the studio-wide GPU lock."""
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import gradio as gr
+
 from engine.core.layout import Project
 from engine.core.models import ModelChoice
-from engine.jobs import JobRunner
+from engine.jobs import GpuBusyError, JobRunner
 
 
 @dataclass
@@ -16,10 +19,29 @@ class AppContext:
     project: Project
     models: ModelChoice
     device_description: str
-    # One GPU job at a time across the studio (captioning, generation, training): AUTOMATIC1111's call queue idea.
-    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Long tasks in child processes (training), and the studio-wide GPU lock: one GPU task at a time across the
+    # studio (captioning, generation, training), AUTOMATIC1111's call queue idea.
+    jobs: JobRunner
     # Components a tab offers to other tabs ("tabs" is the gr.Tabs itself), wired in each tab's optional connect(ctx).
     ui: dict[str, Any] = field(default_factory=dict)
-    # Long tasks in child processes (training); holds the studio-wide GPU file lock that in-process GPU work
-    # (captioning, generation) also takes with `jobs.gpu_slot(...)`, so they wait or say "training is using the GPU".
-    jobs: JobRunner | None = None
+
+    @contextmanager
+    def gpu(self, description: str) -> Iterator[None]:
+        """Hold the studio's GPU for in-process work (`description` names it to others, e.g. "captioning clips");
+        gr.Error naming the holder while a training run or another task has it."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.jobs.gpu_slot(description))
+            except GpuBusyError as err:
+                raise gr.Error(str(err)) from err
+            yield
+
+    @contextmanager
+    def gpu_work_paused(self, description: str) -> Iterator[None]:
+        """No in-process GPU work starts while the body runs (unloading a model); gr.Error while some is running."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.jobs.gpu_work_paused(description))
+            except GpuBusyError as err:
+                raise gr.Error(f"{err} (Stop it first, then unload.)") from err
+            yield

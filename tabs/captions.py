@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import html
 import threading
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 import gradio as gr
 from gradio.context import Context
@@ -46,7 +44,6 @@ from engine.captions.tokens import TokenCounter
 from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.core.hardware import default_device
 from engine.core.models import ModelFolderError
-from engine.jobs import GpuBusyError
 from studio.context import AppContext
 
 TITLE = "Captions"
@@ -179,23 +176,6 @@ class CaptionsTab:
             raise gr.Error(str(err)) from err
         return rules
 
-    @contextmanager
-    def gpu(self, description: str) -> Iterator[None]:
-        """The studio's GPU for this task: the in-process lock, and the job runner's slot (training holds it)."""
-        if not self.ctx.gpu_lock.acquire(blocking=False):
-            raise gr.Error("Another GPU task of this studio is running (captioning or generation); try again when "
-                           "it has finished.")
-        try:
-            with ExitStack() as stack:
-                if self.ctx.jobs is not None:
-                    try:
-                        stack.enter_context(self.ctx.jobs.gpu_slot(description))
-                    except GpuBusyError as err:
-                        raise gr.Error(str(err)) from err
-                yield
-        finally:
-            self.ctx.gpu_lock.release()
-
     def video_settings(self, kind: str, source: str, instruction: str, fps, memory_mode: str) -> VideoSettings | None:
         """The video captioner's settings when the form chose it, else None (BLIP-2)."""
         if kind != CAPTIONER_KINDS[1]:
@@ -211,7 +191,7 @@ class CaptionsTab:
                                      batch_size=int(batch_size))
         try:
             settings.validate()
-            with self.gpu("captioning clips"):
+            with self.ctx.gpu("captioning clips"):
                 model = self.captioner.get(settings.batch_size, video)
                 progress(0.0, desc=f"loading {model.name}" if not model.loaded else "captioning")
                 self.captioner.stop_requested.clear()
@@ -466,13 +446,9 @@ class CaptionsTab:
         return "Stopping after the current batch..."
 
     def unload(self):
-        if not self.ctx.gpu_lock.acquire(blocking=False):  # never pull the model from under a running suggestion
-            raise gr.Error("A GPU task is running (captioning or generation); stop it first, then unload.")
-        try:
+        with self.ctx.gpu_work_paused("unloading the captioner"):  # never pull the model from under a suggestion
             return ("Captioner unloaded; its memory is free." if self.captioner.unload()
                     else "The captioner is not loaded.")
-        finally:
-            self.ctx.gpu_lock.release()
 
     def resolve(self, action: str, clip: str | None, *rules):
         """Accept, append or ignore the clip's pending suggestion: caption, suggestion, status, table."""

@@ -10,15 +10,14 @@ from __future__ import annotations
 import html
 import shutil
 import threading
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import gradio as gr
 from gradio.context import Context
 
 from engine.core.files import atomic_path, file_sha256, read_text
+from engine.core.layout import RunLayout, saved_lora_of
 from engine.core.models import ModelFolderError
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.video import frame_at, probe_video
@@ -66,30 +65,20 @@ SETTING_NAMES = {"cpu_offload": "CPU offload (under Memory)", "vae_tiling": "VAE
 def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
     """The project's LoRAs: every run's epochs (newest run first), then uploaded files."""
     choices = [NO_LORA]
-    for run in reversed(ctx.project.list_runs()):
-        epochs = sorted(run.glob("epoch*/adapter_model.safetensors"), key=lambda p: _epoch_number(p.parent.name))
-        choices += [(f"{run.name} / {p.parent.name}", str(p)) for p in epochs]
+    for run_dir in reversed(ctx.project.list_runs()):
+        run = RunLayout(run_dir)
+        choices += [(f"{run.name} / {path.parent.name}", str(path)) for _, path in run.loras()]
     uploads = ctx.project.loras_dir
     if uploads.is_dir():
         choices += [(f"uploaded / {p.name}", str(p)) for p in sorted(uploads.glob("*.safetensors"))]
     return choices
 
 
-def _epoch_number(name: str) -> int:
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if digits else 0
-
-
 def run_epochs(lora_path: str | None) -> list[tuple[str, str]]:
-    """The epochs of the run a LoRA belongs to (runs/<run>/epochN/adapter_model.safetensors), for epoch sweeps."""
-    if not lora_path:
-        return []
-    path = Path(lora_path)
-    if path.name != "adapter_model.safetensors":
-        return []
-    epochs = sorted(path.parent.parent.glob("epoch*/adapter_model.safetensors"),
-                    key=lambda p: _epoch_number(p.parent.name))
-    return [(p.parent.name, str(p)) for p in epochs]
+    """The epochs of the run a LoRA belongs to (runs/<run>/epochN/ or stepS/adapter_model.safetensors), for epoch
+    sweeps; [] for a LoRA that is not a run's."""
+    saved = saved_lora_of(lora_path) if lora_path else None
+    return [(path.parent.name, str(path)) for _, path in saved[0].loras()] if saved else []
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -141,23 +130,6 @@ class GenerateTab:
     @property
     def model(self) -> str:
         return self.ctx.project.settings().wan_model or self.ctx.models.wan
-
-    @contextmanager
-    def gpu(self, description: str) -> Iterator[None]:
-        """The studio's GPU: the in-process lock and the job runner's slot (a training run holds it)."""
-        if not self.ctx.gpu_lock.acquire(blocking=False):
-            raise gr.Error("Another GPU task of this studio is running (captioning or generation); try again when "
-                           "it has finished.")
-        try:
-            with ExitStack() as stack:
-                if self.ctx.jobs is not None:
-                    try:
-                        stack.enter_context(self.ctx.jobs.gpu_slot(description))
-                    except GpuBusyError as err:
-                        raise gr.Error(str(err)) from err
-                yield
-        finally:
-            self.ctx.gpu_lock.release()
 
     def keep_image(self, image_path: str | None) -> str:
         """Copy the start image into outputs/inputs/ (named by content) so sidecars point at a file that stays."""
@@ -332,7 +304,7 @@ class GenerateTab:
         try:
             request, options = self.read_form(data)
             draft = self.read_draft(data)
-            with self.gpu("generating a video"):
+            with self.ctx.gpu("generating a video"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
                 out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir,
                                                                   "draft" if draft else "gen"),
@@ -357,7 +329,7 @@ class GenerateTab:
             strengths = parse_strengths(data[self.sweep_strengths])
             epochs = data[self.sweep_epochs] or None
             draft = self.read_draft(data)
-            with self.gpu("generating a sweep"):
+            with self.ctx.gpu("generating a sweep"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
                 result = render_sweep(pipe, request, self.ctx.project.outputs_dir, strengths=strengths,
                                       lora_files=epochs, model=options.model, draft=draft,
@@ -410,7 +382,7 @@ class GenerateTab:
         options = options_from_sidecar(path)
         try:
             request = full_request(sidecar)
-            with self.gpu("rendering a draft in full"):
+            with self.ctx.gpu("rendering a draft in full"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
                 out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir, "full"),
                                    on_progress=lambda f, m: progress(f, desc=m),
@@ -431,12 +403,8 @@ class GenerateTab:
         return "Stopping after the current step..."
 
     def on_unload(self):
-        if not self.ctx.gpu_lock.acquire(blocking=False):
-            raise gr.Error("A generation is running; stop it first.")
-        try:
+        with self.ctx.gpu_work_paused("unloading the Wan pipeline"):
             self.cache.unload()
-        finally:
-            self.ctx.gpu_lock.release()
         return self.cache.describe()
 
     def on_upload(self, path: str | None):

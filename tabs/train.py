@@ -21,10 +21,10 @@ import pandas as pd
 
 from engine.core.files import TextFileError, atomic_path, read_text
 from engine.core.hardware import list_gpus
-from engine.core.layout import jobs_dir, studio_home
-from engine.jobs import GpuBusyError, Job, JobError, JobRunner, training_argv
+from engine.core.layout import DATASET_TOML, RunLayout
+from engine.jobs import GpuBusyError, Job, JobError, training_argv
 from engine.training.check import human_seconds, preflight
-from engine.training.config import load_dataset_config, load_run_config, save_dataset_config, save_run_config, to_toml
+from engine.training.config import load_dataset_config, load_run_config, to_toml
 from engine.training.events import (
     Event,
     EventFollower,
@@ -37,7 +37,7 @@ from engine.training.events import (
 from engine.training.form import apply_overrides, describe_fields
 from engine.training.interop import export_for_diffusion_pipe, notices
 from engine.training.presets import preset_configs, presets, recommended_preset
-from engine.training.runs import DATASET_TOML, METRICS_FILE, RUN_TOML, RunSummary, loss_curve, summarize_run
+from engine.training.runs import RunSummary, loss_curve, summarize_run, write_run_folder
 from engine.training.schema import ConfigError, DatasetConfig, RunConfig
 from studio.context import AppContext
 
@@ -62,21 +62,14 @@ def draft_configs(preset: str, clips_dir: Path, model_path: str) -> tuple[RunCon
 def configs_from_text(run_text: str, dataset_text: str) -> tuple[RunConfig, DatasetConfig]:
     """Parse the two TOML texts exactly as the trainer will read them (ConfigError names the bad key)."""
     with tempfile.TemporaryDirectory(prefix="wan-studio-config-") as folder:
-        run_path, dataset_path = Path(folder) / RUN_TOML, Path(folder) / DATASET_TOML
+        scratch = RunLayout(Path(folder))
+        run_path, dataset_path = scratch.run_toml, scratch.dataset_toml
         run_path.write_text(run_text, encoding="utf-8")
         dataset_path.write_text(dataset_text, encoding="utf-8")
         try:
             return load_run_config(run_path), load_dataset_config(dataset_path)
         except ConfigError as err:  # name the file as the person sees it, not the scratch copy
             raise ConfigError(str(err).replace(f"{folder}/", "")) from None
-
-
-def write_run_folder(run_dir: Path, run: RunConfig, dataset: DatasetConfig) -> Path:
-    """Save run.toml and dataset.toml into the run folder (output_dir "." = that folder); returns run.toml."""
-    run = apply_overrides(run, {"output_dir": ".", "dataset": DATASET_TOML})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_dataset_config(dataset, run_dir / DATASET_TOML)
-    return save_run_config(run, run_dir / RUN_TOML)
 
 
 def loss_frame(events: list[Event]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -127,7 +120,7 @@ class TrainTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
         self.project = ctx.project
-        self.jobs = ctx.jobs or JobRunner(jobs_dir(studio_home()))
+        self.jobs = ctx.jobs
         self.gpus = list_gpus()
         self._followers: dict[Path, EventFollower] = {}
         self._followers_lock = threading.Lock()
@@ -141,13 +134,13 @@ class TrainTab:
 
     def events(self, run_dir: Path) -> list[Event]:
         with self._followers_lock:
-            follower = self._followers.setdefault(run_dir, EventFollower(run_dir / METRICS_FILE))
+            follower = self._followers.setdefault(run_dir, EventFollower(RunLayout(run_dir).metrics_file))
             return list(follower.refresh())
 
     def summary(self, run_dir: Path) -> tuple[RunSummary, list[Event], Job | None]:
         events = self.events(run_dir)
         job = self.jobs.attach(run_dir)
-        return summarize_run(run_dir, events, job), events, job
+        return summarize_run(RunLayout(run_dir), events, job), events, job
 
     def running_run(self) -> str | None:
         job = self.jobs.current()
@@ -382,10 +375,10 @@ class TrainTab:
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
             name = run_name.strip() or self.project.new_run_name()
-            run_dir = self.project.run_dir(name)
+            run = self.project.run(name)
         except (ConfigError, ValueError) as err:
             return f"⚠️ {err}", gr.skip()
-        if run_dir.exists():
+        if run.root.exists():
             return (f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.",
                     gr.skip())
         if self.jobs.gpu_holder():
@@ -395,16 +388,16 @@ class TrainTab:
             return report, gr.skip()
         try:
             if sample_image:  # kept with the run, so a resume or a later look finds the same still
-                still = run_dir / f"sample start{Path(sample_image).suffix.lower()}"
-                run_dir.mkdir(parents=True)
+                still = run.sample_start_image(Path(sample_image).suffix)
+                run.root.mkdir(parents=True)
                 with atomic_path(still) as tmp:
                     shutil.copyfile(sample_image, tmp)
                 run_cfg = apply_overrides(run_cfg, {"studio.samples.image": str(still)})
-            run_toml = write_run_folder(run_dir, run_cfg, dataset_cfg)
-            self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run_dir,
+            run_toml = write_run_folder(run, run_cfg, dataset_cfg)
+            self.jobs.start(name, training_argv(run_toml, num_gpus=int(num_gpus or 1)), cwd=REPO, run_dir=run.root,
                             description=f"training run {name!r}", watches_stop_request=True)
         except (GpuBusyError, JobError, OSError) as err:
-            shutil.rmtree(run_dir, ignore_errors=True)  # created just now: leave no half-made run behind
+            shutil.rmtree(run.root, ignore_errors=True)  # created just now: leave no half-made run behind
             return f"⚠️ {err}", gr.skip()
         return f"Started **{name}**.\n\n{report}", gr.Dropdown(choices=self._run_choices(), value=name)
 
@@ -412,12 +405,12 @@ class TrainTab:
         if not selected:
             return "⚠️ Select a run to resume."
         try:
-            run_dir = self.project.run_dir(selected)
+            run = self.project.run(selected)
         except ValueError as err:
             return f"⚠️ {err}"
         try:
-            self.jobs.start(selected, training_argv(run_dir / RUN_TOML, resume=True, num_gpus=int(num_gpus or 1)),
-                            cwd=REPO, run_dir=run_dir, description=f"training run {selected!r}",
+            self.jobs.start(selected, training_argv(run.run_toml, resume=True, num_gpus=int(num_gpus or 1)),
+                            cwd=REPO, run_dir=run.root, description=f"training run {selected!r}",
                             watches_stop_request=True)
         except (GpuBusyError, JobError) as err:
             return f"⚠️ {err}"
@@ -489,7 +482,7 @@ class TrainTab:
         running = bool(job and job.is_running())
         gpu_busy = holder is not None
         can_resume = bool(summary and summary.state not in ("finished", "running", "stopping")
-                          and (summary.run_dir / "state").is_dir())
+                          and RunLayout(summary.run_dir).state_root.is_dir())
         buttons = (not gpu_busy, running, can_resume and not gpu_busy)
         if changed("buttons", buttons):
             out["buttons"] = [gr.Button(interactive=b) for b in buttons]
@@ -514,7 +507,7 @@ def readable_log(lines: list[str], keep: int) -> list[str]:
 
 def _run_epochs(run_dir: Path) -> int | None:
     try:
-        return load_run_config(run_dir / RUN_TOML).epochs
+        return load_run_config(RunLayout(run_dir).run_toml).epochs
     except ConfigError:
         return None
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,9 +34,6 @@ from engine.core.files import atomic_write_json, copy_keeping_apart, read_text
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 PROJECT_FILE = "project.json"
-# Written into runs/<run>/ to ask a training run to stop: every rank sees it at its next step, so a run under a
-# multi-GPU launcher (which kills its workers 30 s after a signal) can finish its step and save first.
-STOP_REQUEST_FILE = "stop-request.json"
 STYLE_RULES_FILE = "caption_style.toml"
 CAPTION_META_DIRNAME = ".captions"  # inside a clips folder; hidden, so clips/ stays a valid diffusion-pipe dataset
 
@@ -308,6 +306,10 @@ class Project:
         upload = Path(upload)
         return copy_keeping_apart(upload, folder / checked_name(upload.name, "Uploaded file name"))
 
+    def run(self, name: str) -> RunLayout:
+        """The folder of run `name` (it may not exist yet); ValueError for a name that is not a plain folder name."""
+        return RunLayout(self.run_dir(name))
+
     def new_run_name(self, prefix: str = "run") -> str:
         """A fresh, sortable run name such as run-20261125-235900 (suffixed if that exists already)."""
         base = f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -316,3 +318,123 @@ class Project:
             n += 1
             name = f"{base}-{n}"
         return name
+
+
+# ================================================================================================ a run's folder
+# (engine.training writes it, engine.jobs keeps its job files in it, the Train and Generate tabs read it back)
+
+ADAPTER_FILE = "adapter_model.safetensors"  # a saved LoRA folder's weights (diffusion-pipe's and peft's name)
+RUN_TOML, DATASET_TOML = "run.toml", "dataset.toml"  # also the names a run TOML refers to its dataset file by
+_SAVED_LORA_FOLDER = re.compile(r"(epoch|step)(\d+)")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """A training run's folder, runs/<run>/ in a project (or any output_dir a run TOML names):
+
+        run.toml, dataset.toml   the settings (diffusion-pipe's format; output_dir "." = this folder)
+        metrics.jsonl            the trainer's events (engine.training.events), tb/ the same scalars for TensorBoard
+        state/stepS/             resume states (the newest few); state.before-<time>/ after a fresh start
+        epochN/, stepS/          saved LoRAs: adapter_model.safetensors + adapter_config.json
+        samples/                 epochN.mp4 samples rendered while training, first_frame.png (their default still)
+        sample start.<ext>       the still chosen in the Train tab for those samples
+        job.json, job.log,       the job runner's record, the child's output, how it exited (engine.jobs)
+        job-exit.json
+        stop-request.json        written to ask the run to stop at its next step (every rank watches it)
+    """
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    # settings and events
+    @property
+    def run_toml(self) -> Path:
+        return self.root / RUN_TOML
+
+    @property
+    def dataset_toml(self) -> Path:
+        return self.root / DATASET_TOML
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "tb"
+
+    # training state and outputs
+    @property
+    def state_root(self) -> Path:
+        return self.root / "state"
+
+    def state_aside(self, stamp: str) -> Path:
+        """Where a fresh start moves the earlier run's resume states."""
+        return self.root / f"state.before-{stamp}"
+
+    def epoch_dir(self, epoch: int) -> Path:
+        return self.root / f"epoch{epoch}"
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step{step}"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    def sample_file(self, epoch: int) -> Path:
+        return self.samples_dir / f"epoch{epoch}.mp4"
+
+    @property
+    def first_frame_file(self) -> Path:
+        return self.samples_dir / "first_frame.png"
+
+    def sample_start_image(self, suffix: str) -> Path:
+        """The still chosen for the run's samples, kept with the run (`suffix`: the upload's, e.g. ".png")."""
+        return self.root / f"sample start{suffix.lower()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_dir_for_run(self.root)
+
+    # the job runner's files
+    @property
+    def job_file(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def job_log(self) -> Path:
+        return self.root / "job.log"
+
+    @property
+    def job_exit_file(self) -> Path:
+        return self.root / "job-exit.json"
+
+    @property
+    def stop_request_file(self) -> Path:
+        """Written to ask the run to stop: every rank sees it at its next step, so a run under a multi-GPU launcher
+        (which kills its workers 30 s after a signal) can finish its step and save first."""
+        return self.root / "stop-request.json"
+
+    # reading back
+    def loras(self) -> list[tuple[int, Path]]:
+        """The LoRAs the run saved at the end of epochs, (epoch, epochN/adapter_model.safetensors), by epoch number."""
+        found = []
+        for path in self.root.glob(f"epoch*/{ADAPTER_FILE}"):
+            saved = saved_lora_of(path)
+            if saved and saved[1] == "epoch":
+                found.append((saved[2], path))
+        return sorted(found)
+
+
+def saved_lora_of(path: str | os.PathLike) -> tuple[RunLayout, str, int] | None:
+    """(run, "epoch" or "step", N) for a LoRA a run saved (<run>/epochN/ or <run>/stepS/adapter_model.safetensors);
+    None for any other file."""
+    path = Path(path)
+    match = _SAVED_LORA_FOLDER.fullmatch(path.parent.name)
+    if path.name != ADAPTER_FILE or not match:
+        return None
+    return RunLayout(path.parent.parent), match[1], int(match[2])

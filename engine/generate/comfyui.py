@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.files import atomic_write_json
+from engine.core.layout import ADAPTER_FILE
 from engine.generate.render import read_sidecar, sidecar_path
 from engine.generate.request import WAN_480P_SCHEDULER, GenerationError, GenerationRequest
 
@@ -29,7 +30,7 @@ def comfy_lora_name(path: str | Path) -> str:
     """The name to copy a LoRA under in ComfyUI/models/loras: runs/<run>/epoch3/adapter_model.safetensors ->
     <run>_epoch3.safetensors (so epochs do not overwrite each other)."""
     path = Path(path)
-    if path.name == "adapter_model.safetensors":
+    if path.name == ADAPTER_FILE:
         return f"{path.parent.parent.name}_{path.parent.name}.safetensors"
     return path.name
 

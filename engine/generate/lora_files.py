@@ -34,8 +34,8 @@ from typing import Iterable, Mapping
 import torch
 
 from engine.core.files import atomic_path, atomic_write_json
+from engine.core.layout import ADAPTER_FILE
 
-ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 # Original Wan module name (inside a block) -> diffusers WanTransformer3DModel module name: the Linears LoRAs adapt.

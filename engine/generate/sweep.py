@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from engine.core.files import atomic_path, atomic_write_json
+from engine.core.layout import ADAPTER_FILE
 from engine.core.motion import MOTION_UNIT, MOTION_UNIT_SHORT
 from engine.core.progress import ProgressFn, StopFn
 from engine.generate.draft import DraftSettings, draft_of, draft_record
@@ -59,7 +60,7 @@ def plan_sweep(request: GenerationRequest, strengths: Sequence[float] | None = N
 def lora_label(path: str | Path) -> str:
     """A short name: the epoch folder for a run's adapter_model.safetensors, else the file's stem."""
     path = Path(path)
-    return path.parent.name if path.name == "adapter_model.safetensors" else path.stem
+    return path.parent.name if path.name == ADAPTER_FILE else path.stem
 
 
 def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, strengths: Sequence[float] | None = None,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from engine.core.files import append_jsonl, read_json_lines_since
 
 if TYPE_CHECKING:
+    from engine.core.layout import RunLayout
     from engine.training.parallel import World
 
 
@@ -240,8 +241,8 @@ class EventLog:
     errors: a rank that fails says so itself (tagged with its rank), since rank 0 may not know why the others
     stopped."""
 
-    def __init__(self, run_dir: Path | None, world: World):
-        self.run_dir, self.world = run_dir, world  # no run_dir (config unreadable): stdout only
+    def __init__(self, run: RunLayout | None, world: World):
+        self.run, self.world = run, world  # no run (config unreadable): stdout only
         self._tensorboard = None
 
     def emit(self, event: Event) -> Event:
@@ -250,9 +251,9 @@ class EventLog:
         if self.world.is_main or isinstance(event, ErrorEvent):
             record = event.to_json()
             print(json.dumps(record, ensure_ascii=False), flush=True)
-            if self.run_dir is None:
+            if self.run is None:
                 return event
-            append_jsonl(self.run_dir / "metrics.jsonl", record)
+            append_jsonl(self.run.metrics_file, record)
             if isinstance(event, StepEvent):
                 self._scalars(event)
         return event
@@ -272,7 +273,7 @@ class EventLog:
                 self._tensorboard = False
                 self.log("TensorBoard is not installed: metrics go to metrics.jsonl only.")
                 return
-            self._tensorboard = SummaryWriter(str(self.run_dir / "tb"))
+            self._tensorboard = SummaryWriter(str(self.run.tensorboard_dir))
         if self._tensorboard is False:
             return
         for name in ("loss", "lr", "steps_per_s"):

@@ -19,16 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.layout import RunLayout
 from engine.training.config import _is_section, _section_fields, save_dataset_config, save_run_config
-from engine.training.runs import DATASET_TOML, RUN_TOML
-from engine.training.schema import (
-    ADAMW_EQUIVALENTS,
-    OPTIMIZER_TYPES,
-    WAN_BLOCKS,
-    DatasetConfig,
-    RunConfig,
-    _Section,
-)
+from engine.training.schema import ADAMW_EQUIVALENTS, OPTIMIZER_TYPES, WAN_BLOCKS, DatasetConfig, RunConfig, _Section
 
 # ---------------------------------------------------------------------------------------------------- notices
 
@@ -135,10 +128,11 @@ def export_for_diffusion_pipe(run: RunConfig, dataset: DatasetConfig, out_dir: s
     """
     run, dataset = copy.deepcopy(run), copy.deepcopy(dataset)
     out_dir = Path(out_dir).expanduser().resolve()
+    pair = RunLayout(out_dir)
     run_base = Path(base_dir).expanduser().resolve() if base_dir is not None else run.base_dir
     dataset_base = Path(base_dir).expanduser().resolve() if base_dir is not None else dataset.base_dir
     run.output_dir = _absolute(run.output_dir, run_base)
-    run.dataset = str(out_dir / DATASET_TOML)
+    run.dataset = str(pair.dataset_toml)
     if run.adapter.init_from_existing:
         run.adapter.init_from_existing = _absolute(run.adapter.init_from_existing, run_base)
     if run.studio.samples.image:
@@ -148,6 +142,6 @@ def export_for_diffusion_pipe(run: RunConfig, dataset: DatasetConfig, out_dir: s
     for directory in dataset.directory:
         directory.path = _absolute(directory.path, dataset_base)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset_toml = save_dataset_config(dataset, out_dir / DATASET_TOML)
-    run_toml = save_run_config(run, out_dir / RUN_TOML)
+    dataset_toml = save_dataset_config(dataset, pair.dataset_toml)
+    run_toml = save_run_config(run, pair.run_toml)
     return ExportedPair(run_toml, dataset_toml, differences_in_diffusion_pipe(run))

@@ -6,16 +6,15 @@ import errno
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.core.files import atomic_path
-from engine.core.layout import cache_dir_for_run
+from engine.core.layout import RunLayout
 from engine.core.video import VideoError, probe_video, read_frames
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
-from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer
+from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer, torch_dtype
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
 from engine.training.optim import build_optimizer, learning_rate, optimizer_record, resume_optimizer
 from engine.training.parallel import (
@@ -55,25 +54,13 @@ class StopFlag:
 
 # =============================================================================================== the training run
 
-@dataclass
-class RunPaths:
-    run_dir: Path
-    state_root: Path
-    cache_dir: Path
-
-    @classmethod
-    def for_run(cls, run_cfg) -> RunPaths:
-        run_dir = run_cfg.output_path()
-        return cls(run_dir, run_dir / "state", cache_dir_for_run(run_dir))
-
-
 class Trainer:
     """One training run from a loaded config and a cached dataset; `run()` returns the process exit code."""
 
     def __init__(self, run_cfg, dataset, *, world: World, device: torch.device, events: EventLog,
-                 should_stop: Callable[[], bool], paths: RunPaths):
+                 should_stop: Callable[[], bool], layout: RunLayout):
         self.cfg, self.dataset, self.world, self.device = run_cfg, dataset, world, device
-        self.events, self.should_stop, self.paths = events, should_stop, paths
+        self.events, self.should_stop, self.layout = events, should_stop, layout
         self.seed = run_cfg.studio.seed
         self.accumulation = run_cfg.gradient_accumulation_steps
         self.stream = DataStream(dataset, seed=self.seed, batch_size=run_cfg.micro_batch_size_per_gpu, world=world)
@@ -234,27 +221,26 @@ class Trainer:
             every_steps = self.cfg.save_every_n_examples // (
                 self.cfg.micro_batch_size_per_gpu * self.accumulation * self.world.world_size)
         if finished_epoch and (last or (every_epochs and finished_epoch % every_epochs == 0)):
-            self._save_lora(f"epoch{finished_epoch}", finished_epoch)
+            self._save_lora(self.layout.epoch_dir(finished_epoch), finished_epoch)
         elif last:  # a run cut short by max_steps still leaves its LoRA
-            self._save_lora(f"epoch{self._epoch_of_next_batch()}", self._epoch_of_next_batch())
+            self._save_lora(self.layout.epoch_dir(self._epoch_of_next_batch()), self._epoch_of_next_batch())
         if every_steps and self.step % every_steps == 0:
-            self._save_lora(f"step{self.step}", self._epoch_of_next_batch())
+            self._save_lora(self.layout.step_dir(self.step), self._epoch_of_next_batch())
         if finished_epoch and finished_epoch in self.cfg.studio.samples.epochs:
             self._render_sample(finished_epoch)
 
-    def _save_lora(self, folder: str, epoch: int) -> None:
+    def _save_lora(self, folder: Path, epoch: int) -> None:
         from engine.generate.lora_files import save_lora
 
         if self.world.is_main:
-            dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-                self.cfg.lora_save_dtype]
+            dtype = torch_dtype(self.cfg.lora_save_dtype)
             state = {k: v.detach().to("cpu", dtype) for k, v in self.trainable.lora_state_dict().items()}
             path = _writing(lambda: save_lora(
-                state, self.paths.run_dir / folder, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
+                state, folder, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
                 metadata={"base_model": self.cfg.model.ckpt_path, "rank": self.cfg.adapter.rank,
                           "alpha": self.cfg.lora_alpha, "steps": self.step, "epoch": epoch,
                           "dataset_fingerprint": self.fingerprint, "seed": self.seed,
-                          "trainer": "wan-lora-studio engine.training"}), self.paths.run_dir / folder)
+                          "trainer": "wan-lora-studio engine.training"}), folder)
             self.events.emit(SaveEvent(kind="lora", epoch=epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
@@ -271,14 +257,14 @@ class Trainer:
                       "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
                       "dataset_fingerprint": self.fingerprint,
                       "optimizer": optimizer_record(self.optimizer, self.cfg.optimizer)})
-            path = _writing(lambda: save_training_state(self.paths.state_root, state, keep=STATES_KEPT),
-                            self.paths.state_root)
+            path = _writing(lambda: save_training_state(self.layout.state_root, state, keep=STATES_KEPT),
+                            self.layout.state_root)
             self.events.emit(SaveEvent(kind="state", epoch=state.epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
     def _render_sample(self, epoch: int) -> None:
         if self.world.is_main:
-            path = render_training_sample(self.cfg, self.dataset, self.trainable.module, self.paths.run_dir, epoch)
+            path = render_training_sample(self.cfg, self.dataset, self.trainable.module, self.layout, epoch)
             self.events.emit(SampleEvent(epoch=epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
@@ -321,7 +307,7 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
     return "Try: " + "; ".join(hints) + "."
 
 
-def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_dir: Path, epoch: int) -> Path:
+def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, layout: RunLayout, epoch: int) -> Path:
     """Render the configured sample with the in-memory LoRA transformer (engine.generate restores its train mode)."""
     from engine.generate.render import sample_with_transformer
     from engine.generate.request import GenerationRequest
@@ -330,12 +316,12 @@ def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, run_d
     first = dataset.items[0]
     _, height, width = first.bucket
     image = (str(run_cfg.base_dir / Path(samples.image).expanduser()) if samples.image
-             else str(_first_frame(first.clip, run_dir / "samples" / "first_frame.png")))
+             else str(_first_frame(first.clip, layout.first_frame_file)))
     prompt = samples.prompt or first.caption
     request = GenerationRequest(image=image, prompt=prompt, seed=run_cfg.studio.seed, steps=samples.steps,
                                 guidance=samples.guidance_scale, frames=samples.frames, height=height, width=width)
     return sample_with_transformer(run_cfg.model.ckpt_path, transformer, request,
-                                   run_dir / "samples" / f"epoch{epoch}.mp4")
+                                   layout.sample_file(epoch))
 
 
 def _first_frame(clip: str | Path, out: Path) -> Path:

@@ -28,11 +28,16 @@ class TrainableTransformer:
         return get_peft_model_state_dict(self.module)
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a config's dtype name means ("bfloat16", "float16", "float32")."""
+    return torch_dtype(name)
+
+
 def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
     """The dtype matmuls run in: the config's model.dtype on a GPU, float32 on a CPU (no fast bf16 there)."""
     if device.type != "cuda":
         return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[run_cfg.model.dtype]
+    return torch_dtype(run_cfg.model.dtype)
 
 
 def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
@@ -40,7 +45,7 @@ def storage_dtype(run_cfg, device: torch.device) -> torch.dtype:
     name = run_cfg.model.transformer_dtype
     if device.type != "cuda" or run_cfg.model.float8:
         return compute_dtype(run_cfg, device)
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return torch_dtype(name)
 
 
 def prepare_transformer(transformer: torch.nn.Module, run_cfg, device: str | torch.device) -> TrainableTransformer:

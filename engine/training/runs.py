@@ -1,23 +1,34 @@
-"""Training runs on disk: the run's LoRAs by epoch and a summary of its events and job."""
+"""Training runs on disk: the run folder written from the settings, and read back (a summary of its events, files
+and job; its loss curve)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core.layout import RunLayout
 from engine.jobs import Job
-from engine.training.events import ErrorEvent, Event, PhaseEvent, SampleEvent, StepEvent, last_of
+from engine.training.config import save_dataset_config, save_run_config
+from engine.training.events import (
+    ErrorEvent,
+    Event,
+    PhaseEvent,
+    SampleEvent,
+    StepEvent,
+    last_of,
+)
+from engine.training.form import apply_overrides
+from engine.training.schema import DatasetConfig, RunConfig
 
 # --- training runs --------------------------------------------------------------------------------------------
 
-METRICS_FILE = "metrics.jsonl"
-
-
-RUN_TOML = "run.toml"
-
-
-DATASET_TOML = "dataset.toml"
+def write_run_folder(run: RunLayout, run_cfg: RunConfig, dataset_cfg: DatasetConfig) -> Path:
+    """Save run.toml and dataset.toml into the run folder, the run writing into that folder (output_dir ".") and
+    reading dataset.toml beside it; returns run.toml."""
+    run_cfg = apply_overrides(run_cfg, {"output_dir": ".", "dataset": run.dataset_toml.name})
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_dataset_config(dataset_cfg, run.dataset_toml)
+    return save_run_config(run_cfg, run.run_toml)
 
 
 _PHASE_STATES = {"done": "finished", "stopped": "stopped", "error": "failed"}
@@ -41,19 +52,9 @@ class RunSummary:
     samples: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, mp4)
 
 
-def run_loras(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The LoRA files a run has written, by epoch: runs/<run>/epochN/adapter_model.safetensors."""
-    found = []
-    for path in Path(run_dir).glob("epoch*/adapter_model.safetensors"):
-        number = path.parent.name.removeprefix("epoch")
-        if number.isdigit():
-            found.append((int(number), path))
-    return sorted(found)
-
-
-def summarize_run(run_dir: str | os.PathLike, events: list[Event], job: Job | None) -> RunSummary:
+def summarize_run(run: RunLayout, events: list[Event], job: Job | None) -> RunSummary:
     """What a run did, from its events (metrics.jsonl), its files and its job record (if the studio started it)."""
-    run_dir = Path(run_dir)
+    run_dir = run.root
     last_step = last_of(events, StepEvent)
     last_phase = getattr(last_of(events, PhaseEvent), "phase", None)
     if job is not None:
@@ -80,7 +81,7 @@ def summarize_run(run_dir: str | os.PathLike, events: list[Event], job: Job | No
         step=last_step and last_step.step, max_steps=last_step and last_step.max_steps,
         epoch=last_step and last_step.epoch, final_loss=last_step and last_step.loss,
         duration_s=(max(times) - min(times)) if len(times) > 1 else None,
-        loras=run_loras(run_dir), samples=samples)
+        loras=run.loras(), samples=samples)
 
 
 # --- the loss curve -------------------------------------------------------------------------------------------

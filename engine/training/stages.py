@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from engine.core.files import remove_stale_temps
-from engine.core.layout import STOP_REQUEST_FILE
+from engine.core.layout import RunLayout
 from engine.training.events import ErrorEvent, EventLog, ProgressEvent, TrainingError
-from engine.training.loop import EXIT_OK, RunPaths, Trainer, memory_hint
+from engine.training.loop import EXIT_OK, Trainer, memory_hint
 from engine.training.model import compute_dtype, storage_dtype
 from engine.training.parallel import World, any_rank, barrier, start_world
 from engine.training.state import (
@@ -73,18 +73,18 @@ def validate(run_cfg, dataset_cfg, events: EventLog):
     return report
 
 
-def cache(run_cfg, dataset_cfg, report, paths: RunPaths, world: World, device: torch.device, events: EventLog,
+def cache(run_cfg, dataset_cfg, report, layout: RunLayout, world: World, device: torch.device, events: EventLog,
           should_stop: Callable[[], bool]):
     """Encode what is not cached yet (each rank its share); None when stopped on request."""
     from engine.training.cache import CachingStopped, cache_dataset
 
-    events.phase("cache", f"Caching latents and embeddings in {paths.cache_dir}.")
+    events.phase("cache", f"Caching latents and embeddings in {layout.cache_dir}.")
 
     def progress(fraction: float, message: str) -> None:
         events.emit(ProgressEvent(phase="cache", fraction=float(fraction), message=message))
 
     try:
-        dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, paths.cache_dir, device=device,
+        dataset = cache_dataset(dataset_cfg, run_cfg.model.ckpt_path, layout.cache_dir, device=device,
                                 dtype=compute_dtype(run_cfg, device), rank=world.rank, world_size=world.world_size,
                                 video_clip_mode=run_cfg.clip_mode, report=report, on_progress=progress,
                                 should_stop=should_stop)
@@ -115,22 +115,22 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
     locks = ExitStack()
     try:
         run_cfg, dataset_cfg = load_configs(config_path)
-        paths = RunPaths.for_run(run_cfg)
-        locks = hold_run(paths.run_dir, world, device)
-        events = EventLog(paths.run_dir, world)
+        layout = RunLayout(run_cfg.output_path())
+        locks = hold_run(layout.root, world, device)
+        events = EventLog(layout, world)
         if world.is_main:
-            for left in remove_stale_temps(paths.run_dir, recursive=True):
+            for left in remove_stale_temps(layout.root, recursive=True):
                 events.log(f"Removed {left}, left by a save that was killed.")
-        should_stop = _or_stop_requested(should_stop, paths.run_dir / STOP_REQUEST_FILE)
+        should_stop = _or_stop_requested(should_stop, layout.stop_request_file)
         torch.manual_seed(run_cfg.studio.seed)
-        state = _resume_state(paths, resume, events, world)
+        state = _resume_state(layout, resume, events, world)
         report = validate(run_cfg, dataset_cfg, events)
-        dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, should_stop)
+        dataset = cache(run_cfg, dataset_cfg, report, layout, world, device, events, should_stop)
         if dataset is None:
             events.phase("stopped", "Stopped while caching; cached clips are kept and reused next time.")
             return EXIT_OK
         trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=should_stop,
-                          paths=paths)
+                          layout=layout)
         if state is not None and state.global_micro_batches % world.world_size:
             events.log(f"The saved data position ({state.global_micro_batches} micro-batches) does not split evenly "
                        f"over {world.world_size} ranks: up to {world.world_size - 1} micro-batches are repeated.")
@@ -197,20 +197,20 @@ def _or_stop_requested(should_stop: Callable[[], bool], request_file: Path) -> C
     return stop_requested
 
 
-def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World) -> TrainingState | None:
+def _resume_state(layout: RunLayout, resume: bool, events: EventLog, world: World) -> TrainingState | None:
     """The latest readable saved state when resuming. A damaged newest state is moved aside (never deleted) and the
     one before it is used, with a log line naming both. A fresh start moves earlier states aside, so a later --resume
     can never pick up a state of the earlier run (nothing is deleted)."""
     if not resume:
-        if world.is_main and latest_state_dir(paths.state_root) is not None:
-            aside = paths.state_root.with_name(f"state.before-{time.strftime('%Y%m%d-%H%M%S')}")
-            paths.state_root.rename(aside)
+        if world.is_main and latest_state_dir(layout.state_root) is not None:
+            aside = layout.state_aside(time.strftime("%Y%m%d-%H%M%S"))
+            layout.state_root.rename(aside)
             events.log(f"Started without --resume: the earlier run's resume states were moved to {aside}.")
         barrier(world)
         return None
     damaged: list[tuple[Path, StateDamagedError]] = []
     state, chosen = None, None
-    for state_dir in reversed(list_state_dirs(paths.state_root)):
+    for state_dir in reversed(list_state_dirs(layout.state_root)):
         try:
             state, chosen = load_training_state(state_dir), state_dir
             break
@@ -225,9 +225,9 @@ def _resume_state(paths: RunPaths, resume: bool, events: EventLog, world: World)
         events.log(f"The saved state {state_dir} is damaged ({err}); moved it to {aside.name}, {fallback}.")
     if state is None:
         if damaged:
-            raise TrainingError(f"No readable saved state in {paths.state_root}: {damaged[-1][1]}",
+            raise TrainingError(f"No readable saved state in {layout.state_root}: {damaged[-1][1]}",
                                 "Start the run again without --resume (the damaged states are kept aside).")
-        events.log(f"No saved state in {paths.state_root}: starting from step 0.")
+        events.log(f"No saved state in {layout.state_root}: starting from step 0.")
         return None
     events.log(f"Resuming from {chosen} (step {state.step}).")
     return state

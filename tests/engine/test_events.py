@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 
+from engine.core.layout import RunLayout
 from engine.training.events import (
     EVENT_TYPES,
     ErrorEvent,
@@ -49,17 +50,17 @@ def test_every_kind_round_trips_through_a_json_line():
 
 
 def test_the_event_log_writes_what_readers_get_back(tmp_path, capsys):
-    run_dir = tmp_path / "runs" / "r"
-    log = EventLog(run_dir, World())
+    run = RunLayout(tmp_path / "runs" / "r")
+    log = EventLog(run, World())
     single_process = [e for e in EXAMPLES if not isinstance(e, (StepEvent, ErrorEvent))]
     single_process.append(ErrorEvent(time=8.0, message="no clips", hint="add clips"))
     for event in single_process:
         log.emit(event)
     log.close()
-    assert read_events(run_dir / "metrics.jsonl") == single_process
+    assert read_events(run.metrics_file) == single_process
     printed = [parse_line(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == single_process  # stdout (the job log) carries the same events
-    assert "rank" not in json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "rank" not in json.loads(run.metrics_file.read_text().splitlines()[-1])
 
     ranked = EventLog(None, World(rank=1, world_size=2))  # a failing rank says which it is; others stay quiet
     ranked.emit(LogEvent(message="rank 1 note"))

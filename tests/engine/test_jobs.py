@@ -113,10 +113,11 @@ def test_stop_is_graceful_when_the_child_listens(runner, fake_child, tmp_path):
 
 
 def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fake_child, tmp_path):
-    from engine.core.layout import STOP_REQUEST_FILE
+    from engine.core.layout import RunLayout
 
     run_dir = tmp_path / "run"
-    job = runner.start("watcher", fake_child("graceful", 0, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
+    request = RunLayout(run_dir).stop_request_file
+    job = runner.start("watcher", fake_child("graceful", 0, request), cwd=tmp_path,
                        run_dir=run_dir, watches_stop_request=True)
     wait_for_event(job, lambda e: getattr(e, "step", None) == 2)
     assert runner.stop(job, grace_s=20).state == "stopped"
@@ -124,7 +125,7 @@ def test_a_child_that_watches_the_stop_request_stops_without_a_signal(runner, fa
     assert events[-1].phase == "stopped"
     signalled = any(isinstance(e, LogEvent) and e.message == "got SIGINT" for e in events)
     assert not signalled, "a multi-GPU launcher must not be signalled"
-    restarted = runner.start("watcher", fake_child("graceful", 3, run_dir / STOP_REQUEST_FILE), cwd=tmp_path,
+    restarted = runner.start("watcher", fake_child("graceful", 3, request), cwd=tmp_path,
                              run_dir=run_dir, watches_stop_request=True)
     restarted.wait(30)
     assert restarted.status().state == "finished", "a resumed run must not see the old stop request"
@@ -198,6 +199,8 @@ def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
         with pytest.raises(GpuBusyError, match="is using the GPU"):
             with JobRunner(runner.state_dir).gpu_slot("captioning"):
                 pass
+        with runner.gpu_work_paused("unloading the captioner"):  # a job holds the GPU: no work of ours can run
+            pass
         with pytest.raises(JobError, match="already running"):
             runner.start("again", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "one", kind="cpu")
         cpu_job = runner.start("cpu work", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "three",
@@ -210,6 +213,33 @@ def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
         with pytest.raises(GpuBusyError, match="captioning is using the GPU"):
             runner.start("blocked", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "four")
     assert runner.gpu_holder() is None
+
+
+def test_in_process_gpu_work_takes_turns_through_the_same_lock(runner):
+    """Captioning and generation in the studio's process: one slot at a time, from any thread, and a model is not
+    unloaded under running work."""
+    import threading
+
+    refused = []
+    with runner.gpu_slot("captioning clips"):
+        def other_thread():
+            try:
+                with runner.gpu_slot("generating a video"):
+                    pass
+            except GpuBusyError as err:
+                refused.append(str(err))
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        with pytest.raises(GpuBusyError, match="captioning clips is using the GPU; try again when it has finished"):
+            with runner.gpu_work_paused("unloading the captioner"):
+                pass
+    assert refused == ["captioning clips is using the GPU; try again when it has finished."]
+    with runner.gpu_work_paused("unloading the captioner"):
+        assert runner.gpu_holder()["description"] == "unloading the captioner"
+    with runner.gpu_slot("generating a video"):
+        pass
 
 
 def test_a_resumed_job_reads_only_its_own_output(runner, fake_child, tmp_path):
@@ -263,8 +293,9 @@ def test_a_group_killed_from_outside_is_reported_and_frees_the_gpu(runner, fake_
 
 def test_a_run_is_summarized_from_its_files(tmp_path):
     from engine.core.files import append_jsonl
+    from engine.core.layout import RunLayout
     from engine.training.events import read_events
-    from engine.training.runs import run_loras, summarize_run
+    from engine.training.runs import summarize_run
 
     run_dir = tmp_path / "runs" / "r 1"
     for epoch in (1, 2, 10):
@@ -283,8 +314,9 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
         {"event": "phase", "phase": "stopped", "message": "saved"},
     ]):
         append_jsonl(metrics, {**event, "time": 100.0 + 10 * t})
-    assert [e for e, _ in run_loras(run_dir)] == [1, 2, 10]  # numeric order, not text order
-    summary = summarize_run(run_dir, read_events(metrics), job=None)
+    run = RunLayout(run_dir)
+    assert [e for e, _ in run.loras()] == [1, 2, 10]  # numeric order, not text order
+    summary = summarize_run(run, read_events(metrics), job=None)
     assert (summary.name, summary.state, summary.step, summary.max_steps, summary.epoch) == ("r 1", "stopped", 2, 4, 2)
     assert summary.final_loss == 0.25 and summary.duration_s == 50.0
     assert summary.samples == [(1, run_dir / "samples" / "epoch1.mp4")]  # a sample file that is gone is left out
@@ -292,9 +324,9 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
     append_jsonl(metrics, {"event": "error", "message": "CUDA out of memory.", "hint": "Raise blocks_to_swap.",
                            "time": 200.0})
     append_jsonl(metrics, {"event": "phase", "phase": "error", "message": "CUDA out of memory.", "time": 200.0})
-    failed = summarize_run(run_dir, read_events(metrics), job=None)
+    failed = summarize_run(run, read_events(metrics), job=None)
     assert failed.state == "failed" and "Raise blocks_to_swap." in failed.message
-    assert summarize_run(tmp_path / "empty", [], job=None).state == "not started"
+    assert summarize_run(RunLayout(tmp_path / "empty"), [], job=None).state == "not started"
 
 
 def test_the_job_lasts_until_the_workers_of_a_dead_launcher_have_saved(runner, fake_child, tmp_path):

@@ -55,8 +55,8 @@ def test_the_preset_follows_the_model_and_the_smallest_gpu(tmp_path, tiny_models
 
 def test_lora_size_estimate_matches_the_lora_the_trainer_saves(tiny_models, tmp_path):
     from engine.core.models import load_wan_transformer
-    from engine.training.model import prepare_transformer
     from engine.training.check import lora_size_bytes
+    from engine.training.model import prepare_transformer
 
     run, _ = preset_configs(PRESET_CPU_DEMO, clips_dir=tmp_path, output_dir=tmp_path, model_path=tiny_models.wan)
     trainable = prepare_transformer(load_wan_transformer(tiny_models.wan, torch.float32), run, "cpu")

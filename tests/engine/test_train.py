@@ -102,21 +102,22 @@ def train_project(tmp_path_factory, tiny_models):
 
 def build_trainer(run_toml: Path):
     """A Trainer on the cached dataset, in this process (as engine.training.train builds it)."""
+    from engine.core.layout import RunLayout
     from engine.core.models import load_wan_transformer
     from engine.training.events import EventLog
-    from engine.training.loop import RunPaths, Trainer
+    from engine.training.loop import Trainer
     from engine.training.model import storage_dtype
     from engine.training.parallel import World
     from engine.training.stages import cache, load_configs, validate
 
     run_cfg, dataset_cfg = load_configs(run_toml)
-    paths = RunPaths.for_run(run_cfg)
+    layout = RunLayout(run_cfg.output_path())
     world, device = World(), torch.device("cpu")
-    events = EventLog(paths.run_dir, world)
+    events = EventLog(layout, world)
     report = validate(run_cfg, dataset_cfg, events)
-    dataset = cache(run_cfg, dataset_cfg, report, paths, world, device, events, lambda: False)
+    dataset = cache(run_cfg, dataset_cfg, report, layout, world, device, events, lambda: False)
     trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=lambda: False,
-                      paths=paths)
+                      layout=layout)
     trainer.build(load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device)), None)
     return trainer
 
@@ -501,11 +502,11 @@ def test_block_swap_runs_ask_for_expandable_segments(tmp_path, monkeypatch):
 
 
 def test_a_stop_request_file_stops_the_run_and_an_old_one_is_ignored(train_project):
-    from engine.core.layout import STOP_REQUEST_FILE
+    from engine.core.layout import RunLayout
     from engine.training.stages import train
 
     run_toml = write_run(train_project, "stop by file", {"max_steps": 3, "epochs": 100})
-    request = run_toml.parent / STOP_REQUEST_FILE
+    request = RunLayout(run_toml.parent).stop_request_file
     request.write_text("{}")  # left over from an earlier stop: must not stop the next run
     assert train(run_toml) == 0
     assert events_of(run_toml, "phase")[-1]["phase"] == "done"

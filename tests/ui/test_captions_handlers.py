@@ -12,6 +12,7 @@ from engine.captions.store import CaptionStore
 from engine.captions.style import StyleRules, save_style_rules
 from engine.core.layout import Project
 from engine.core.models import ModelChoice
+from engine.jobs import JobRunner
 from studio.context import AppContext
 from tabs.captions import CAPTIONER_KINDS, CaptionsTab
 
@@ -28,7 +29,7 @@ def tab(demo_home, tmp_path) -> CaptionsTab:
     project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
     settings = project.settings()
     return CaptionsTab(AppContext(project=project, models=ModelChoice(settings.wan_model, settings.captioner_model),
-                                  device_description="CPU"))
+                                  device_description="CPU", jobs=JobRunner(tmp_path / "jobs")))
 
 
 def test_load_edit_navigate_and_undo(tab):
@@ -73,10 +74,10 @@ def test_suggest_accept_and_gpu_busy(tab):
     assert tab.unload() == "Captioner unloaded; its memory is free."
     assert tab.unload() == "The captioner is not loaded."
 
-    with tab.ctx.gpu_lock:  # another GPU task of the studio: the tab refuses rather than waits
-        with pytest.raises(gr.Error, match="Another GPU task"):
+    with tab.ctx.jobs.gpu_slot("generating a video"):  # another GPU task of the studio: the tab refuses, not waits
+        with pytest.raises(gr.Error, match="generating a video is using the GPU"):
             tab.suggest_one(clip, CAPTIONER_KINDS[0], 1, "", 4, *NO_VIDEO, progress=no_progress)
-        with pytest.raises(gr.Error, match="A GPU task is running"):
+        with pytest.raises(gr.Error, match="generating a video is using the GPU"):
             tab.unload()
 
 

@@ -76,12 +76,14 @@ def test_tab_handlers_without_a_browser(tmp_path):
 
     from engine.core.layout import Project
     from engine.core.models import ModelChoice
+    from engine.jobs import JobRunner
     from studio.context import AppContext
     from tabs.clips import ClipsTab
     from tests.engine.test_clips_videos import make_indexed_video
 
     project = Project.open(tmp_path / "proj é", clip_frames=9, clip_width=64, clip_height=48)
-    tab = ClipsTab(AppContext(project=project, models=ModelChoice(wan="", captioner=""), device_description="CPU"))
+    tab = ClipsTab(AppContext(project=project, models=ModelChoice(wan="", captioner=""), device_description="CPU",
+                              jobs=JobRunner(tmp_path / "jobs")))
     video = make_indexed_video(tmp_path / "my 'film'.mp4", "24", 96)
     choice = tab.add_upload(str(video))
     assert choice.value == "my 'film'.mp4" and (project.sources_dir / "my 'film'.mp4").exists()

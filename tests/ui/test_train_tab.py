@@ -181,8 +181,9 @@ def test_settings_round_trip_on_the_demo_project(demo_home, tmp_path):
     from engine.core.layout import Project
     from engine.training.config import load_run_config, to_toml
     from engine.training.presets import PRESET_CPU_DEMO
+    from engine.training.runs import write_run_folder
     from engine.training.schema import ConfigError
-    from tabs.train import configs_from_text, draft_configs, write_run_folder
+    from tabs.train import configs_from_text, draft_configs
 
     project = Project(shutil.copytree(demo_home / "demo", tmp_path / "demo"))  # the session's demo stays as it is
     model = project.settings().wan_model
@@ -192,7 +193,7 @@ def test_settings_round_trip_on_the_demo_project(demo_home, tmp_path):
     with pytest.raises(ConfigError, match=r"'epochs' in run.toml must be"):  # names the file, not a scratch copy
         configs_from_text(to_toml(run).replace(f"epochs = {run.epochs}", 'epochs = "many"'), to_toml(dataset))
 
-    run_toml = write_run_folder(project.run_dir("a run"), run, dataset)
+    run_toml = write_run_folder(project.run("a run"), run, dataset)
     loaded = load_run_config(run_toml)
     assert loaded.output_path() == project.run_dir("a run")
     assert loaded.dataset_path() == project.run_dir("a run") / "dataset.toml"
