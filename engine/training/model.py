@@ -30,7 +30,7 @@ class TrainableTransformer:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype a config's dtype name means ("bfloat16", "float16", "float32")."""
-    return torch_dtype(name)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def compute_dtype(run_cfg, device: torch.device) -> torch.dtype:
