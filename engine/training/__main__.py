@@ -49,7 +49,8 @@ def check(config_path: Path, num_gpus: int = 1) -> int:
         print(f"warning: {warning}")
     print(report.estimate().replace("**", ""))
     if report.errors:
-        print(f"{len(report.errors)} error(s): fix them (the Clips and Captions tabs) before training.", file=sys.stderr)
+        print(f"{len(report.errors)} error(s): fix them (the Clips and Captions tabs) before training.",
+              file=sys.stderr)
         return 2
     print("Ready to train.")
     return 0
