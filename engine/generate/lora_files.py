@@ -17,7 +17,8 @@ b + s*diff_b, W + s*diff at strength s. diffusers' converter agrees except that 
 
 Only safetensors are read: a pickled .pt/.ckpt can run code when loaded.
 
-Command line: `python -m engine.generate.lora_files info FILE` and `python -m engine.generate.lora_files convert IN OUT --format NAME`.
+Command line: `python -m engine.generate.lora_files info FILE` and
+`python -m engine.generate.lora_files convert IN OUT --format NAME`.
 """
 
 from __future__ import annotations
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             print(json.dumps({"path": str(weights.path), "format": weights.source_format, "rank": weights.rank,
                               "alpha": weights.alpha, "blocks": weights.num_blocks, "modules": len(weights.modules),
+                              "diffs": len(weights.diffs),
+                              "outside_blocks": [to_original_module(n) for n in weights.modules
+                                                 if not n.startswith("blocks.")],
                               "metadata": weights.metadata}, indent=2))
         else:
             print(save_lora_file(weights, args.dst, args.format))

@@ -281,6 +281,10 @@ def test_cli_info_and_convert(peft_state, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "musubi" and info["rank"] == RANK and info["metadata"]["steps"] == "3"
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+    capsys.readouterr()
+    assert main(["info", str(ACCELERATOR)]) == 0
+    accelerator = json.loads(capsys.readouterr().out)
+    assert accelerator["diffs"] == 42 and "head.head" in accelerator["outside_blocks"]
 
 
 # ---------------------------------------------------------------------------------------------- accelerator LoRAs
