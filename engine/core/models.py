@@ -1,10 +1,10 @@
 """Model registry, loaders and tiny model kits.
 
-Every model the studio uses (the Wan 2.1 I2V pipeline and BLIP-2) is loaded by one function per model that takes a
-local folder or a hub id and returns the real diffusers/transformers objects. The tiny kits are built from configs
-of the same classes with random weights and saved with `save_pretrained` in the hub repos' layout, so tests and the
-demo go through exactly the code path that real 14B folders go through. Weights are only ever read from
-safetensors, never from pickles.
+Every model the studio uses (a Wan I2V pipeline of a family in engine.core.families, and BLIP-2) is loaded by one
+function per model that takes a local folder or a hub id and returns the real diffusers/transformers objects. The
+tiny kits are built from configs of the same classes with random weights and saved with `save_pretrained` in the hub
+repos' layout, so tests and the demo go through exactly the code path that real 14B folders go through. Weights are
+only ever read from safetensors, never from pickles.
 
 Command line: `python -m engine.core.models make-tiny --out DIR [--seed N]` and
 `python -m engine.core.models check PATH`.
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from engine.core.families import ModelFamily, Wan21I2V, Wan22I2V, family_of
 from engine.core.files import atomic_dir
 
-WAN_I2V_HUB_ID = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 BLIP2_HUB_ID = "Salesforce/blip2-opt-2.7b"
 TINY_WAN_DIRNAME = "tiny-wan2.1-i2v"
+TINY_WAN22_DIRNAME = "tiny-wan2.2-i2v-a14b"
 TINY_BLIP2_DIRNAME = "tiny-blip2"
 TINY_VLM_DIRNAME = "tiny-qwen2.5-vl"
 
@@ -35,16 +36,8 @@ WAN_I2V_14B_TRANSFORMER_CONFIG = dict(
     qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
 )
 
-# Each pipeline component: subfolder, and the files that show it is complete (a glob that must match).
-WAN_PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "transformer": ("config.json", "*.safetensors"),
-    "vae": ("config.json", "*.safetensors"),
-    "text_encoder": ("config.json", "*.safetensors"),
-    "tokenizer": ("tokenizer_config.json",),
-    "image_encoder": ("config.json", "*.safetensors"),
-    "image_processor": ("preprocessor_config.json",),
-    "scheduler": ("scheduler_config.json",),
-}
+# Wan 2.2 I2V A14B experts: the 14B architecture without the image cross-attention (no CLIP image context).
+WAN22_I2V_A14B_TRANSFORMER_CONFIG = {**WAN_I2V_14B_TRANSFORMER_CONFIG, "image_dim": None, "added_kv_proj_dim": None}
 # BLIP-2 folder files; "a|b" means either (transformers 5 writes processor_config.json, the hub repo has the older one).
 BLIP2_REQUIRED_FILES = ("config.json", "*.safetensors", "processor_config.json|preprocessor_config.json",
                         "tokenizer_config.json")
@@ -72,6 +65,7 @@ class ModelChoice:
     wan: str
     captioner: str
     video_captioner: str = ""  # a video-language model (Qwen2.5-VL) folder or hub id; empty: none chosen
+    wan22: str = ""  # the tiny kits' Wan 2.2 I2V A14B folder (the demo offers both families)
 
 
 class ModelFolderError(ValueError):
@@ -97,11 +91,13 @@ def _word_tokenizer(specials: list[str], model_max_length: int, **special_tokens
     return tokenizer, len(vocab)
 
 
-def make_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Wan 2.1 I2V pipeline folder laid out like `Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`.
+def make_tiny_wan(out_dir: str | Path, seed: int = 0, family: type[ModelFamily] = Wan21I2V) -> Path:
+    """Write a tiny Wan I2V pipeline folder laid out like the family's hub repo (random weights, no network).
 
-    The transformer has the image cross-attention enabled (added_kv_proj_dim, image_dim = CLIP hidden size), as the
-    real I2V model does. Deterministic for a given seed; needs no network.
+    Wan 2.1 (`Wan-AI/Wan2.1-I2V-14B-480P-Diffusers`): one transformer with the image cross-attention enabled
+    (added_kv_proj_dim, image_dim = CLIP hidden size) and a CLIP image encoder, as the real I2V model.
+    Wan 2.2 (`Wan-AI/Wan2.2-I2V-A14B-Diffusers`): a high-noise `transformer` and a low-noise `transformer_2` without
+    image cross-attention, no image encoder, `boundary_ratio` in model_index.json. Deterministic for a given seed.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
@@ -115,31 +111,35 @@ def make_tiny_wan(out_dir: str | Path, seed: int = 0) -> Path:
         vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )).eval()
-    clip_hidden = 8
-    image_encoder = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=clip_hidden, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4,
-        intermediate_size=16, projection_dim=8,
-    )).eval()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_center_crop=True,
-    )
-    heads, head_dim = 2, 12
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
-        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=clip_hidden, added_kv_proj_dim=heads * head_dim,
-        rope_max_seq_len=1024,
-    ).eval()
+    clip_hidden, heads, head_dim = 8, 2, 12
+    parts = {}
+    if family.image_encoder:
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=clip_hidden, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4,
+            intermediate_size=16, projection_dim=8,
+        )).eval()
+        parts["image_processor"] = CLIPImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_center_crop=True,
+        )
+    image_attention = dict(image_dim=clip_hidden, added_kv_proj_dim=heads * head_dim) if family.image_encoder else \
+        dict(image_dim=None, added_kv_proj_dim=None)
+    for expert in family.experts:
+        parts[expert.subfolder] = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+            out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **image_attention,
+        ).eval()
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
     ).eval()
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        flow_shift=family.flow_shift,
     )
-    pipe = WanImageToVideoPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
-    )
+    if family.default_boundary is not None:
+        parts["boundary_ratio"] = family.default_boundary
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   **parts)
     _save_into(out_dir, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
     return out_dir
 
@@ -245,17 +245,20 @@ def _save_into(out_dir: Path, save) -> None:
 
 
 def ensure_tiny_kits(models_dir: str | Path, seed: int = 0) -> ModelChoice:
-    """Build the tiny demo kits under `models_dir` unless they are already there; return their paths."""
+    """Build the tiny demo kits (Wan 2.1, Wan 2.2, BLIP-2) under `models_dir` unless they are already there."""
     models_dir = Path(models_dir)
     wan_dir, blip_dir = models_dir / TINY_WAN_DIRNAME, models_dir / TINY_BLIP2_DIRNAME
+    wan22_dir = models_dir / TINY_WAN22_DIRNAME
     if not (wan_dir / "model_index.json").exists():
         make_tiny_wan(wan_dir, seed=seed)
+    if not (wan22_dir / "model_index.json").exists():
+        make_tiny_wan(wan22_dir, seed=seed, family=Wan22I2V)
     if not (blip_dir / "config.json").exists():
         make_tiny_blip2(blip_dir, seed=seed)
     vlm_dir = models_dir / TINY_VLM_DIRNAME
     if not (vlm_dir / "config.json").exists():
         make_tiny_qwen_vl(vlm_dir, seed=seed)
-    return ModelChoice(wan=str(wan_dir), captioner=str(blip_dir), video_captioner=str(vlm_dir))
+    return ModelChoice(wan=str(wan_dir), captioner=str(blip_dir), video_captioner=str(vlm_dir), wan22=str(wan22_dir))
 
 
 # ---------------------------------------------------------------------------------------------- checks and loaders
@@ -266,33 +269,37 @@ def is_local(source: str | Path) -> bool:
     return Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
 
 
-def check_wan_folder(source: str | Path) -> None:
-    """Raise ModelFolderError naming the first missing component of a local Wan I2V pipeline folder."""
+def check_wan_folder(source: str | Path) -> type[ModelFamily]:
+    """Return the family of a Wan I2V pipeline folder (engine.core.families); raise ModelFolderError naming the
+    first missing component of a local folder. A hub id is taken as it is (from_pretrained reports problems)."""
+    family = family_of(source)
     if not is_local(source):
-        return  # a hub id: from_pretrained resolves (and reports) it
+        return family
     root = Path(source).expanduser()
     if not root.is_dir():
         raise ModelFolderError(
-            f"Wan model folder not found: {root}. Give a local copy of {WAN_I2V_HUB_ID} or its hub id."
+            f"Wan model folder not found: {root}. Give a local copy of {Wan21I2V.hub_id} or {Wan22I2V.hub_id}, or "
+            "its hub id."
         )
     if not (root / "model_index.json").exists():
         raise ModelFolderError(
             f"{root} is not a diffusers pipeline folder (no model_index.json). Point at the folder of "
-            f"{WAN_I2V_HUB_ID}, not at a single .safetensors file or a ComfyUI checkpoint."
+            f"{Wan21I2V.hub_id} or {Wan22I2V.hub_id}, not at a single .safetensors file or a ComfyUI checkpoint."
         )
     index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
     if index.get("_class_name") != "WanImageToVideoPipeline":
         raise ModelFolderError(
-            f"{root} holds a {index.get('_class_name')!r}, not a WanImageToVideoPipeline (Wan 2.1 image-to-video)."
+            f"{root} holds a {index.get('_class_name')!r}, not a WanImageToVideoPipeline (Wan image-to-video)."
         )
-    for component, patterns in WAN_PIPELINE_COMPONENTS.items():
+    for component, patterns in family.components.items():
         folder = root / component
         missing = [p for p in patterns if not any(folder.glob(p))]
         if missing:
             raise ModelFolderError(
-                f"Wan model folder {root} is incomplete: component '{component}' is missing "
-                f"{', '.join(missing)} in {folder}. Download the whole {WAN_I2V_HUB_ID} repo."
+                f"{family.title} folder {root} is incomplete: component '{component}' is missing "
+                f"{', '.join(missing)} in {folder}. Download the whole {family.hub_id} repo."
             )
+    return family
 
 
 def wan_transformer_config(source: str | Path) -> dict | None:
@@ -340,11 +347,13 @@ def load_wan_pipeline(source: str | Path, torch_dtype: torch.dtype = torch.float
     return _from_pretrained(WanImageToVideoPipeline, source, dtype=torch_dtype, **components)
 
 
-def load_wan_transformer(source: str | Path, torch_dtype: torch.dtype = torch.bfloat16):
+def load_wan_transformer(source: str | Path, torch_dtype: torch.dtype = torch.bfloat16, expert: str | None = None):
+    """One transformer of the folder: `expert` by name (engine.core.families), default the family's first."""
     from diffusers import WanTransformer3DModel
 
-    check_wan_folder(source)
-    return _from_pretrained(WanTransformer3DModel, source, subfolder="transformer", dtype=torch_dtype)
+    family = check_wan_folder(source)
+    chosen = family.expert(expert) if expert else family.experts[0]
+    return _from_pretrained(WanTransformer3DModel, source, subfolder=chosen.subfolder, dtype=torch_dtype)
 
 
 def load_wan_vae(source: str | Path, torch_dtype: torch.dtype = torch.float32):
@@ -391,10 +400,11 @@ def load_wan_tokenizer(source: str | Path):
 
 
 def load_wan_image_encoder(source: str | Path, torch_dtype: torch.dtype = torch.float32):
-    """Return (CLIP image processor, CLIP vision encoder)."""
+    """Return (CLIP image processor, CLIP vision encoder), or (None, None) for a family without one (Wan 2.2)."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    check_wan_folder(source)
+    if not check_wan_folder(source).image_encoder:
+        return None, None
     processor = _from_pretrained(CLIPImageProcessor, source, subfolder="image_processor")
     encoder = _from_pretrained(CLIPVisionModel, source, subfolder="image_encoder", dtype=torch_dtype)
     return processor, encoder
@@ -413,15 +423,18 @@ def load_blip2(source: str | Path, device: str | torch.device = "cpu", torch_dty
     return processor, model
 
 
-def build_wan_14b_transformer(device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """The real 14B I2V transformer architecture with random weights, built directly on `device` (benchmarks)."""
+def build_wan_14b_transformer(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                              family: type[ModelFamily] = Wan21I2V):
+    """The real 14B I2V transformer architecture (a Wan 2.2 expert for Wan22I2V) with random weights, built
+    directly on `device` (benchmarks)."""
     from diffusers import WanTransformer3DModel
 
+    config = WAN_I2V_14B_TRANSFORMER_CONFIG if family.image_encoder else WAN22_I2V_A14B_TRANSFORMER_CONFIG
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return WanTransformer3DModel(**WAN_I2V_14B_TRANSFORMER_CONFIG)
+            return WanTransformer3DModel(**config)
     finally:
         torch.set_default_dtype(previous)
 
@@ -431,10 +444,12 @@ def build_wan_14b_transformer(device: str = "cuda", dtype: torch.dtype = torch.b
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.core.models", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("make-tiny", help="write tiny Wan I2V and BLIP-2 folders (random weights, no network)")
+    tiny = sub.add_parser("make-tiny", help="write tiny Wan 2.1 and 2.2 I2V and BLIP-2 folders (random weights, no "
+                                            "network)")
     tiny.add_argument("--out", required=True, type=Path, help="folder that receives the two model folders")
     tiny.add_argument("--seed", type=int, default=0)
-    check = sub.add_parser("check", help="check that a Wan I2V folder (or a BLIP-2 folder) is complete")
+    check = sub.add_parser("check", help="check that a Wan 2.1 or 2.2 I2V folder (or a BLIP-2 folder) is complete; "
+                                         "names the family found or the first missing part")
     check.add_argument("path")
     check.add_argument("--captioner", action="store_true", help="the path is a BLIP-2 folder")
     args = parser.parse_args(argv)
@@ -442,11 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "make-tiny":
             wan = make_tiny_wan(args.out / TINY_WAN_DIRNAME, seed=args.seed)
+            wan22 = make_tiny_wan(args.out / TINY_WAN22_DIRNAME, seed=args.seed, family=Wan22I2V)
             blip = make_tiny_blip2(args.out / TINY_BLIP2_DIRNAME, seed=args.seed)
-            print(f"tiny Wan 2.1 I2V pipeline: {wan}\ntiny BLIP-2 captioner:     {blip}")
+            print(f"tiny Wan 2.1 I2V pipeline:      {wan}\ntiny Wan 2.2 I2V A14B pipeline: {wan22}\n"
+                  f"tiny BLIP-2 captioner:          {blip}")
+        elif args.captioner:
+            check_blip2_folder(args.path)
+            print(f"ok: {args.path} (BLIP-2)")
         else:
-            (check_blip2_folder if args.captioner else check_wan_folder)(args.path)
-            print(f"ok: {args.path}")
+            family = check_wan_folder(args.path)
+            print(f"ok: {args.path} ({family.title})")
     except ModelFolderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -439,8 +439,11 @@ def save_lora_file(weights: LoraWeights, path: str | Path, fmt: str = "diffusion
 
 
 def save_lora(peft_state: Mapping[str, torch.Tensor], out_dir: str | Path, *, rank: int, alpha: float,
-              metadata: Mapping[str, object] | None = None) -> Path:
-    """Save a peft-named LoRA state dict as out_dir/adapter_model.safetensors (diffusion-pipe/ComfyUI keys) + config.
+              metadata: Mapping[str, object] | None = None, file_name: str = ADAPTER_FILE) -> Path:
+    """Save a peft-named LoRA state dict as out_dir/`file_name` (diffusion-pipe/ComfyUI keys) + adapter_config.json.
+
+    `file_name` is adapter_model.safetensors (diffusion-pipe's name) unless a Wan 2.2 expert's file is written
+    (high_noise_model.safetensors / low_noise_model.safetensors: engine.core.families).
 
     Keys may carry `base_model.model.` / `transformer.` prefixes and peft's adapter name (`lora_A.default.weight`).
     `metadata` (base model, steps, dataset fingerprint, ...) is stored in the safetensors header as strings.
@@ -453,7 +456,7 @@ def save_lora(peft_state: Mapping[str, torch.Tensor], out_dir: str | Path, *, ra
         raise ValueError(f"save_lora was told rank={rank} but the state dict holds rank(s) {ranks}.")
     for m in weights.modules.values():
         m.alpha = float(alpha)
-    file = save_lora_file(weights, out_dir / ADAPTER_FILE, "diffusion-pipe", metadata={
+    file = save_lora_file(weights, out_dir / file_name, "diffusion-pipe", metadata={
         k: str(v) for k, v in (metadata or {}).items()})
     target_modules = sorted({_DIFFUSERS_TO_ORIGINAL[n.split(".", 2)[2]] for n in weights.modules})
     atomic_write_json(out_dir / ADAPTER_CONFIG_FILE, {

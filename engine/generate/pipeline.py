@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from engine.core.families import Wan22I2V
 from engine.core.files import file_sha256
 from engine.core.hardware import default_device
 from engine.core.progress import ProgressFn
@@ -40,15 +41,14 @@ def memory_advice(options: PipelineOptions, names: dict[str, str]) -> str:
     return f"The GPU ran out of memory: {savers}use fewer {names['frames']} or a smaller {names['size']}."
 
 
-def load_pipeline(model: str, device: torch.device, transformer=None):
-    """Load the Wan I2V pipeline: bf16 transformer and text encoder on a GPU (fp32 on CPU); VAE and CLIP in fp32."""
+def load_pipeline(model: str, device: torch.device, transformers: dict | None = None):
+    """Load the Wan I2V pipeline (Wan 2.1, or Wan 2.2 with its two experts): bf16 transformers and text encoder on a
+    GPU (fp32 on CPU); VAE and CLIP (Wan 2.1) in fp32. `transformers` replaces components ({'transformer': m})."""
     from engine.core.models import load_wan_image_encoder, load_wan_pipeline, load_wan_vae
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     _, image_encoder = load_wan_image_encoder(model, torch.float32)
-    parts = dict(vae=load_wan_vae(model, torch.float32), image_encoder=image_encoder)
-    if transformer is not None:
-        parts["transformer"] = transformer
+    parts = dict(vae=load_wan_vae(model, torch.float32), image_encoder=image_encoder, **(transformers or {}))
     return load_wan_pipeline(model, dtype, **parts)
 
 
@@ -137,48 +137,68 @@ def set_scheduler(pipe, name: str, flow_shift: float | None) -> None:
         pipe.scheduler = cls(num_train_timesteps=own.get("num_train_timesteps", 1000), shift=shift)
 
 
-def apply_loras(pipe, loras: Sequence[tuple[str, float]]) -> list[dict]:
-    """Make exactly `loras` active at their strengths: each file is loaded once as a named adapter, then only
-    `set_adapters` runs. A file may also be an epoch folder. Accelerator LoRAs' bias and norm diffs (which peft has
-    no place for) are set on the parameters themselves, p = p0 + sum of strength * diff over the active LoRAs, as
-    ComfyUI applies them. Returns what was applied (file, strength, sha256, format, rank) for the sidecar."""
+def lora_component(pipe, expert: str | None) -> str:
+    """The pipeline component a LoRA entry goes into: 'transformer' (Wan 2.1, Wan 2.2's high-noise expert) or
+    'transformer_2' (Wan 2.2's low-noise expert)."""
+    if expert is None:
+        return "transformer"
+    if getattr(pipe, "transformer_2", None) is None:
+        raise GenerationError(f"A LoRA is marked for the {expert} expert, but the loaded model has one transformer "
+                              "(Wan 2.1): load a Wan 2.2 I2V A14B folder, or use the LoRA without an expert.")
+    return Wan22I2V.expert(expert).subfolder
+
+
+def apply_loras(pipe, loras: Sequence[tuple]) -> list[dict]:
+    """Make exactly `loras` ((file, strength[, expert]) entries) active at their strengths, each in its expert's
+    transformer (Wan 2.2: 'high_noise' -> transformer, 'low_noise' -> transformer_2): each file is loaded once per
+    transformer as a named adapter, then only `set_adapters` runs. A file may also be an epoch folder. Accelerator
+    LoRAs' bias and norm diffs (which peft has no place for) are set on the parameters themselves, p = p0 + sum of
+    strength * diff over the active LoRAs, as ComfyUI applies them. Returns what was applied (file, strength,
+    expert, sha256, format, rank) for the sidecar."""
     registry: OrderedDict[tuple, str] = pipe.__dict__.setdefault("_studio_adapters", OrderedDict())
     active, applied = [], []
-    for path, strength in loras:
+    for path, strength, *expert in loras:
+        expert = expert[0] if expert else None
+        component = lora_component(pipe, expert)
         path = resolve_lora_file(path).resolve()
         stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)  # a re-saved file at the same path is loaded again
+        key = (str(path), stat.st_mtime_ns, stat.st_size, component)  # a re-saved file at the same path loads again
         if key not in registry:
             weights = load_lora(path)
-            check_keys_match_model(weights, pipe.transformer)
+            check_keys_match_model(weights, getattr(pipe, component))
             name = "lora_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-            if weights.modules:
-                pipe.load_lora_weights(weights.to_diffusers_peft(), adapter_name=name)
+            if weights.modules:  # diffusers' own switch for Wan 2.2's second transformer (loaders/lora_pipeline.py)
+                pipe.load_lora_weights(weights.to_diffusers_peft(), adapter_name=name,
+                                       load_into_transformer_2=component == "transformer_2")
             registry[key] = name
-            _remember(pipe, name, weights)
+            _remember(pipe, name, weights, component)
         registry.move_to_end(key)
         if strength != 0:  # a LoRA at 0 is left out: the base output exactly, without its extra matmuls
             active.append((registry[key], float(strength)))
         info = pipe.__dict__["_studio_adapter_info"][registry[key]]
-        applied.append({"path": str(path), "strength": float(strength), "sha256": file_sha256(path), **info})
+        applied.append({"path": str(path), "strength": float(strength), **({"expert": expert} if expert else {}),
+                        "sha256": file_sha256(path), **info})
     _evict_adapters(pipe, registry, keep={name for name, _ in active})
     names = [n for n, _ in active]
     if len(set(names)) != len(names):
         raise GenerationError("The same LoRA file is stacked twice; give it once with the summed strength.")
-    with_modules = [(n, s) for n, s in active if pipe.__dict__["_studio_adapter_info"][n]["modules"]]
-    if with_modules:
-        pipe.enable_lora()
-        pipe.set_adapters([n for n, _ in with_modules], [s for _, s in with_modules])
-    elif any(pipe.__dict__["_studio_adapter_info"][n]["modules"] for n in registry.values()):
-        pipe.disable_lora()  # only adapters this pipeline loaded: a trainer's own adapter (its samples) stays on
+    info = pipe.__dict__.setdefault("_studio_adapter_info", {})
+    for component in ("transformer", "transformer_2"):
+        model = getattr(pipe, component, None)
+        with_modules = [(n, s) for n, s in active if info[n]["modules"] and info[n]["component"] == component]
+        if with_modules:
+            model.enable_lora()
+            model.set_adapters([n for n, _ in with_modules], [s for _, s in with_modules])
+        elif any(key[3] == component and info[name]["modules"] for key, name in registry.items()):
+            model.disable_lora()  # only adapters loaded here: a trainer's own LoRA (samples) stays on
     _set_diffs(pipe, active)
     return applied
 
 
-def _remember(pipe, name: str, weights) -> None:
+def _remember(pipe, name: str, weights, component: str) -> None:
     pipe.__dict__.setdefault("_studio_adapter_info", {})[name] = {
         "format": weights.source_format, "rank": weights.rank, "modules": len(weights.modules),
-        "diffs": len(weights.diffs)}
+        "diffs": len(weights.diffs), "component": component}
     diffs = {path: diff.detach().float().cpu() for path, diff in weights.diffs.items()}
     pipe.__dict__.setdefault("_studio_diffs", {})[name] = diffs
 
@@ -191,23 +211,26 @@ def _parameter(transformer, path: str) -> torch.Tensor:
 
 def _set_diffs(pipe, active: Sequence[tuple[str, float]]) -> None:
     """Every parameter a loaded LoRA diffs: its original value plus strength * diff of each active LoRA, written in
-    place (compiled blocks keep reading the same tensor). Originals are kept on the CPU: biases and norms, small."""
+    place (compiled blocks keep reading the same tensor), in the transformer the LoRA belongs to. Originals are kept
+    on the CPU: biases and norms, small."""
     diffs: dict[str, dict[str, torch.Tensor]] = pipe.__dict__.get("_studio_diffs", {})
-    originals: dict[str, torch.Tensor] = pipe.__dict__.setdefault("_studio_diff_originals", {})
-    for adapter in diffs.values():
+    info = pipe.__dict__.setdefault("_studio_adapter_info", {})
+    originals: dict[tuple[str, str], torch.Tensor] = pipe.__dict__.setdefault("_studio_diff_originals", {})
+    for name, adapter in diffs.items():
+        component = info[name]["component"]
         for path in adapter:
-            if path not in originals:
-                tensor = _parameter(pipe.transformer, path)
+            if (component, path) not in originals:
+                tensor = _parameter(getattr(pipe, component), path)
                 if tensor.dtype.itemsize == 1:
                     raise GenerationError(f"This LoRA changes the weight {path} directly, which the fast path keeps "
                                           "in float8; turn the fast path off to use it.")
-                originals[path] = tensor.detach().float().cpu().clone()  # .cpu() of a CPU tensor is itself
-    for path, original in originals.items():
+                originals[(component, path)] = tensor.detach().float().cpu().clone()  # .cpu() of a CPU tensor is itself
+    for (component, path), original in originals.items():
         value = original.clone()
         for name, strength in active:
-            if path in diffs.get(name, {}):
+            if info[name]["component"] == component and path in diffs.get(name, {}):
                 value += strength * diffs[name][path]
-        tensor = _parameter(pipe.transformer, path)
+        tensor = _parameter(getattr(pipe, component), path)
         with torch.no_grad():
             tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
 
@@ -216,8 +239,9 @@ def _evict_adapters(pipe, registry: OrderedDict, keep: set[str]) -> None:
     while len(registry) > MAX_LOADED_ADAPTERS:
         for key, name in registry.items():
             if name not in keep:
-                if pipe.__dict__["_studio_adapter_info"].pop(name)["modules"]:
-                    pipe.delete_adapters(name)
+                info = pipe.__dict__["_studio_adapter_info"].pop(name)
+                if info["modules"]:
+                    getattr(pipe, info["component"]).delete_adapters(name)
                 pipe.__dict__["_studio_diffs"].pop(name, None)
                 del registry[key]
                 break

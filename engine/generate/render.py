@@ -173,6 +173,8 @@ def _pipeline_facts(pipe) -> dict:
     facts = {"diffusers": diffusers.__version__, "torch": torch.__version__,
              "dtype": str(pipe.transformer.dtype).replace("torch.", ""), "device": str(pipe._execution_device),
              "scheduler": _scheduler_record(pipe)}
+    if pipe.config.get("boundary_ratio") is not None:  # Wan 2.2: where the low-noise expert takes over
+        facts["boundary_ratio"] = float(pipe.config.boundary_ratio)
     facts.update(pipe.__dict__.get("_studio_memory", {}))
     return facts
 
@@ -300,27 +302,33 @@ def generate_with_cache(cache: PipelineCache, options: PipelineOptions, request:
 
 # ---------------------------------------------------------------------------------------------- trainer samples
 
-def sample_with_transformer(model_path: str | Path, transformer, request: GenerationRequest, out_path: str | Path,
-                            *, on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Path:
-    """Render a sample with the trainer's in-memory (LoRA-wrapped) transformer.
+def sample_with_transformer(model_path: str | Path, transformers: dict, request: GenerationRequest,
+                            out_path: str | Path, *, on_progress: ProgressFn | None = None,
+                            should_stop: StopFn | None = None) -> Path:
+    """Render a sample with the trainer's in-memory (LoRA-wrapped) transformers, {pipeline component: module}
+    ('transformer', and for Wan 2.2 'transformer_2'; a component left out is loaded from the model folder).
 
-    The VAE, text and image encoders are loaded for this call onto the transformer's device and freed afterwards;
-    the transformer itself is not moved (it may be partly in CPU memory) and gets its train/eval mode back.
+    The VAE, text and image encoders are loaded for this call onto the transformers' device and freed afterwards;
+    the transformers themselves are not moved (they may be partly in CPU memory) and get their train/eval mode back.
     """
-    model = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    was_training = model.training
-    model.eval()
+    models = {name: t.get_base_model() if hasattr(t, "get_base_model") else t for name, t in transformers.items()}
+    first = next(iter(models.values()))
+    device = next(p.device for p in first.parameters() if p.device.type != "meta" and p.numel())
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
     pipe = None
     try:
-        pipe = load_pipeline(str(model_path), device, transformer=model)
-        for component in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-            component.to(device)
+        pipe = load_pipeline(str(model_path), device, transformers=models)
+        for component in (pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.transformer, pipe.transformer_2):
+            if component is not None and component not in models.values():
+                component.to(device)
         return render_video(pipe, replace(request, loras=[]), out_path, on_progress=on_progress,
                             should_stop=should_stop, model=str(model_path),
                             extra={"lora_source": "in-memory LoRA of the training run"})
     finally:
-        model.train(was_training)
+        for name, model in models.items():
+            model.train(was_training[name])
         del pipe
         gc.collect()
         if torch.cuda.is_available():

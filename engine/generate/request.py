@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from engine.core.families import Wan22I2V
+
 # Wan's usual negative prompt (the one its authors ship as the default), in the original Chinese.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -22,6 +24,9 @@ SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
 
 
 STRENGTH_MIN, STRENGTH_MAX = -1.0, 2.0
+
+
+LORA_EXPERTS = tuple(e.name for e in Wan22I2V.experts)  # where a Wan 2.2 LoRA goes: 'high_noise', 'low_noise'
 
 
 # Samplers by the names people use -> diffusers scheduler classes (all flow-matching, as Wan is trained). "lcm"
@@ -63,7 +68,9 @@ class GenerationRequest:
     width: int | None = None
     pixel_budget: int = PIXEL_BUDGET_480P  # width x height aimed at when the size comes from the image
     fps: float = 16.0  # Wan's native rate
-    loras: list[tuple[str, float]] = field(default_factory=list)  # (file, strength -1..2), stacked
+    # (file, strength -1..2[, expert]), stacked. Wan 2.2: expert 'high_noise' or 'low_noise' says which transformer
+    # the LoRA goes into (a pair is two entries, each at its own strength); none = the first transformer.
+    loras: list[tuple] = field(default_factory=list)
     scheduler: str = "unipc"  # one of SCHEDULERS: the model's own UniPC, flow-match Euler, or flow-match LCM
     flow_shift: float | None = None  # sigma shift s*t / (1 + (s-1)*t), 1-20; None: the model folder's (3 at 480p)
     decode_bf16: bool = False  # VAE decode under bf16 autocast (GPU only): faster, frames differ slightly (drafts)
@@ -72,7 +79,7 @@ class GenerationRequest:
     def from_dict(cls, data: dict) -> "GenerationRequest":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["loras"] = [(str(p), float(s)) for p, s in values.get("loras", [])]
+        values["loras"] = [(str(entry[0]), float(entry[1]), *entry[2:3]) for entry in values.get("loras", [])]
         return cls(**values)
 
 
@@ -174,12 +181,15 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         notes.append(f"frames {frames} is not 4k+1 (the VAE packs 4 frames per latent); using {adjusted}.")
         frames = adjusted
     loras = []
-    for path, strength in request.loras:
+    for path, strength, *expert in request.loras:
         strength = float(strength)
+        if expert and expert[0] not in LORA_EXPERTS:
+            raise GenerationError(f"LoRA {Path(path).name}: expert {expert[0]!r} is not one of "
+                                  f"{', '.join(LORA_EXPERTS)}.")
         if not STRENGTH_MIN <= strength <= STRENGTH_MAX:
             raise GenerationError(f"LoRA strength {strength} for {Path(path).name} is outside "
                                   f"{STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
-        loras.append((str(lora_file(path).resolve()), strength))
+        loras.append((str(lora_file(path).resolve()), strength, *expert))
     for name, value in (("height", request.height), ("width", request.width)):
         if value and int(value) < SIZE_MULTIPLE:
             raise GenerationError(f"{name} must be at least {SIZE_MULTIPLE} pixels (or 0: from the image), "

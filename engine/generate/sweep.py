@@ -32,45 +32,55 @@ class SweepResult:
 
 
 def plan_sweep(request: GenerationRequest, strengths: Sequence[float] | None = None,
-               lora_files: Sequence[str | Path] | None = None) -> list[tuple[str, GenerationRequest]]:
-    """(label, request) for each variant: the first LoRA at each strength and/or swapped for each epoch's file.
+               lora_files: Sequence[str | Path] | None = None, swept: int = 0) -> list[tuple[str, GenerationRequest]]:
+    """(label, request) for each variant: LoRA entry `swept` (the first by default; for a Wan 2.2 pair, 1 sweeps the
+    low-noise one) at each strength and/or swapped for each epoch's file, keeping its expert.
 
-    Other stacked LoRAs keep their strengths. Strength 0 is the same video for every file, so it is rendered once.
+    Other stacked LoRAs keep their strengths. Strength 0 of the swept LoRA is the same video for every file, so it
+    is rendered once.
     """
     if not request.loras and not lora_files:
         raise GenerationError("A sweep needs a LoRA: choose one (or several epochs) first.")
-    first_path, first_strength = request.loras[0] if request.loras else (str(lora_files[0]), 1.0)
-    rest = list(request.loras[1:])
-    files = [str(f) for f in lora_files] if lora_files else [first_path]
-    values = [float(s) for s in strengths] if strengths else [first_strength]
+    if request.loras and not 0 <= swept < len(request.loras):
+        raise GenerationError(f"swept LoRA {swept + 1} does not exist: the request has {len(request.loras)}.")
+    path, strength, *expert = request.loras[swept] if request.loras else (str(lora_files[0]), 1.0)
+    before, after = list(request.loras[:swept]), list(request.loras[swept + 1:])
+    files = [str(f) for f in lora_files] if lora_files else [path]
+    values = [float(s) for s in strengths] if strengths else [strength]
+    named = bool(expert)  # a Wan 2.2 expert's LoRA: at 0 the other expert's LoRA still acts, so it is no base video
     variants, seen_zero = [], False
     for file in files:
-        for strength in values:
-            if strength == 0:
+        for value in values:
+            if value == 0:
                 if seen_zero:
                     continue
                 seen_zero = True
-                label = "strength 0 (base)"
+                label = f"{lora_label(file)} @ 0" if named else "strength 0 (base)"
             else:
-                label = f"{lora_label(file)} @ {strength:g}" if len(files) > 1 else f"strength {strength:g}"
-            variants.append((label, replace(request, loras=[(file, strength), *rest])))
+                label = f"{lora_label(file)} @ {value:g}" if len(files) > 1 or named else f"strength {value:g}"
+            variants.append((label, replace(request, loras=[*before, (file, value, *expert), *after])))
     return variants
 
 
 def lora_label(path: str | Path) -> str:
-    """A short name: the epoch folder for a run's adapter_model.safetensors, else the file's stem."""
+    """A short name: the epoch folder for a run's adapter_model.safetensors (with the expert for a Wan 2.2 pair's
+    file: epoch3 high_noise), else the file's stem."""
     path = Path(path)
-    return path.parent.name if path.name == ADAPTER_FILE else path.stem
+    if path.name == ADAPTER_FILE:
+        return path.parent.name
+    if path.stem.endswith("_noise_model") and path.parent.name.startswith("epoch"):
+        return f"{path.parent.name} {path.stem.removesuffix('_model')}"
+    return path.stem
 
 
 def render_sweep(pipe, request: GenerationRequest, out_dir: str | Path, *, strengths: Sequence[float] | None = None,
                  lora_files: Sequence[str | Path] | None = None, name: str | None = None, model: str | None = None,
-                 draft: DraftSettings | None = None, on_progress: ProgressFn | None = None,
+                 swept: int = 0, draft: DraftSettings | None = None, on_progress: ProgressFn | None = None,
                  should_stop: StopFn | None = None) -> SweepResult:
-    """Render every variant with the same seed, then one side-by-side comparison video of them all. With `draft`,
-    every variant is a draft (see engine.generate.draft) whose sidecar says how to render it in full."""
+    """Render every variant (see plan_sweep) with the same seed, then one side-by-side comparison video of them all.
+    With `draft`, every variant is a draft (see engine.generate.draft) whose sidecar says how to render it in full."""
     progress = on_progress or (lambda fraction, message: None)
-    variants = plan_sweep(request, strengths, lora_files)
+    variants = plan_sweep(request, strengths, lora_files, swept)
     if request.seed is None or request.seed < 0:
         request = replace(request, seed=secrets.randbelow(2**31))  # one seed for every variant
         variants = [(label, replace(r, seed=request.seed)) for label, r in variants]

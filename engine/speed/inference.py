@@ -52,17 +52,25 @@ def apply_fast_inference(transformer: nn.Module, *, float8: bool = True, compile
 
 
 def prepare_pipeline_for_inference(pipe, device: torch.device | str | None = None, **options) -> FastInferenceReport:
-    """`apply_fast_inference` on a WanImageToVideoPipeline's transformer, on the GPU it will run on.
+    """`apply_fast_inference` on a WanImageToVideoPipeline's transformers (Wan 2.2: both experts), on the GPU they
+    will run on; returns the first one's report with every transformer's notes.
 
     A transformer still on the CPU is moved to `device` first (default: the GPU when there is one), because float8
     packing and the float8 check need the card. Options are passed on (float8=, compile=).
     """
-    transformer = pipe.transformer
-    current = next(p.device for p in transformer.parameters())
-    target = torch.device(device) if device is not None else (
-        torch.device("cuda") if current.type == "cpu" and torch.cuda.is_available() else current)
-    if target != current:
-        transformer.to(target)
-    report = apply_fast_inference(transformer, **options)
+    reports = []
+    for name in ("transformer", "transformer_2"):
+        transformer = getattr(pipe, name, None)
+        if transformer is None:
+            continue
+        current = next(p.device for p in transformer.parameters())
+        target = torch.device(device) if device is not None else (
+            torch.device("cuda") if current.type == "cpu" and torch.cuda.is_available() else current)
+        if target != current:
+            transformer.to(target)
+        reports.append((name, apply_fast_inference(transformer, **options)))
+    report = reports[0][1]
+    if len(reports) > 1:
+        report = dataclasses.replace(report, notes=[f"{name}: {note}" for name, r in reports for note in r.notes])
     pipe.__dict__["_accel_report"] = report
     return report

@@ -1,5 +1,5 @@
-"""Caching: VAE latents, the I2V first-frame condition, CLIP image and UMT5 text embeddings as safetensors in cache/,
-keyed by content, model and settings."""
+"""Caching: VAE latents, the I2V first-frame condition, CLIP image (Wan 2.1 only: Wan 2.2 has no image encoder) and
+UMT5 text embeddings as safetensors in cache/, keyed by content, model and settings."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.core.families import family_of
 from engine.core.files import atomic_path, file_sha256, remove_stale_temps
 from engine.core.layout import CacheLayout
 from engine.core.models import normalize_latents
@@ -42,7 +43,7 @@ class CachingStopped(RuntimeError):
 class CachedItem:
     clip: Path
     bucket: tuple[int, int, int]  # frames, height, width (pixels)
-    latent_file: Path  # latents, condition, image_embeds
+    latent_file: Path  # latents, condition, image_embeds (families with a CLIP image encoder)
     text_file: Path  # text_embeds
     repeats: int
     caption: str = ""
@@ -78,7 +79,8 @@ class CachedDataset:
         return sorted(f for f in files if not f.is_file())
 
     def load(self, item: CachedItem | int) -> dict[str, torch.Tensor]:
-        """latents [16, F, H, W], condition [20, F, H, W], image_embeds [N, D_clip], text_embeds [512, D_text]."""
+        """latents [16, F, H, W], condition [20, F, H, W], text_embeds [512, D_text], and image_embeds [N, D_clip]
+        for a family with a CLIP image encoder (Wan 2.1)."""
         from safetensors.torch import load_file
 
         item = self.items[item] if isinstance(item, int) else item
@@ -144,7 +146,8 @@ def _release_memory() -> None:
 def encode_frames(frames: np.ndarray, vae, image_processor, image_encoder, *, device,
                   dtype) -> dict[str, torch.Tensor]:
     """VAE latents, I2V condition and CLIP image context of RGB uint8 frames [F, H, W, 3] (F = 4k+1, sides
-    multiples of 16), as WanImageToVideoPipeline computes them."""
+    multiples of 16), as WanImageToVideoPipeline computes them. Without an image encoder (Wan 2.2, which conditions
+    through the latent only) there is no `image_embeds`."""
     pixels = frames_to_pixels(frames).to(device=device, dtype=vae.dtype)
 
     def encode(video: torch.Tensor) -> torch.Tensor:
@@ -162,14 +165,16 @@ def encode_frames(frames: np.ndarray, vae, image_processor, image_encoder, *, de
     mask = torch.cat([torch.repeat_interleave(mask[:, :, :1], repeats=temporal, dim=2), mask[:, :, 1:]], dim=2)
     mask = mask.view(1, -1, temporal, latent_h, latent_w).transpose(1, 2).to(condition.device)
     condition = torch.cat([mask, condition], dim=1)
+    encoded = {"latents": latents[0].to(dtype), "condition": condition[0].to(dtype)}
+    if image_encoder is None:
+        return encoded
 
     from PIL import Image
 
     inputs = image_processor(images=Image.fromarray(frames[0]), return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(device=device, dtype=image_encoder.dtype)
     image_embeds = image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
-    return {"latents": latents[0].to(dtype), "condition": condition[0].to(dtype),
-            "image_embeds": image_embeds[0].to(dtype)}
+    return {**encoded, "image_embeds": image_embeds[0].to(dtype)}
 
 
 @torch.no_grad()
@@ -238,10 +243,12 @@ def cache_dataset(cfg: DatasetConfig, model_path: str | os.PathLike, cache_dir: 
         raise CachingStopped("Caching stopped before it began.")
 
     if latent_todo:
-        progress(0.0, "Loading the VAE and the CLIP image encoder")
+        progress(0.0, "Loading the VAE" + (" and the CLIP image encoder" if family_of(model_path).image_encoder
+                                           else ""))
         vae = load_wan_vae(model_path, torch_dtype=dtype).to(device).eval()
         image_processor, image_encoder = load_wan_image_encoder(model_path, torch_dtype=dtype)
-        image_encoder = image_encoder.to(device).eval()
+        if image_encoder is not None:
+            image_encoder = image_encoder.to(device).eval()
         try:
             for path, item in latent_todo:
                 if stop():

@@ -94,6 +94,7 @@ class StepEvent(Event):
     steps_per_s: float | None = None  # since this process started (a resume starts the count again)
     eta_s: float | None = None  # seconds to max_steps at that rate
     gpu_mem_gib: float | None = None  # peak allocated on this rank's GPU; None on the CPU
+    expert: str | None = None  # Wan 2.2: the expert this step trained ('high_noise' or 'low_noise')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +104,7 @@ class SaveEvent(Event):
     epoch: int | None = None
     step: int | None = None
     path: str = ""
+    expert: str | None = None  # Wan 2.2: the expert a LoRA file belongs to
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from engine.core.families import family_of
 from engine.core.files import atomic_path
 from engine.core.layout import RunLayout
 from engine.core.video import VideoError, probe_video, read_frames
+from engine.speed.parking import ModelParking
 from engine.training.events import EventLog, SampleEvent, SaveEvent, StepEvent, TrainingError
+from engine.training.experts import ExpertSlot, activate, choose_expert, plan_experts
 from engine.training.model import TrainableTransformer, compute_dtype, prepare_transformer, torch_dtype
 from engine.training.objective import TimestepSampling, flow_matching_loss, micro_batch_generator, stack_items
 from engine.training.optim import build_optimizer, learning_rate, optimizer_record, resume_optimizer
@@ -55,7 +60,11 @@ class StopFlag:
 # =============================================================================================== the training run
 
 class Trainer:
-    """One training run from a loaded config and a cached dataset; `run()` returns the process exit code."""
+    """One training run from a loaded config and a cached dataset; `run()` returns the process exit code.
+
+    It trains one LoRA per expert of `plans` (engine.training.experts): Wan 2.1's transformer, or Wan 2.2's
+    high-noise and/or low-noise expert, each step on the expert that owns the step's noise levels.
+    """
 
     def __init__(self, run_cfg, dataset, *, world: World, device: torch.device, events: EventLog,
                  should_stop: Callable[[], bool], layout: RunLayout):
@@ -69,62 +78,107 @@ class Trainer:
         # diffusion-pipe's schedule length (train.py): epochs x steps per epoch, whatever max_steps says
         self.schedule_steps = max(1, run_cfg.epochs * (self.stream.per_epoch // self.accumulation))
         self.timesteps = TimestepSampling.from_run_config(run_cfg)
+        self.family = family_of(run_cfg.model.ckpt_path)
+        self.boundary = self.family.boundary(run_cfg.model.ckpt_path)
+        self.plans = plan_experts(run_cfg, self.family, self.boundary)
+        if not self.plans:
+            raise TrainingError(f"[model] min_t..max_t = {run_cfg.model.min_t}..{run_cfg.model.max_t} meets no "
+                                f"expert of {self.family.title}.", "Widen min_t / max_t (0 and 1 train all).")
         self.fingerprint = dataset.fingerprint
         self.step = 0
         self.position = (0, 0)  # (step, this rank's micro-batch index at that step)
-        self.trainable: TrainableTransformer | None = None
+        self.slots: list[ExpertSlot] = []
+        self.active: ExpertSlot | None = None  # the expert of the current step
+
+    @property
+    def trainable(self) -> TrainableTransformer:
+        """The first trained expert's LoRA transformer (Wan 2.1's only one)."""
+        return self.slots[0].trainable
 
     # ---- setup
-    def build(self, transformer: torch.nn.Module, state: TrainingState | None) -> None:
-        self.trainable = prepare_transformer(transformer, self.cfg, self.device)
-        for note in self.trainable.notes:
-            self.events.log(note)
-        if state is not None:
-            self._load_lora(state.lora)
-        elif self.cfg.adapter.init_from_existing:
-            self._init_from_existing(self.cfg.base_dir / Path(self.cfg.adapter.init_from_existing).expanduser())
-        optimizer, note = build_optimizer(self.trainable.parameters, self.cfg.optimizer, self.device)
-        self.events.log(note)
-        if state is not None:
-            try:
-                notes = resume_optimizer(optimizer, self.cfg.optimizer, state.optimizer, state.info.get("optimizer"))
-            except ValueError as err:
-                raise TrainingError(str(err), "Set [optimizer] type back to resume, or start a new run.") from err
-            for note in notes:
+    def build(self, transformers: torch.nn.Module | list[torch.nn.Module], state: TrainingState | None) -> None:
+        """Wrap each planned expert's transformer (in `plans` order) with its LoRA, optimizer and stepper."""
+        transformers = transformers if isinstance(transformers, list) else [transformers]
+        several = len(self.family.experts) > 1
+        for plan, transformer in zip(self.plans, transformers, strict=True):
+            trainable = prepare_transformer(transformer, self.cfg, self.device)
+            slot = ExpertSlot(plan, trainable, prefix=f"{plan.expert.name}." if several else "")
+            if len(self.plans) > 1:
+                slot.parking = ModelParking(trainable.module, self.device, trainable.block_swapper)
+                slot.parking.park()  # the next expert needs the GPU memory; activate() brings it back
+            self.slots.append(slot)
+            for note in trainable.notes:
+                self.events.log(f"{plan.expert.label}: {note}" if several else note)
+        if several:
+            trained = " and ".join(f"{p.expert.label} on t in [{p.t_range[0]:g}, {p.t_range[1]:g}) at lr {p.lr:g}"
+                                   for p in self.plans)
+            self.events.log(f"{self.family.title}: training the {trained}; boundary {self.boundary:g}."
+                            + (" The inactive expert waits in CPU memory." if len(self.plans) > 1 else ""))
+        if state is not None and set(self._trained_parameters()) != set(state.lora):
+            raise TrainingError("The saved training state does not match this run's LoRA (rank, target modules or "
+                                "trained experts changed).",
+                                "Resume with the settings the run started with, or start a new run.")
+        optimizers = (state.optimizer if several else {"": state.optimizer}) if state is not None else {}
+        init_from = self.cfg.adapter.init_from_existing
+        for index, slot in enumerate(self.slots):
+            activate(self.slots, index)  # each expert's LoRA is set up on the GPU it trains on
+            if state is not None:
+                self._load_lora(slot, state.lora)
+            elif init_from:
+                path = self.cfg.base_dir / Path(init_from).expanduser()
+                self._init_expert_from(slot, path / self.family.lora_file_name(slot.plan.expert) if several
+                                       else path)
+            optimizer_cfg = dataclasses.replace(self.cfg.optimizer, lr=slot.plan.lr)
+            slot.optimizer, note = build_optimizer(slot.trainable.parameters, optimizer_cfg, self.device)
+            if slot is self.slots[0]:
                 self.events.log(note)
+            if self.world.distributed:
+                slot.stepper = DeepSpeedStepper(slot.optimizer, slot.trainable.parameters, self.accumulation,
+                                                self.cfg.gradient_clipping, self.cfg.micro_batch_size_per_gpu)
+            else:
+                slot.stepper = LocalStepper(slot.optimizer, slot.trainable.parameters, self.accumulation,
+                                            self.cfg.gradient_clipping)
+            if state is not None:
+                records = state.info.get("optimizer") or {}
+                record = records.get(slot.name) if several else records
+                try:
+                    notes = resume_optimizer(slot.optimizer, optimizer_cfg, optimizers[slot.name if several else ""],
+                                             record or None)
+                except ValueError as err:
+                    raise TrainingError(str(err), "Set [optimizer] type back to resume, or start a new run.") from err
+                for note in notes:
+                    self.events.log(note)
+            if slot.parking is not None:
+                slot.parking.optimizer = slot.optimizer
+        if state is not None:
             restore_rng_state(state.rng)
             self.step = state.step
             # The data position is global: on another GPU count each rank starts at its share of it.
             self.position = (state.step, state.global_micro_batches // self.world.world_size)
-        self.optimizer = optimizer
         if self.world.distributed:
             self.events.log(f"Data parallel over {self.world.world_size} ranks through DeepSpeed (ZeRO stage 0): "
                             "gradients averaged every step, rank 0 writes the files.")
-            self.stepper = DeepSpeedStepper(optimizer, self.trainable.parameters, self.accumulation,
-                                            self.cfg.gradient_clipping, self.cfg.micro_batch_size_per_gpu)
-        else:
-            self.stepper = LocalStepper(optimizer, self.trainable.parameters, self.accumulation,
-                                        self.cfg.gradient_clipping)
 
-    def _load_lora(self, lora: dict[str, torch.Tensor]) -> None:
-        named = dict(self.trainable.module.named_parameters())
-        missing = [name for name in named if named[name].requires_grad and name not in lora]
-        if missing or any(name not in named for name in lora):
-            raise TrainingError("The saved training state does not match this run's LoRA (rank or target modules "
-                                "changed).", "Resume with the settings the run started with, or start a new run.")
+    def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every expert's LoRA parameters under their resume-state names."""
+        return {slot.prefix + name: p for slot in self.slots
+                for name, p in slot.trainable.module.named_parameters() if p.requires_grad}
+
+    def _load_lora(self, slot: ExpertSlot, lora: dict[str, torch.Tensor]) -> None:
+        """One expert's LoRA weights from a resume state (keys carry the slot's prefix)."""
         with torch.no_grad():
-            for name, tensor in lora.items():
-                named[name].copy_(tensor.to(named[name].device))
+            for name, p in slot.trainable.module.named_parameters():
+                if p.requires_grad:
+                    p.copy_(lora[slot.prefix + name].to(p.device))
 
-    def _init_from_existing(self, path: Path) -> None:
-        """Start from an earlier LoRA file (any format engine.generate.lora_files reads), keeping its effective weights."""
+    def _init_expert_from(self, slot: ExpertSlot, path: Path) -> None:
         from peft import set_peft_model_state_dict
 
         from engine.generate.lora_files import LoraFileError, LoraMismatchError, check_keys_match_model, load_lora
 
         try:
             weights = load_lora(path)
-            check_keys_match_model(weights, self.trainable.module)
+            check_keys_match_model(weights, slot.trainable.module)
         except (LoraFileError, LoraMismatchError) as err:
             raise TrainingError(str(err), "Fix [adapter] init_from_existing or leave it out.") from err
         if weights.rank != self.cfg.adapter.rank:
@@ -133,9 +187,10 @@ class Trainer:
         our_scale = self.cfg.lora_alpha / self.cfg.adapter.rank
         state = {k: (v / our_scale if ".lora_B." in k else v).float()
                  for k, v in weights.to_diffusers_peft(prefix="").items()}  # alpha/rank of the file baked in
-        result = set_peft_model_state_dict(self.trainable.module, state)
+        result = set_peft_model_state_dict(slot.trainable.module, state)
         if getattr(result, "unexpected_keys", None):
-            raise TrainingError(f"{path}: keys not in this LoRA: {result.unexpected_keys[:3]}", "Use a Wan 2.1 LoRA.")
+            raise TrainingError(f"{path}: keys not in this LoRA: {result.unexpected_keys[:3]}",
+                                f"Use a {self.family.title} LoRA.")
         self.events.log(f"LoRA initialised from {path} ({len(weights.modules)} modules).")
 
     # ---- the loop
@@ -156,10 +211,11 @@ class Trainer:
             if self.step % self.cfg.steps_per_print == 0 or self.step >= self.max_steps:
                 self.events.emit(StepEvent(
                     step=self.step, max_steps=self.max_steps, epoch=epoch_before, loss=loss,
-                    lr=self.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
+                    lr=self.active.optimizer.param_groups[0]["lr"], steps_per_s=steps_per_s,
                     eta_s=(self.max_steps - self.step) / steps_per_s if steps_per_s else 0.0,
                     gpu_mem_gib=(torch.cuda.max_memory_allocated(self.device) / 2**30
-                                 if self.device.type == "cuda" else None)))
+                                 if self.device.type == "cuda" else None),
+                    expert=self.active.name if len(self.family.experts) > 1 else None))
             finished_epoch = epoch_before if self._epoch_of_next_batch() > epoch_before else None
             last = self.step >= self.max_steps
             self._save_outputs(finished_epoch, last)
@@ -186,9 +242,10 @@ class Trainer:
         return start_index + (self.step - start_step) * self.accumulation + micro
 
     def _train_step(self) -> float:
-        lr = learning_rate(self.step, lr=self.cfg.optimizer.lr, warmup_steps=self.cfg.warmup_steps,
+        self.active = activate(self.slots, choose_expert(self.plans, self.timesteps, self.seed, self.step))
+        lr = learning_rate(self.step, lr=self.active.plan.lr, warmup_steps=self.cfg.warmup_steps,
                            schedule_steps=self.schedule_steps, schedule=self.cfg.lr_scheduler)
-        for group in self.optimizer.param_groups:
+        for group in self.active.optimizer.param_groups:
             group["lr"] = lr
         losses = []
         for micro in range(self.accumulation):
@@ -197,13 +254,14 @@ class Trainer:
             batch = stack_items([self.dataset.load(self.dataset.items[i]) for i in indices], self.device)
             generator = micro_batch_generator(self.seed, self.stream.global_index(local_index))
             try:
-                loss = flow_matching_loss(self.trainable.module, batch, timesteps_cfg=self.timesteps,
-                                          generator=generator, autocast_dtype=compute_dtype(self.cfg, self.device))
-                self.stepper.backward(loss)
+                loss = flow_matching_loss(self.active.trainable.module, batch, timesteps_cfg=self.timesteps,
+                                          generator=generator, autocast_dtype=compute_dtype(self.cfg, self.device),
+                                          t_range=self.active.plan.t_range)
+                self.active.stepper.backward(loss)
             except torch.OutOfMemoryError as err:
                 raise TrainingError(f"CUDA out of memory at step {self.step + 1}: {str(err).splitlines()[0]}",
                                     memory_hint(self.cfg, self.dataset.items[indices[0]].bucket)) from err
-            self.stepper.micro_step(boundary=micro == self.accumulation - 1)
+            self.active.stepper.micro_step(boundary=micro == self.accumulation - 1)
             losses.append(float(loss.detach()))
         return all_ranks_mean(sum(losses) / len(losses), self.world, self.device)
 
@@ -230,41 +288,71 @@ class Trainer:
             self._render_sample(finished_epoch)
 
     def _save_lora(self, folder: Path, epoch: int) -> None:
+        """One LoRA file per trained expert in `folder`, named as families.lora_file_name says."""
+        if self.world.is_main:
+            with self._lora_resident():
+                self._write_loras(folder, epoch, torch_dtype(self.cfg.lora_save_dtype))
+        barrier(self.world)
+
+    @contextlib.contextmanager
+    def _lora_resident(self) -> Iterator[None]:
+        """Every expert's LoRA and optimizer state on its device while they are saved (parked experts too)."""
+        with contextlib.ExitStack() as stack:
+            for slot in self.slots:
+                if slot.parking is not None:
+                    stack.enter_context(slot.parking.live_resident())
+            yield
+
+    def _write_loras(self, folder: Path, epoch: int, dtype: torch.dtype) -> None:
         from engine.generate.lora_files import save_lora
 
-        if self.world.is_main:
-            dtype = torch_dtype(self.cfg.lora_save_dtype)
-            state = {k: v.detach().to("cpu", dtype) for k, v in self.trainable.lora_state_dict().items()}
+        for slot in self.slots:
+            state = {k: v.detach().to("cpu", dtype) for k, v in slot.trainable.lora_state_dict().items()}
+            expert = {"expert": slot.name, "t_range": list(slot.plan.t_range)} if slot.prefix else {}
             path = _writing(lambda: save_lora(
                 state, folder, rank=self.cfg.adapter.rank, alpha=self.cfg.lora_alpha,
-                metadata={"base_model": self.cfg.model.ckpt_path, "rank": self.cfg.adapter.rank,
-                          "alpha": self.cfg.lora_alpha, "steps": self.step, "epoch": epoch,
-                          "dataset_fingerprint": self.fingerprint, "seed": self.seed,
-                          "trainer": "wan-lora-studio engine.training"}), folder)
-            self.events.emit(SaveEvent(kind="lora", epoch=epoch, step=self.step, path=str(path)))
-        barrier(self.world)
+                file_name=self.family.lora_file_name(slot.plan.expert),
+                metadata={"base_model": self.cfg.model.ckpt_path, "model_family": self.family.key,
+                          "rank": self.cfg.adapter.rank, "alpha": self.cfg.lora_alpha, "steps": self.step,
+                          "epoch": epoch, "dataset_fingerprint": self.fingerprint, "seed": self.seed,
+                          "trainer": "wan-lora-studio engine.training", **expert}), folder)
+            self.events.emit(SaveEvent(kind="lora", epoch=epoch, step=self.step, path=str(path),
+                                       expert=slot.name if slot.prefix else None))
 
     def _save_state(self) -> None:
         if self.world.is_main:
-            state = TrainingState(
-                step=self.step, epoch=self._epoch_of_next_batch(),
-                global_micro_batches=self._local_index(0) * self.world.world_size,
-                lora={name: p.detach().float() for name, p in self.trainable.module.named_parameters()
-                      if p.requires_grad},
-                optimizer=self.optimizer.state_dict(), rng=capture_rng_state(),
-                info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
-                      "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
-                      "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
-                      "dataset_fingerprint": self.fingerprint,
-                      "optimizer": optimizer_record(self.optimizer, self.cfg.optimizer)})
-            path = _writing(lambda: save_training_state(self.layout.state_root, state, keep=STATES_KEPT),
-                            self.layout.state_root)
-            self.events.emit(SaveEvent(kind="state", epoch=state.epoch, step=self.step, path=str(path)))
+            with self._lora_resident():
+                self._write_state()
         barrier(self.world)
+
+    def _write_state(self) -> None:
+        several = len(self.family.experts) > 1
+        optimizer = ({slot.name: slot.optimizer.state_dict() for slot in self.slots} if several
+                     else self.slots[0].optimizer.state_dict())
+        state = TrainingState(
+            step=self.step, epoch=self._epoch_of_next_batch(),
+            global_micro_batches=self._local_index(0) * self.world.world_size,
+            lora={name: p.detach().float() for name, p in self._trained_parameters().items()},
+            optimizer=optimizer, rng=capture_rng_state(),
+            info={"seed": self.seed, "world_size": self.world.world_size, "accumulation": self.accumulation,
+                  "micro_batch_size": self.cfg.micro_batch_size_per_gpu, "max_steps": self.max_steps,
+                  "lr_scheduler": self.cfg.lr_scheduler, "warmup_steps": self.cfg.warmup_steps,
+                  "dataset_fingerprint": self.fingerprint, "model_family": self.family.key,
+                  "experts": [slot.name for slot in self.slots],
+                  "optimizer": {slot.name: optimizer_record(slot.optimizer, dataclasses.replace(
+                      self.cfg.optimizer, lr=slot.plan.lr)) for slot in self.slots} if several
+                  else optimizer_record(self.slots[0].optimizer, self.cfg.optimizer)})
+        path = _writing(lambda: save_training_state(self.layout.state_root, state, keep=STATES_KEPT),
+                        self.layout.state_root)
+        self.events.emit(SaveEvent(kind="state", epoch=state.epoch, step=self.step, path=str(path)))
 
     def _render_sample(self, epoch: int) -> None:
         if self.world.is_main:
-            path = render_training_sample(self.cfg, self.dataset, self.trainable.module, self.layout, epoch)
+            for slot in self.slots:
+                if slot.parking is not None:
+                    slot.parking.unpark()
+            path = render_training_sample(self.cfg, self.dataset, {
+                slot.plan.expert.subfolder: slot.trainable.module for slot in self.slots}, self.layout, epoch)
             self.events.emit(SampleEvent(epoch=epoch, step=self.step, path=str(path)))
         barrier(self.world)
 
@@ -307,8 +395,10 @@ def memory_hint(run_cfg, bucket: Sequence[int]) -> str:
     return "Try: " + "; ".join(hints) + "."
 
 
-def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, layout: RunLayout, epoch: int) -> Path:
-    """Render the configured sample with the in-memory LoRA transformer (engine.generate restores its train mode)."""
+def render_training_sample(run_cfg, dataset, transformers: dict[str, torch.nn.Module], layout: RunLayout,
+                           epoch: int) -> Path:
+    """Render the configured sample with the in-memory LoRA transformers ({pipeline component: module}; an expert
+    not trained comes from the model folder); engine.generate restores their train mode."""
     from engine.generate.render import sample_with_transformer
     from engine.generate.request import GenerationRequest
 
@@ -320,7 +410,7 @@ def render_training_sample(run_cfg, dataset, transformer: torch.nn.Module, layou
     prompt = samples.prompt or first.caption
     request = GenerationRequest(image=image, prompt=prompt, seed=run_cfg.studio.seed, steps=samples.steps,
                                 guidance=samples.guidance_scale, frames=samples.frames, height=height, width=width)
-    return sample_with_transformer(run_cfg.model.ckpt_path, transformer, request,
+    return sample_with_transformer(run_cfg.model.ckpt_path, transformers, request,
                                    layout.sample_file(epoch))
 
 

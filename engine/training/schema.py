@@ -95,7 +95,8 @@ _LOSS = "the studio trains with the mean squared error"
 _MONITORING = "the studio logs to metrics.jsonl and TensorBoard (tb/), not to Weights & Biases"
 _CAPTIONS = "the studio trains each caption as written in clip.txt, without prefix or tag shuffling"
 _MASKS = "the studio trains without loss masks or control videos"
-_SINGLE_FILES = "the studio loads the transformer and UMT5 from the diffusers folder in ckpt_path, not single files"
+_SINGLE_FILES = ("the studio loads the transformer(s) and UMT5 from the diffusers folder in ckpt_path, not single "
+                 "files (Wan 2.2: the experts trained follow from min_t / max_t)")
 
 
 @dataclass
@@ -125,9 +126,10 @@ class _Section:
 class ModelConfig(_Section):
     """`[model]`: which base model and how its weights are held in memory."""
 
-    type: str = _f("wan", "Model family. Only 'wan' (Wan 2.1 I2V) is supported.", choices=("wan",), required=True)
-    ckpt_path: str = _f("", "Diffusers Wan 2.1 I2V pipeline folder or hub id (e.g. "
-                            "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers).", required=True)
+    type: str = _f("wan", "Model type: 'wan' (Wan 2.1 I2V 14B or Wan 2.2 I2V A14B, told apart by the folder).",
+                   choices=("wan",), required=True)
+    ckpt_path: str = _f("", "Diffusers Wan I2V pipeline folder or hub id: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, or "
+                            "Wan-AI/Wan2.2-I2V-A14B-Diffusers (two experts: a LoRA for each).", required=True)
     dtype: str = _f("bfloat16", "Dtype of the non-transformer parts and of computation. bfloat16 on a GPU; float32 "
                                 "for CPU runs.", choices=DTYPES, required=True)
     transformer_dtype: str = _f("bfloat16", "Storage of the frozen transformer weights. 'float8' halves their memory "
@@ -138,6 +140,11 @@ class ModelConfig(_Section):
                                      choices=("logit_normal", "uniform"))
     shift: float = _f(1.0, "Shift s of the sampled t: t' = t*s/(1+(s-1)t). 1 = none; >1 trains noisier steps.",
                       minimum=0.01, maximum=100.0)
+    min_t: float = _f(0.0, "Lowest noise level t trained (0..1, applied after the shift, as diffusion-pipe). Wan 2.2: "
+                           "min_t = the boundary (0.9) trains the high-noise expert alone.", minimum=0.0, maximum=1.0)
+    max_t: float = _f(1.0, "Highest noise level t trained (0..1). Wan 2.2: max_t = the boundary (0.9) trains the "
+                           "low-noise expert alone; 0..1 trains both, each t by the expert that owns it.",
+                      minimum=0.0, maximum=1.0)
 
     @property
     def float8(self) -> bool:
@@ -147,8 +154,6 @@ class ModelConfig(_Section):
     KEPT: ClassVar[dict[str, Kept]] = {
         "transformer_path": Kept(str, _SINGLE_FILES),
         "llm_path": Kept(str, _SINGLE_FILES),
-        "min_t": Kept(float, "the studio draws t over the whole range 0..1"),
-        "max_t": Kept(float, "the studio draws t over the whole range 0..1"),
         "sigmoid_scale": Kept(float, "the studio's logit-normal t has scale 1"),
         "flux_shift": Kept(bool, "the studio shifts t by [model] shift only"),
         "cache_text_embeddings": Kept(bool, "the studio always caches the text embeddings"),
@@ -248,6 +253,10 @@ class StudioConfig(_Section):
     overlapping_clips: bool = _f(False, "With video_clip_mode = 'single_beginning': cut a clip longer than its frame "
                                         "bucket into overlapping windows covering all of it (the first is "
                                         "diffusion-pipe's clip).")
+    high_noise_lr: float | None = _f(None, "Wan 2.2: learning rate of the high-noise expert's LoRA; unset = "
+                                           "[optimizer] lr.", minimum=0.0, maximum=1.0)
+    low_noise_lr: float | None = _f(None, "Wan 2.2: learning rate of the low-noise expert's LoRA; unset = "
+                                          "[optimizer] lr.", minimum=0.0, maximum=1.0)
     state_every_n_steps: int | None = _f(None, "Save the full resume state every N optimizer steps (in addition "
                                                "to checkpoint_every_n_*); unset = off.", minimum=1)
     samples: SamplesConfig = _f(help="Samples while training.", factory=SamplesConfig)

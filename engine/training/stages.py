@@ -57,7 +57,8 @@ def validate(run_cfg, dataset_cfg, events: EventLog):
     try:
         check_wan_folder(run_cfg.model.ckpt_path)
     except ModelFolderError as err:
-        raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V folder.") from err
+        raise TrainingError(str(err), "Set [model] ckpt_path to a diffusers Wan 2.1 I2V or Wan 2.2 I2V A14B "
+                                      "folder.") from err
     report = scan_dataset(dataset_cfg, video_clip_mode=run_cfg.clip_mode)
     for warning in report.warnings:
         events.log(f"Dataset warning: {warning.file}: {warning.message}")
@@ -136,9 +137,10 @@ def train(config_path: str | Path, *, resume: bool = False, should_stop: Callabl
                        f"over {world.world_size} ranks: up to {world.world_size - 1} micro-batches are repeated.")
         from engine.core.models import load_wan_transformer
 
-        transformer = load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device))
+        transformers = [load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device),
+                                             expert=plan.expert.name) for plan in trainer.plans]
         try:
-            trainer.build(transformer, state)
+            trainer.build(transformers, state)
         except torch.OutOfMemoryError as err:
             raise TrainingError(f"CUDA out of memory while placing the model on {device}: {str(err).splitlines()[0]}",
                                 memory_hint(run_cfg, dataset.items[0].bucket)) from err

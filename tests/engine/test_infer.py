@@ -566,7 +566,8 @@ def test_sample_with_transformer_uses_the_in_memory_lora(tiny_models, image_path
     transformer = load_wan_transformer(tiny_models.wan, torch.float32)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=PEFT_TARGET_MODULES))
     transformer.train()
-    out = sample_with_transformer(tiny_models.wan, transformer, request(image_path), tmp_path / "sample.mp4")
+    out = sample_with_transformer(tiny_models.wan, {"transformer": transformer}, request(image_path),
+                                  tmp_path / "sample.mp4")
     assert video_frames(out).shape == (9, 16, 32, 3)
     assert transformer.training  # mode given back to the trainer
     assert read_sidecar(out)["lora_source"].startswith("in-memory")

@@ -118,7 +118,8 @@ def build_trainer(run_toml: Path):
     dataset = cache(run_cfg, dataset_cfg, report, layout, world, device, events, lambda: False)
     trainer = Trainer(run_cfg, dataset, world=world, device=device, events=events, should_stop=lambda: False,
                       layout=layout)
-    trainer.build(load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device)), None)
+    trainer.build([load_wan_transformer(run_cfg.model.ckpt_path, storage_dtype(run_cfg, device),
+                                        expert=plan.expert.name) for plan in trainer.plans], None)
     return trainer
 
 
