@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         app.launch(server_name=args.host, server_port=args.port, share=True, allowed_paths=[str(project.root)],
                    show_error=True, css_paths=[ASSETS / "studio.css"], app_kwargs={"middleware": [host_check(hosts)]})
     else:
-        serve(app, args.host, args.port, hosts, allowed_paths=[str(project.root)], css_paths=[ASSETS / "studio.css"])
+        try:
+            serve(app, args.host, args.port, hosts, allowed_paths=[str(project.root)],
+                  css_paths=[ASSETS / "studio.css"])
+        except OSError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -77,7 +77,7 @@ def serve(app: gr.Blocks, host: str, port: int, hosts: list[str], *, allowed_pat
 
     Not Blocks.launch: its start-up checks give up after a few seconds (a 5 s wait for the server thread, 3 s
     requests to itself), so a launch on a busy machine (load average 13) aborted. uvicorn here waits as long as
-    start-up takes.
+    start-up takes. Raises OSError naming the address when it cannot be bound (e.g. the port is in use).
     """
     import uvicorn
     from fastapi import FastAPI
@@ -85,5 +85,13 @@ def serve(app: gr.Blocks, host: str, port: int, hosts: list[str], *, allowed_pat
     server = FastAPI(middleware=[host_check(hosts)])
     server = gr.mount_gradio_app(server, app, path="/", server_name=host, server_port=port,
                                  allowed_paths=allowed_paths, show_error=True, css_paths=css_paths)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host or "0.0.0.0", port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"Cannot serve on {host}:{port} ({err.strerror}): another program uses that port; choose "
+                      "another with --port.") from err
     print(f"Wan LoRA Studio on http://{'127.0.0.1' if host in ALL_INTERFACES else host}:{port}/", flush=True)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(server, log_level="warning")).run(sockets=[sock])

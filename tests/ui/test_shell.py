@@ -69,3 +69,23 @@ def test_a_launch_that_gets_no_cpu_for_seconds_still_comes_up(demo_home):
     finally:
         studio.terminate()
         studio.wait(30)
+
+
+def test_a_taken_port_is_named(demo_home):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.ui.conftest import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "WAN_STUDIO_HOME": str(demo_home), "GRADIO_ANALYTICS_ENABLED": "False"}
+        result = subprocess.run([sys.executable, "launch.py", "--port", str(port)], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"Cannot serve on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "Wan LoRA Studio on http" not in result.stdout  # no address is announced that does not answer
