@@ -8,8 +8,10 @@ log, engine.jobs) and to runs/<run>/metrics.jsonl. Each line is `{"event": <kind
     progress  phase, fraction, message caching progress: fraction 0..1 of the clips
     step      step, max_steps, epoch,  an optimizer step (every steps_per_print and the last): loss averaged over
               loss, lr, steps_per_s,   ranks and micro-batches, lr after warmup/schedule, steps_per_s since this
-              eta_s, gpu_mem_gib       process started, eta_s in seconds, peak GPU memory in GiB (null on the CPU)
-    save      kind, epoch, step, path  kind "lora" (epochN/ or stepS/ adapter) or "state" (state/stepS/, to resume)
+              eta_s, gpu_mem_gib,      process started, eta_s in seconds, peak GPU memory in GiB (null on the CPU),
+              expert                   Wan 2.2: the expert the step trained, high_noise | low_noise (else null)
+    save      kind, epoch, step, path, kind "lora" (epochN/ or stepS/ adapter) or "state" (state/stepS/, to resume);
+              expert                   Wan 2.2: the expert a LoRA file belongs to (else null)
     sample    epoch, step, path        a sample video rendered with the LoRA in memory
     error     message, hint, rank      what went wrong and what to do; rank only under a multi-GPU launcher
 

@@ -31,8 +31,9 @@ EXAMPLES = [
     LogEvent(time=2.0, message="Optimizer 'adamw_optimi' is torch AdamW."),
     ProgressEvent(time=3.0, phase="cache", fraction=0.25, message="1 of 4 items (1 files encoded)"),
     StepEvent(time=4.0, step=3, max_steps=6, epoch=2, loss=0.125, lr=5e-4, steps_per_s=1.5, eta_s=2.0,
-              gpu_mem_gib=19.6),
-    SaveEvent(time=5.0, kind="lora", epoch=2, step=3, path="/runs/r/epoch2/adapter_model.safetensors"),
+              gpu_mem_gib=19.6, expert="high_noise"),
+    SaveEvent(time=5.0, kind="lora", epoch=2, step=3, path="/runs/r/epoch2/high_noise_model.safetensors",
+              expert="high_noise"),
     SampleEvent(time=6.0, epoch=2, step=3, path="samples/epoch2.mp4"),
     ErrorEvent(time=7.0, message="The disk is full: could not write /runs/r/state.", hint="Free some space.", rank=1),
 ]
