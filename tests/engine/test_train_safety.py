@@ -123,9 +123,11 @@ def test_a_second_trainer_on_the_run_or_the_gpu_is_refused(train_project, tmp_pa
     first = run_cli(["--config", str(run_toml)], env=home)
     try:
         first_step(first)
-        message = refusal(run_cli(["--config", str(run_toml), "--resume"], env=home))
+        same_run = run_cli(["--config", str(run_toml), "--resume"], env=home)
+        same_gpu = run_cli(["--config", str(other_toml)], env=home)  # both start at once: start-up is the slow part
+        message = refusal(same_run)
         assert str(run_toml.parent) in message and f"pid {first.pid}" in message
-        message = refusal(run_cli(["--config", str(other_toml)], env=home))
+        message = refusal(same_gpu)
         assert "training run 'one trainer' is using the GPU" in message and f"pid {first.pid}" in message
     finally:
         first.send_signal(signal.SIGTERM)
