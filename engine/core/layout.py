@@ -44,12 +44,15 @@ def list_videos(folder: Path) -> list[Path]:
                   if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file())
 
 
+MAX_NAME_BYTES = 200  # file systems allow 255; an atomic write's temporary name adds up to ~30 (engine.core.files)
+
+
 def checked_name(name: str, what: str) -> str:
     """`name` unchanged if it can be one file or folder name inside a project folder, else ValueError saying why.
 
     Every name that comes from a person or a browser (run, upload, clip, output names) passes here before it becomes a
     path, so none can point outside its folder. Spaces, quotes and non-ASCII characters are fine; a path separator,
-    '.' or '..', a leading '.' (hidden and in-progress files), control characters or over 255 bytes are not.
+    '.' or '..', a leading '.' (hidden and in-progress files), control characters or over MAX_NAME_BYTES are not.
     """
     problem = None
     if not isinstance(name, str) or not name.strip():
@@ -60,8 +63,8 @@ def checked_name(name: str, what: str) -> str:
         problem = "starts with '.' (hidden files, and '..' would leave the folder)"
     elif any(ord(c) < 32 or ord(c) == 127 for c in name):
         problem = "holds a control character"
-    elif len(name.encode("utf-8")) > 255:
-        problem = "is longer than 255 bytes"
+    elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        problem = f"is longer than {MAX_NAME_BYTES} bytes"
     elif name != name.strip():
         problem = "starts or ends with a space"
     if problem:
