@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from engine.core.hardware import describe_device
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--project", help="project folder (created if missing); default: the demo project")
-    parser.add_argument("--model", help="Wan 2.1 I2V diffusers folder or hub id; default: the tiny demo model")
+    parser.add_argument("--model", help="Wan 2.1 I2V 14B or Wan 2.2 I2V A14B diffusers folder or hub id (the family "
+                                        "is read from the folder); default: the project's, else the tiny demo model")
     parser.add_argument("--captioner", help="BLIP-2 folder or hub id; default: the tiny demo captioner")
     parser.add_argument("--video-captioner", help="Qwen2.5-VL folder or hub id for the Captions tab's video-language "
                                                   "captioner; default: the project's, else the tiny demo one")
@@ -45,8 +47,11 @@ def resolve(args: argparse.Namespace) -> tuple[Project, ModelChoice]:
     else:
         project, kits = ensure_demo_project()
     settings = project.settings()
+    wan = args.model or settings.wan_model or kits.wan
+    if args.model and args.model != settings.wan_model:  # the project remembers the model (and so the family)
+        project.save_settings(replace(settings, wan_model=args.model))
     models = ModelChoice(
-        wan=args.model or settings.wan_model or kits.wan,
+        wan=wan, wan22=kits.wan22 if kits else "",
         captioner=args.captioner or settings.captioner_model or kits.captioner,
         video_captioner=args.video_captioner or settings.video_captioner_model or kits.video_captioner,
     )

@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from engine.core.families import family_of
 from engine.core.layout import Project
 from engine.core.models import ModelChoice
 from engine.jobs import GpuBusyError, JobRunner
@@ -45,3 +46,18 @@ class AppContext:
             except GpuBusyError as err:
                 raise gr.Error(f"{err} (Stop it first, then unload.)") from err
             yield
+
+
+    def wan_model(self) -> str:
+        """The Wan folder (or hub id) this project trains and generates with: the project's choice, else the
+        studio's."""
+        return self.project.settings().wan_model or self.models.wan
+
+    def wan_models(self) -> dict[str, str]:
+        """A Wan folder per model family the studio knows (engine.core.families key -> folder), the project's own
+        choice winning over the studio's folder of the same family."""
+        folders: dict[str, str] = {}
+        for folder in (self.models.wan22, self.models.wan, self.project.settings().wan_model):
+            if folder:
+                folders[family_of(folder).key] = folder
+        return folders

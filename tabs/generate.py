@@ -16,6 +16,7 @@ from urllib.parse import quote
 import gradio as gr
 from gradio.context import Context
 
+from engine.core.families import Wan22I2V, family_of
 from engine.core.files import atomic_path, file_sha256, read_text
 from engine.core.layout import RunLayout, saved_lora_of
 from engine.core.models import ModelFolderError
@@ -41,7 +42,9 @@ from engine.generate.request import (
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
+    expand_lora_choice,
     lora_file,
+    lora_rows_of,
     open_image,
     output_size,
 )
@@ -63,11 +66,13 @@ SETTING_NAMES = {"cpu_offload": "CPU offload (under Memory)", "vae_tiling": "VAE
 
 
 def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
-    """The project's LoRAs: every run's epochs (newest run first), then uploaded files."""
+    """The project's LoRAs: every run's epochs (newest run first; a Wan 2.2 run's epoch is its pair of expert
+    files), then uploaded files."""
     choices = [NO_LORA]
     for run_dir in reversed(ctx.project.list_runs()):
         run = RunLayout(run_dir)
-        choices += [(f"{run.name} / {path.parent.name}", str(path)) for _, path in run.loras()]
+        choices += [(f"{run.name} / epoch{epoch}" + (" (high+low pair)" if path.is_dir() else ""), str(path))
+                    for epoch, path in run.loras()]
     uploads = ctx.project.loras_dir
     if uploads.is_dir():
         choices += [(f"uploaded / {p.name}", str(p)) for p in sorted(uploads.glob("*.safetensors"))]
@@ -75,10 +80,14 @@ def lora_choices(ctx: AppContext) -> list[tuple[str, str]]:
 
 
 def run_epochs(lora_path: str | None) -> list[tuple[str, str]]:
-    """The epochs of the run a LoRA belongs to (runs/<run>/epochN/ or stepS/adapter_model.safetensors), for epoch
-    sweeps; [] for a LoRA that is not a run's."""
-    saved = saved_lora_of(lora_path) if lora_path else None
-    return [(path.parent.name, str(path)) for _, path in saved[0].loras()] if saved else []
+    """The epochs of the run a LoRA belongs to (runs/<run>/epochN/ or stepS/adapter_model.safetensors, or a Wan 2.2
+    run's epochN pair folder), for epoch sweeps; [] for a LoRA that is not a run's."""
+    if not lora_path:
+        return []
+    path = Path(lora_path)
+    saved = saved_lora_of(path)
+    run = saved[0] if saved else RunLayout(path.parent) if path.is_dir() and path.name.startswith("epoch") else None
+    return [(f"epoch{epoch}", str(p)) for epoch, p in run.loras()] if run else []
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -92,6 +101,12 @@ def parse_strengths(text: str) -> list[float]:
     if bad:
         raise GenerationError(f"Sweep strengths {bad} are outside {STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
     return values
+
+
+def _lora_name(entry: dict) -> str:
+    """A sidecar LoRA entry's short name, with its expert unless the name says it (a pair's file does)."""
+    label, expert = lora_label(entry["path"]), entry.get("expert")
+    return f"{label} ({expert})" if expert and expert not in label else label
 
 
 def file_url(path: Path) -> str:
@@ -129,7 +144,11 @@ class GenerateTab:
 
     @property
     def model(self) -> str:
-        return self.ctx.project.settings().wan_model or self.ctx.models.wan
+        return self.ctx.wan_model()
+
+    @property
+    def two_experts(self) -> bool:
+        return len(family_of(self.model).experts) > 1
 
     def keep_image(self, image_path: str | None) -> str:
         """Copy the start image into outputs/inputs/ (named by content) so sidecars point at a file that stays."""
@@ -145,7 +164,8 @@ class GenerateTab:
 
     def read_form(self, data: dict) -> tuple[GenerationRequest, PipelineOptions]:
         """The form's values (passed by component, not by position) as a request and pipeline options."""
-        loras = [(data[path], float(data[strength])) for path, strength in self.lora_rows if data[path]]
+        loras = [entry for path, strength, low in self.lora_rows if data[path]
+                 for entry in expand_lora_choice(data[path], data[strength], data[low], self.two_experts)]
         seed = None if data[self.seed_mode] == "random" else int(data[self.seed] or 0)
         request = GenerationRequest(
             image=self.keep_image(data[self.image]), prompt=data[self.prompt] or "",
@@ -231,15 +251,20 @@ class GenerateTab:
                 self.height = gr.Number(value=0, precision=0, label="Height (0 = from image)")
                 self.width = gr.Number(value=0, precision=0, label="Width (0 = from image)")
         self.size_note = gr.Markdown(self.on_size_inputs(None, 0, 0, 0, 16), elem_id="generate-size")
-        gr.Markdown("**LoRAs** (strength -1 to 2; stacked LoRAs each keep their own strength)")
-        self.lora_rows: list[tuple[gr.Dropdown, gr.Slider]] = []
+        gr.Markdown("**LoRAs** (strength -1 to 2; stacked LoRAs each keep their own strength; with Wan 2.2 each "
+                    "expert's LoRA has its own strength: a pair's high-noise file at the first, its low-noise file at "
+                    "the second)")
+        self.lora_rows: list[tuple[gr.Dropdown, gr.Slider, gr.Slider]] = []
+        two = self.two_experts
         for i in range(MAX_LORAS):
             with gr.Row(visible=True):
                 choice = gr.Dropdown([NO_LORA], value="", label=f"LoRA {i + 1}", allow_custom_value=True,
                                      interactive=True, scale=3)
-                strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, label=f"Strength {i + 1}",
-                                     scale=2)
-            self.lora_rows.append((choice, strength))
+                strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, scale=2,
+                                     label=f"High-noise strength {i + 1}" if two else f"Strength {i + 1}")
+                low = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, scale=2, visible=two,
+                                label=f"Low-noise strength {i + 1}")
+            self.lora_rows.append((choice, strength, low))
         self.upload = gr.File(label="Add a LoRA file (.safetensors: diffusion-pipe/ComfyUI, diffusers or musubi)",
                               file_types=[".safetensors"], type="filepath", height=130)
         with gr.Accordion("Memory", open=False):
@@ -254,6 +279,8 @@ class GenerateTab:
         with gr.Accordion("Sweep", open=True):
             self.sweep_strengths = gr.Textbox(label="Sweep strengths (LoRA 1)",
                                               value=", ".join(f"{s:g}" for s in DEFAULT_SWEEP_STRENGTHS))
+            self.sweep_expert = gr.Radio([(e.label, e.name) for e in Wan22I2V.experts], value="high_noise",
+                                         label="Sweep the strength of (Wan 2.2)", visible=two)
             self.sweep_epochs = gr.CheckboxGroup([], label="Sweep epochs (of LoRA 1's run)")
             self.sweep = gr.Button("Run sweep")
 
@@ -292,6 +319,16 @@ class GenerateTab:
                 self.draft_strength,
                 *[c for row in self.lora_rows for c in row]}
 
+    def on_model_family(self):
+        """On page load: the strength sliders and the sweep choice of the project's model family (Wan 2.2: one
+        strength per expert)."""
+        two = self.two_experts
+        updates = []
+        for i, (_, strength, low) in enumerate(self.lora_rows):
+            updates += [gr.update(label=f"High-noise strength {i + 1}" if two else f"Strength {i + 1}"),
+                        gr.update(visible=two)]
+        return [*updates, gr.update(visible=two)]
+
     def refresh(self):
         choices = lora_choices(self.ctx)
         clips = [p.name for p in self.ctx.project.list_clips()]
@@ -329,10 +366,16 @@ class GenerateTab:
             strengths = parse_strengths(data[self.sweep_strengths])
             epochs = data[self.sweep_epochs] or None
             draft = self.read_draft(data)
+            swept = 0
+            if self.two_experts and request.loras:  # the chosen expert's entry of LoRA 1
+                expert = data[self.sweep_expert]
+                swept = next((i for i, entry in enumerate(request.loras) if entry[2:3] == (expert,)), 0)
+                epochs = [str(Path(e) / Wan22I2V.lora_file_name(Wan22I2V.expert(expert))) if Path(e).is_dir() else e
+                          for e in epochs or []] or None
             with self.ctx.gpu("generating a sweep"):
                 pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
                 result = render_sweep(pipe, request, self.ctx.project.outputs_dir, strengths=strengths,
-                                      lora_files=epochs, model=options.model, draft=draft,
+                                      lora_files=epochs, model=options.model, draft=draft, swept=swept,
                                       name="draft-sweep" if draft else None,
                                       on_progress=lambda f, m: progress(f, desc=m),
                                       should_stop=self.stop_requested.is_set)
@@ -360,7 +403,7 @@ class GenerateTab:
     @staticmethod
     def describe(sidecar: dict) -> str:
         request, scheduler = sidecar["request"], sidecar.get("scheduler", {})
-        loras = ", ".join(f"{lora_label(e['path'])} @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
+        loras = ", ".join(f"{_lora_name(e)} @ {e['strength']:g}" for e in sidecar.get("loras", [])) or "none"
         lines = [f"**Seed** {request['seed']} · **size** {request['width']}x{request['height']} · "
                  f"**frames** {request['frames']} · **steps** {request['steps']} · "
                  f"**guidance** {request['guidance']} · **sampler** {request.get('scheduler', 'unipc')}, "
@@ -493,10 +536,11 @@ class GenerateTab:
                   self.width: request.width, self.fps: request.fps, self.scheduler: request.scheduler,
                   self.flow_shift: request.flow_shift or 0, self.draft: draft, self.status: status}
         choices = lora_choices(self.ctx)
-        for i, (choice, strength) in enumerate(self.lora_rows):
-            lora = request.loras[i] if i < len(request.loras) else ("", 1.0)
-            values[choice] = gr.update(choices=choices, value=lora[0])
-            values[strength] = lora[1]
+        rows = lora_rows_of(request.loras)
+        for i, (choice, strength, low) in enumerate(self.lora_rows):
+            path, high_value, low_value = rows[i] if i < len(rows) else ("", 1.0, 1.0)
+            values[choice] = gr.update(choices=choices, value=path)
+            values[strength], values[low] = high_value, low_value
         return values
 
     def on_export_comfy(self, path: str | None):
@@ -516,7 +560,9 @@ class GenerateTab:
         form = self.form_inputs()
         results = [self.video, self.details, self.seed, self.status, self.output_choice, self.model_status]
         self.generate.click(self.on_generate, form, results, concurrency_id="gpu", concurrency_limit=1)
-        self.sweep.click(self.on_sweep, form | {self.sweep_strengths, self.sweep_epochs},
+        Context.root_block.load(self.on_model_family, None,
+                                [*[c for row in self.lora_rows for c in row[1:]], self.sweep_expert])
+        self.sweep.click(self.on_sweep, form | {self.sweep_strengths, self.sweep_epochs, self.sweep_expert},
                          [self.grid, self.comparison, self.seed, self.details, self.status, self.output_choice,
                           self.model_status], concurrency_id="gpu", concurrency_limit=1)
         self.stop.click(self.on_stop, None, [self.status], concurrency_limit=None)

@@ -7,6 +7,7 @@ page reload or a studio restart picks a running or finished run up where it is.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from engine.core.families import FAMILIES, family_of
 from engine.core.files import TextFileError, atomic_path, read_text
 from engine.core.hardware import list_gpus
 from engine.core.layout import DATASET_TOML, RunLayout
@@ -150,10 +152,16 @@ class TrainTab:
 
     # building
     def build(self) -> None:
-        preset = recommended_preset(self.ctx.models.wan)
-        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.models.wan)
+        model = self.ctx.wan_model()
+        preset = recommended_preset(model)
+        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, model)
         gr.Markdown("Train a motion-style LoRA on this project's clips. Pick the preset for your GPU and press "
                     "**Train**; the settings below are optional.")
+        families = self.ctx.wan_models()
+        self.family = gr.Radio([(FAMILIES[key].title, key) for key in families], value=family_of(model).key,
+                               label="Model", elem_id="train-family",
+                               info="Wan 2.2 trains a LoRA for each of its experts (high-noise and low-noise) in "
+                                    "one run; the project remembers the choice.")
         with gr.Row():
             self.preset = gr.Dropdown(list(presets()), value=preset, label="Preset",
                                       info="Chosen for this machine: " + self.ctx.device_description)
@@ -241,6 +249,7 @@ class TrainTab:
         toml, draft = [self.run_toml, self.dataset_toml], self.draft
         serial = dict(concurrency_id=SETTINGS_QUEUE, concurrency_limit=1)
         self.preset.input(self.on_preset, [self.preset], [draft, *toml, *form, self.message], **serial)
+        self.family.input(self.on_family, [self.family, self.preset], [draft, *toml, *form, self.message], **serial)
         for target, fields in (("run", self.run_fields), ("dataset", self.dataset_fields)):
             for key, component in fields.items():
                 # every keystroke is applied, in order (each reads the draft the previous one wrote)
@@ -270,9 +279,19 @@ class TrainTab:
                 self.dataset_toml: dataset_text}
 
     def on_preset(self, preset: str) -> dict:
-        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.models.wan)
+        run_cfg, dataset_cfg = draft_configs(preset, self.project.clips_dir, self.ctx.wan_model())
         return {**self._show_draft(to_toml(run_cfg), to_toml(dataset_cfg)), **self._form_values(run_cfg, dataset_cfg),
                 self.message: f"Preset **{preset}**."}
+
+    def on_family(self, key: str, preset: str) -> dict:
+        """Switch the project to the family's model folder (saved in project.json) and redraft the preset."""
+        folder = self.ctx.wan_models()[key]
+        self.project.save_settings(dataclasses.replace(self.project.settings(), wan_model=folder))
+        family = family_of(folder)
+        experts = " and ".join(e.label for e in family.experts) if len(family.experts) > 1 else "its transformer"
+        return {**self.on_preset(preset),
+                self.message: f"Model **{family.title}** (`{folder}`): one run trains a LoRA for {experts}; preset "
+                              f"**{preset}**."}
 
     def on_field(self, target: str, key: str, value, draft: dict) -> dict:
         run_text, dataset_text = draft["run"], draft["dataset"]
@@ -314,7 +333,7 @@ class TrainTab:
                     notes.append(f"run settings from `{path.name}`")
                     model = run_cfg.model.ckpt_path
                     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-                        run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": self.ctx.models.wan})
+                        run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": self.ctx.wan_model()})
                         remarks.append(f"The file's model `{model}` is not on this machine: using this studio's model.")
             except ConfigError as err:
                 return {self.message: f"⚠️ Could not import `{path.name}`: {err}"}

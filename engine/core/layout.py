@@ -424,12 +424,20 @@ class RunLayout:
 
     # reading back
     def loras(self) -> list[tuple[int, Path]]:
-        """The LoRAs the run saved at the end of epochs, (epoch, epochN/adapter_model.safetensors), by epoch number."""
+        """The LoRAs the run saved at the end of epochs, by epoch number: (epoch, epochN/adapter_model.safetensors),
+        or for a Wan 2.2 run (epoch, epochN/), the folder holding its experts' files (engine.core.families)."""
+        from engine.core.families import Wan22I2V
+
+        pair_files = [Wan22I2V.lora_file_name(expert) for expert in Wan22I2V.experts]
         found = []
-        for path in self.root.glob(f"epoch*/{ADAPTER_FILE}"):
-            saved = saved_lora_of(path)
-            if saved and saved[1] == "epoch":
-                found.append((saved[2], path))
+        for folder in self.root.glob("epoch*"):
+            match = _SAVED_LORA_FOLDER.fullmatch(folder.name)
+            if not match or match[1] != "epoch":
+                continue
+            if (folder / ADAPTER_FILE).is_file():
+                found.append((int(match[2]), folder / ADAPTER_FILE))
+            elif any((folder / name).is_file() for name in pair_files):
+                found.append((int(match[2]), folder))
         return sorted(found)
 
 

@@ -83,6 +83,59 @@ class GenerationRequest:
         return cls(**values)
 
 
+def lora_expert(path: str | Path) -> str | None:
+    """The Wan 2.2 expert a LoRA file was trained for, from the metadata our trainer writes ('expert'), else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            expert = (handle.metadata() or {}).get("expert")
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return expert if expert in LORA_EXPERTS else None
+
+
+def expand_lora_choice(path: str | Path, strength: float, low_noise_strength: float,
+                       two_experts: bool) -> list[tuple]:
+    """The request entries of one LoRA choice at its strengths (high-noise `strength`, low-noise
+    `low_noise_strength`): a Wan 2.2 run's epoch folder gives its expert files, each at its expert's strength; a
+    file trained for one expert goes to that expert; any other file (or a Wan 2.1 run's epoch folder) goes to both
+    experts of a Wan 2.2 model (each at its strength) and, on Wan 2.1, to the transformer at `strength`."""
+    path = Path(path)
+    strengths = {"high_noise": float(strength), "low_noise": float(low_noise_strength)}
+    if path.is_dir():
+        files = [(path / Wan22I2V.lora_file_name(e), e.name) for e in Wan22I2V.experts]
+        found = [(str(f), strengths[name], name) for f, name in files if f.is_file()]
+        if found:
+            return found
+    expert = lora_expert(path) if path.is_file() else None
+    if expert:
+        return [(str(path), strengths[expert], expert)]
+    if two_experts:
+        return [(str(path), strengths[name], name) for name in LORA_EXPERTS]
+    return [(str(path), float(strength))]
+
+
+def lora_rows_of(loras: list[tuple]) -> list[tuple[str, float, float]]:
+    """Request entries back as the choices `expand_lora_choice` made them from: (file or pair folder, high-noise (or
+    only) strength, low-noise strength)."""
+    pair_names = {Wan22I2V.lora_file_name(e): e.name for e in Wan22I2V.experts}
+    rows: list[tuple[str, float, float]] = []
+    for path, strength, *expert in loras:
+        strength = float(strength)
+        if not expert:
+            rows.append((str(path), strength, 1.0))
+            continue
+        source = str(Path(path).parent) if pair_names.get(Path(path).name) == expert[0] else str(path)
+        if rows and rows[-1][0] == source and expert[0] == "low_noise":  # the pair's (or shared file's) second half
+            rows[-1] = (source, rows[-1][1], strength)
+        elif expert[0] == "low_noise":
+            rows.append((source, 1.0, strength))
+        else:
+            rows.append((source, strength, 1.0))
+    return rows
+
+
 def _multiple_of_16(value: float) -> int:
     return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.core.families import family_of
 from engine.core.hardware import GpuInfo, list_gpus
 from engine.core.models import wan_transformer_config
 from engine.training.form import apply_overrides
@@ -138,7 +139,8 @@ def dataset_presets() -> dict[str, dict[str, Any]]:
 def preset_configs(name: str, *, clips_dir: str | os.PathLike, output_dir: str | os.PathLike,
                    model_path: str | os.PathLike,
                    dataset_file: str = "dataset.toml") -> tuple[RunConfig, DatasetConfig]:
-    """A complete run + dataset config for a preset: train on `clips_dir`, write to `output_dir`.
+    """A complete run + dataset config for a preset: train on `clips_dir`, write to `output_dir`, with the model
+    family's training shift (engine.core.families: Wan 2.2 trains both experts, its noise levels as it samples them).
 
     `dataset_file` is stored as written in the run TOML (relative = beside the run TOML, as the studio saves them).
     For a project: `preset_configs(name, clips_dir=project.clips_dir, output_dir=project.run_dir(run),
@@ -148,7 +150,8 @@ def preset_configs(name: str, *, clips_dir: str | os.PathLike, output_dir: str |
         raise ConfigError(f"Unknown preset {name!r}; allowed values: {', '.join(_RUN_PRESETS)}.")
     run = RunConfig(output_dir=str(Path(output_dir)), dataset=dataset_file)
     run.model.ckpt_path = str(model_path)
-    run = apply_overrides(run, _RUN_PRESETS[name])
+    shift = family_of(model_path).training_shift  # Wan 2.2's presets train both experts with its sampling shift
+    run = apply_overrides(run, {**_RUN_PRESETS[name], **({"model.shift": shift} if shift != 1.0 else {})})
     dataset = DatasetConfig(directory=[DirectoryConfig(path=str(Path(clips_dir)))])
     dataset = apply_overrides(dataset, _DATASET_PRESETS[name])
     return run, dataset

@@ -48,7 +48,7 @@ class RunSummary:
     epoch: int | None = None
     final_loss: float | None = None
     duration_s: float | None = None
-    loras: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, adapter_model.safetensors)
+    loras: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, adapter_model.safetensors or pair folder)
     samples: list[tuple[int, Path]] = field(default_factory=list)  # (epoch, mp4)
 
 

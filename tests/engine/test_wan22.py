@@ -250,3 +250,37 @@ def test_comfyui_export_is_the_two_expert_graph(tiny_models, trained_pair, tmp_p
     # the pipeline itself switches at that step: timesteps before it are >= 900
     pipe.scheduler.set_timesteps(10)
     assert int((pipe.scheduler.timesteps >= 900).sum()) == split
+
+
+# ------------------------------------------------------------------------------------------------ presets and choices
+
+@pytest.mark.parametrize("preset", ["24 GB GPU (low memory)", "48 GB", "80 GB", "CPU demo (tiny model)"])
+def test_every_preset_trains_both_experts_of_22_with_its_shift(tiny_models, tmp_path, preset):
+    from engine.training.experts import plan_experts
+    from engine.training.presets import preset_configs
+
+    run22, _ = preset_configs(preset, clips_dir=tmp_path, output_dir=tmp_path / "r", model_path=tiny_models.wan22)
+    run21, _ = preset_configs(preset, clips_dir=tmp_path, output_dir=tmp_path / "r", model_path=tiny_models.wan)
+    assert run22.model.shift == Wan22I2V.training_shift == 5.0 and run21.model.shift == 1.0
+    plans = plan_experts(run22, Wan22I2V, 0.9)
+    assert [(p.expert.name, p.t_range) for p in plans] == [("high_noise", (0.9, 1.0)), ("low_noise", (0.0, 0.9))]
+
+
+def test_lora_choices_expand_to_entries_and_back(trained_pair, tiny_models, tmp_path):
+    from engine.core.layout import RunLayout
+    from engine.generate.lora_files import save_lora
+    from engine.generate.request import expand_lora_choice, lora_rows_of
+
+    epoch = trained_pair.parent / LAST_EPOCH
+    high, low = str(epoch / "high_noise_model.safetensors"), str(epoch / "low_noise_model.safetensors")
+    pair = expand_lora_choice(epoch, 1.5, 0.5, two_experts=True)
+    assert pair == [(high, 1.5, "high_noise"), (low, 0.5, "low_noise")]
+    assert expand_lora_choice(low, 1.5, 0.5, two_experts=True) == [(low, 0.5, "low_noise")]  # its metadata says
+    plain = save_lora({"blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 24),
+                       "blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 2)}, tmp_path / "plain", rank=2, alpha=2)
+    both = expand_lora_choice(plain, 1.0, 0.25, two_experts=True)
+    assert both == [(str(plain), 1.0, "high_noise"), (str(plain), 0.25, "low_noise")]
+    assert expand_lora_choice(plain, 0.75, 0.25, two_experts=False) == [(str(plain), 0.75)]
+    assert lora_rows_of([*pair, *both, (str(plain), 0.75)]) == [
+        (str(epoch), 1.5, 0.5), (str(plain), 1.0, 0.25), (str(plain), 0.75, 1.0)]
+    assert RunLayout(trained_pair.parent).loras()[-1] == (7, epoch)
