@@ -284,3 +284,27 @@ def test_lora_choices_expand_to_entries_and_back(trained_pair, tiny_models, tmp_
     assert lora_rows_of([*pair, *both, (str(plain), 0.75)]) == [
         (str(epoch), 1.5, 0.5), (str(plain), 1.0, 0.25), (str(plain), 0.75, 1.0)]
     assert RunLayout(trained_pair.parent).loras()[-1] == (7, epoch)
+
+
+def test_two_ranks_train_the_pair_as_one_rank_with_twice_the_accumulation(tiny_models, tmp_path_factory):
+    """Multi-GPU as for Wan 2.1: both ranks train the same expert at each step (a function of seed and step), each
+    expert's gradients are averaged by its own DeepSpeed engine, and the pair equals one rank's with accumulation 2."""
+    from engine.core.layout import Project
+    from tests.engine.test_distributed import _torchrun
+
+    project = Project.open(tmp_path_factory.mktemp("dist22") / "proj", wan_model=tiny_models.wan22)
+    write_clips(project.clips_dir, count=4)
+    settings = {"max_steps": 14, "epochs": 100, "optimizer.lr": 5e-3, "model.shift": 5.0, "save_dtype": "float32",
+                "save_every_n_epochs": 100, "checkpoint_every_n_epochs": None}
+    double = write_run(project, "two ranks", {**settings, "gradient_accumulation_steps": 1})
+    result = _torchrun(double)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = write_run(project, "one rank", {**settings, "gradient_accumulation_steps": 2})
+    assert build_trainer(single).run() == 0
+    experts = [e["expert"] for e in events_of(double, "step")]
+    assert experts == [e["expert"] for e in events_of(single, "step")] and set(experts) == {"high_noise", "low_noise"}
+    for name in ("high_noise_model.safetensors", "low_noise_model.safetensors"):
+        (one,), (two,) = (list(run.parent.glob(f"epoch*/{name}")) for run in (single, double))
+        expected, got = load_file(str(one)), load_file(str(two))
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
