@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.families import family_of
 from engine.core.layout import RunLayout
 from engine.training.config import _is_section, _section_fields, save_dataset_config, save_run_config
 from engine.training.schema import ADAMW_EQUIVALENTS, OPTIMIZER_TYPES, WAN_BLOCKS, DatasetConfig, RunConfig, _Section
@@ -94,10 +95,20 @@ def differences_in_diffusion_pipe(run: RunConfig) -> list[str]:
         out.append(f"blocks_to_swap = {run.blocks_to_swap}: diffusion-pipe swaps at most {WAN_BLOCKS - 2} of Wan 14B's "
                    f"{WAN_BLOCKS} blocks (models/wan/wan.py) and stops there.")
     ckpt = Path(run.model.ckpt_path).expanduser()
+    family = family_of(run.model.ckpt_path)
+    original = family.hub_id.removesuffix("-Diffusers")  # the original checkpoint diffusion-pipe reads
     if not ckpt.is_dir() or (ckpt / "model_index.json").exists():
         out.append(f"[model] ckpt_path = '{run.model.ckpt_path}' is a diffusers Wan folder or hub id: diffusion-pipe "
-                   "reads the original Wan checkpoint folder (e.g. Wan-AI/Wan2.1-I2V-14B-480P, downloaded): point "
-                   "ckpt_path there.")
+                   f"reads the original Wan checkpoint folder (e.g. {original}, downloaded): point ckpt_path there.")
+    if len(family.experts) > 1:
+        boundary = family.boundary(run.model.ckpt_path)
+        trained = [e for e in family.experts if max(e.t_range(boundary)[0], run.model.min_t)
+                   < min(e.t_range(boundary)[1], run.model.max_t)]
+        ranges = "; ".join(f"`transformer_path = '<{original}>/{e.name}_model'`, min_t = {e.t_range(boundary)[0]:g}, "
+                           f"max_t = {e.t_range(boundary)[1]:g}" for e in trained)
+        out.append(f"{family.title}: diffusion-pipe trains one expert per run, chosen by [model] transformer_path and "
+                   f"kept to its noise levels by min_t / max_t; this run trains {len(trained)} "
+                   f"({', '.join(e.name for e in trained)}): in diffusion-pipe run it once per expert with {ranges}.")
     return out
 
 

@@ -308,3 +308,24 @@ def test_two_ranks_train_the_pair_as_one_rank_with_twice_the_accumulation(tiny_m
         expected, got = load_file(str(one)), load_file(str(two))
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_diffusion_pipe_export_of_a_pair_run_says_one_run_per_expert(project22, tmp_path):
+    """min_t / max_t are diffusion-pipe's own keys, written and read back; the export names the per-expert runs
+    diffusion-pipe needs for what the studio trains in one."""
+    import tomllib
+
+    from engine.training.config import load_dataset_config, load_run_config
+    from engine.training.form import apply_overrides
+    from engine.training.interop import export_for_diffusion_pipe
+
+    toml = write_run(project22, "export-pair")
+    run, dataset = load_run_config(toml), load_dataset_config(toml.parent / "dataset.toml")
+    both = " ".join(export_for_diffusion_pipe(run, dataset, tmp_path / "both").notices)
+    assert "high_noise_model'`, min_t = 0.9, max_t = 1" in both and "low_noise_model'`, min_t = 0, max_t = 0.9" in both
+    assert "Wan-AI/Wan2.2-I2V-A14B" in both
+    high = export_for_diffusion_pipe(apply_overrides(run, {"model.min_t": 0.9}), dataset, tmp_path / "high")
+    assert tomllib.loads(high.run_toml.read_text())["model"]["min_t"] == 0.9
+    assert load_run_config(high.run_toml).model.min_t == 0.9
+    notice = next(n for n in high.notices if "one expert per run" in n)
+    assert "trains 1 (high_noise)" in notice and "low_noise_model" not in notice
