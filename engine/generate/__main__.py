@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engine.core.families import family_of
 from engine.core.motion import MOTION_UNIT_SHORT
 from engine.generate.comfyui import export_comfyui_workflow
 from engine.generate.draft import DraftSettings, full_request
@@ -23,6 +24,7 @@ from engine.generate.request import (
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
+    expand_lora_choice,
 )
 from engine.generate.sweep import render_sweep
 
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="append", default=[], type=Path, help="LoRA file (repeat to stack)")
     parser.add_argument("--strength", action="append", default=[], type=float,
                         help="strength of the matching --lora, -1..2 (default 1)")
+    parser.add_argument("--low-noise-strength", action="append", default=[], type=float,
+                        help="Wan 2.2: the low-noise expert's strength of the matching --lora (default: its "
+                             "--strength); a Wan 2.2 run's epochN folder as --lora is its pair of expert files")
     parser.add_argument("--strengths", type=_parse_strengths,
                         help="sweep the first LoRA over these strengths, e.g. 0,0.5,1,1.5")
     parser.add_argument("--epochs", nargs="+", type=Path, default=None,
@@ -114,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     if len(args.strength) > len(args.lora):
         parser.error("more --strength values than --lora files")
-    loras = [(str(f), args.strength[i] if i < len(args.strength) else 1.0) for i, f in enumerate(args.lora)]
+    two_experts = len(family_of(args.model).experts) > 1
+    loras = []
+    for i, file in enumerate(args.lora):
+        strength = args.strength[i] if i < len(args.strength) else 1.0
+        low = args.low_noise_strength[i] if i < len(args.low_noise_strength) else strength
+        loras += expand_lora_choice(file, strength, low, two_experts)
     request = GenerationRequest(
         image=str(args.image), prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
         steps=args.steps, guidance=args.guidance, frames=args.frames, height=args.height, width=args.width,

@@ -329,3 +329,15 @@ def test_diffusion_pipe_export_of_a_pair_run_says_one_run_per_expert(project22, 
     assert load_run_config(high.run_toml).model.min_t == 0.9
     notice = next(n for n in high.notices if "one expert per run" in n)
     assert "trains 1 (high_noise)" in notice and "low_noise_model" not in notice
+
+
+def test_cli_generates_with_a_run_epoch_as_the_pair(tiny_models, trained_pair, tmp_path):
+    epoch = trained_pair.parent / LAST_EPOCH
+    proc = subprocess.run([sys.executable, "-m", "engine.generate", "--model", tiny_models.wan22, "--image",
+                           str(image_file(tmp_path)), "--prompt", "a ball", "--lora", str(epoch), "--strength", "1.2",
+                           "--low-noise-strength", "0.4", "--frames", "5", "--steps", "2", "--height", "16",
+                           "--width", "32", "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sidecar = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert [(e["expert"], e["strength"]) for e in sidecar["loras"]] == [("high_noise", 1.2), ("low_noise", 0.4)]
