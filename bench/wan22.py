@@ -67,7 +67,7 @@ def build_expert(family, tiny: bool, device: str):
         eps=1e-6, rope_max_seq_len=64, **image).to(device)
 
 
-def train_case(case: str, tiny: bool, steps: int) -> dict:
+def train_case(case: str, tiny: bool, steps: int, blocks_to_swap: int | None = None) -> dict:
     """Training steps of one family under a preset's settings; for 2.2 both experts, switched by a fixed pattern."""
     from engine.core.families import Wan21I2V, Wan22I2V
     from engine.speed.parking import ModelParking
@@ -80,7 +80,10 @@ def train_case(case: str, tiny: bool, steps: int) -> dict:
     device = "cpu" if tiny else "cuda"
     family = Wan22I2V if case.endswith("2.2") else Wan21I2V
     low_memory = case.startswith("24g")
-    cfg = run_config(preset_overrides("24 GB GPU (low memory)" if low_memory else "80 GB"), tiny)
+    overrides = preset_overrides("24 GB GPU (low memory)" if low_memory else "80 GB")
+    if low_memory and blocks_to_swap is not None:
+        overrides["blocks_to_swap"] = blocks_to_swap
+    cfg = run_config(overrides, tiny)
     out: dict = {"case": case, "family": family.title, "notes": []}
     slots = []
     for expert in family.experts:  # built and prepared one after the other: only one full expert on the GPU
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny transformers on the CPU (checks the code paths)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench" / "out")))
     parser.add_argument("--budget-s", type=float, default=None, help="skip remaining cases after this many seconds")
+    parser.add_argument("--blocks-to-swap", type=int, help="24g cases: swap this many blocks instead of the preset's")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.one.startswith("24g"):
             os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         result = (generate_case(args.tiny, args.gen_steps) if args.one == "generate-2.2"
-                  else train_case(args.one, args.tiny, args.steps))
+                  else train_case(args.one, args.tiny, args.steps, args.blocks_to_swap))
         (args.out / f"wan22_{args.one}.json").write_text(json.dumps(result))
         return 0
     started, results = time.perf_counter(), []
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             else os.environ
         cmd = [sys.executable, __file__, "--one", case, "--steps", str(args.steps), "--gen-steps",
                str(args.gen_steps), "--out", str(args.out)]
-        proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), cwd=ROOT, env=env)
+        swap = ["--blocks-to-swap", str(args.blocks_to_swap)] if args.blocks_to_swap is not None else []
+        proc = subprocess.run(cmd + swap + (["--tiny"] if args.tiny else []), cwd=ROOT, env=env)
         results.append(json.loads(path.read_text()) if proc.returncode == 0 and path.exists()
                        else {"case": case, "ok": False, "error": f"exit code {proc.returncode}"})
     summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results,
