@@ -10,6 +10,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from engine.core.quiet import quiet_known_noise
+
+quiet_known_noise()  # before the imports below bring in torch, DeepSpeed and transformers
+
 from engine.core.hardware import describe_device
 from engine.core.layout import Project, jobs_dir, studio_home, tiny_models_dir
 from engine.core.models import ModelChoice, ModelFolderError, check_blip2_folder, check_wan_folder, ensure_tiny_kits

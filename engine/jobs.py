@@ -12,10 +12,13 @@ the job with it. A small supervisor (`python -m engine.jobs`) leads the process 
 records how it exited, and holds the studio-wide GPU lock (an fcntl lock on `<state_dir>/gpu.lock`) for exactly as
 long as the job lives, so the lock is released even when nobody is watching.
 
-In-process GPU work (captioning, generation) takes the same lock with `JobRunner.gpu_slot(...)`, which refuses with
-`GpuBusyError("training is using the GPU ...")` or waits, as the caller chooses. A trainer started from a terminal
-takes it too (`JobRunner.hold_gpu`); one started by JobRunner finds GPU_LOCK_HELD_ENV naming the lock its supervisor
-already holds for it. `exclusive_folder` keeps a second trainer out of a run folder, naming the first one's pid.
+In-process work (captioning, generation, sweeps, clip export, analysis) runs as tasks on `JobRunner.tasks`
+(engine.tasks); a GPU task takes the same lock with `JobRunner.gpu_slot(...)`, which refuses with
+`GpuBusyError("training run 'x' is using the GPU ...")` or waits, as the caller chooses. `JobRunner.active_jobs()`
+lists both kinds for any page, and `JobRunner.stop_active(...)` stops either. A trainer started from a terminal
+takes the lock too (`JobRunner.hold_gpu`); one started by JobRunner finds GPU_LOCK_HELD_ENV naming the lock its
+supervisor already holds for it. `exclusive_folder` keeps a second trainer out of a run folder, naming the first one's
+pid.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from typing import Callable, Iterator
 
 from engine.core.files import atomic_write_json
 from engine.core.layout import RunLayout
-from engine.training.events import Event, read_events_since
+from engine.tasks import ActiveJob, TaskBoard
+from engine.training.events import Event, PhaseEvent, ProgressEvent, StepEvent, parse_event, read_events_since
 
 GPU_LOCK_FILE = "gpu.lock"
 
@@ -280,11 +284,25 @@ class Job:
 
 
 class JobRunner:
-    """Starts, stops and finds jobs; `state_dir` holds the studio-wide GPU lock (use one per studio home)."""
+    """Starts, stops and finds jobs; `state_dir` holds the studio-wide GPU lock (use one per studio home).
 
-    def __init__(self, state_dir: str | os.PathLike):
+    `device` is the word the busy message uses for what the lock guards ("GPU", or "CPU" on a machine without one;
+    default: asked of torch when first needed).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike, device: str | None = None):
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._device = device
+        self.tasks = TaskBoard(gpu_slot=self.gpu_slot)
+
+    @property
+    def device(self) -> str:
+        if self._device is None:  # asked late: engine.core.hardware imports torch, which the supervisor never needs
+            from engine.core.hardware import list_gpus
+
+            self._device = "GPU" if list_gpus() else "CPU"
+        return self._device
 
     @property
     def lock_path(self) -> Path:
@@ -314,12 +332,13 @@ class JobRunner:
 
     def busy_message(self) -> str:
         holder = self.gpu_holder()
+        device = self.device
         if holder is None:
-            return "another job is using the GPU; wait for it to finish or stop it in the Train tab."
+            return f"another job is using the {device}; wait for it to finish or stop it in the job list at the top."
         if holder["pid"] == os.getpid():  # in-process work of this studio (captioning, generation)
-            return f"{holder['description']} is using the GPU; try again when it has finished."
-        return (f"{holder['description']} is using the GPU (pid {holder['pid']}); wait for it to finish or stop it "
-                "in the Train tab.")
+            return f"{holder['description']} is using the {device}; try again when it has finished."
+        return (f"{holder['description']} is using the {device} (pid {holder['pid']}); wait for it to finish or stop "
+                "it in the job list at the top.")
 
     @contextmanager
     def gpu_slot(self, description: str, wait: bool = False) -> Iterator[None]:
@@ -439,6 +458,34 @@ class JobRunner:
     def status(self, job: Job) -> JobStatus:
         return job.status()
 
+    def active_jobs(self) -> list[ActiveJob]:
+        """Every running job: the training run holding the GPU (progress from its last step or progress event) and
+        the in-process tasks, oldest first."""
+        jobs = []
+        job = self.current()
+        if job is not None:
+            stopping = bool(job.record.stop_requested)
+            fraction, message = _last_progress(job)
+            jobs.append(ActiveJob(id=f"training:{job.run_dir}", kind="training", description=f"training run "
+                                  f"{job.name!r}", owner="", state="stopping" if stopping else "running",
+                                  fraction=fraction, message=message, started=job.record.started))
+        jobs += [ActiveJob(id=t.id, kind=t.kind, description=t.description, owner=t.owner, state=t.state,
+                           fraction=None if t.waiting_for else t.fraction, message=t.message, started=t.started)
+                 for t in self.tasks.active()]
+        return jobs
+
+    def stop_active(self, job_id: str, grace_s: float = 600.0) -> str:
+        """Ask a job listed by active_jobs() to stop; returns what happens, in words. A training run is stopped in a
+        thread of its own (it finishes its step and saves, which can take minutes)."""
+        if job_id.startswith("training:"):
+            job = self.attach(job_id.removeprefix("training:"))
+            if job is None or not job.is_running():
+                return "That training run has already ended."
+            threading.Thread(target=self.stop, args=(job, grace_s), name=f"stop {job.name}", daemon=True).start()
+            return f"Stopping training run {job.name!r}: it finishes the current step and saves its state."
+        task = self.tasks.stop(job_id)
+        return f"Stopping {task.description}..." if task else "That job has already ended."
+
     def stop(self, job: Job, grace_s: float = 120.0) -> JobStatus:
         """Ask the job to stop, wait up to `grace_s` seconds, then kill its process group; return the final status.
 
@@ -463,6 +510,22 @@ class JobRunner:
             _signal_group(record.pid, signal.SIGKILL)
             job.wait(10.0)
         return job.status()  # no leftovers to kill: the supervisor outlives every process the job started
+
+
+def _last_progress(job: Job) -> tuple[float | None, str]:
+    """The fraction and words of a job's latest step, progress or phase event, read from the end of its log."""
+    for line in reversed(job.log_tail(40)):
+        try:
+            event = parse_event(json.loads(line)) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, StepEvent) and event.max_steps:
+            return event.step / event.max_steps, f"epoch {event.epoch}, step {event.step} / {event.max_steps}"
+        if isinstance(event, ProgressEvent):
+            return event.fraction, event.message
+        if isinstance(event, PhaseEvent):
+            return None, f"phase {event.phase}"
+    return None, "starting"
 
 
 def _engine_pythonpath(env: dict[str, str]) -> str:

@@ -1,5 +1,5 @@
-"""build(ctx) -> gr.Blocks: a header (project, models, device) and the four tabs in workflow order; serve(...) runs
-it on this machine behind a Host header check."""
+"""build(ctx) -> gr.Blocks: a header (project, models, device), the job list, and the four tabs in workflow order;
+serve(...) runs it on this machine behind a Host header check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from studio import jobs_panel
 from studio.context import AppContext
+from studio.progress import answer_people_errors
 from tabs import captions, clips, generate, train
 
 TABS = (clips, captions, train, generate)  # the workflow's order: cut, caption, train, try
@@ -33,15 +35,25 @@ def header_html(ctx: AppContext) -> str:
 def build(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Wan LoRA Studio") as app:
         gr.HTML(header_html(ctx))
+        changes = jobs_panel.build(ctx)
+        tab_items = {}
         with gr.Tabs() as tabs:
             for tab in TABS:
-                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()):
+                with gr.Tab(tab.TITLE, id=tab.TITLE.lower()) as tab_items[tab.TITLE]:
                     tab.build(ctx)
         ctx.ui["tabs"] = tabs
         # Cross-tab wiring (e.g. Train's "open in Generate") runs once every tab's components exist.
         for tab in TABS:
             if hasattr(tab, "connect"):
                 tab.connect(ctx)
+        # Every tab shows the disk as it is now: re-read on selecting the tab and whenever a job changed it.
+        for title, (refresh, inputs, outputs) in ctx.refreshers.items():
+            tab_items[title].select(refresh, inputs, outputs, show_progress="hidden")
+            changes.change(refresh, inputs, outputs, show_progress="hidden")
+        # A person's mistake in any handler is answered in a toast, never with error badges over the outputs.
+        for event in app.fns.values():
+            if event.fn is not None and not event.types_generator:
+                event.fn = answer_people_errors(event.fn, len(event.outputs))
     return app
 
 

@@ -31,6 +31,7 @@ from engine.captions.store import (
 from engine.captions.style import (
     CaptionChange,
     StyleRules,
+    banned_words_by_caption,
     find_banned_words,
     format_replacement_lines,
     load_style_rules,
@@ -44,11 +45,15 @@ from engine.captions.tokens import TokenCounter
 from engine.captions.vlm import DEFAULT_INSTRUCTION, MEMORY_MODES, VideoLanguageCaptioner
 from engine.core.hardware import default_device
 from engine.core.models import ModelFolderError
+from engine.jobs import GpuBusyError
+from engine.tasks import TaskStopped
 from studio.context import AppContext
+from studio.progress import report_to, session_of, waiting_note
 
 TITLE = "Captions"
 TABLE_HEADERS = ["Clip", "Status", "Tokens", "Caption"]
 CAPTIONER_KINDS = ("BLIP-2 (captions a few frames)", "Video-language model (watches the clip)")
+TABLE_WIDTHS = ["28%", "20%", "72px", "52%"]  # long clip names wrap instead of squeezing the caption
 
 
 class CaptionerHolder:
@@ -58,7 +63,6 @@ class CaptionerHolder:
     def __init__(self, source: str):
         self.source = source
         self.captioners: dict[tuple, object] = {}
-        self.stop_requested = threading.Event()
 
     def get(self, batch_size: int, video: VideoSettings | None = None):
         """BLIP-2 with `batch_size` frames per pass, or the video-language model of `video`."""
@@ -116,6 +120,16 @@ def _diff_html(change: CaptionChange) -> str:
     return "".join(parts)
 
 
+def banned_html(captions: dict[str, str], changes: list[CaptionChange], rules: StyleRules) -> str:
+    """The captions that would still hold a banned word after the rules are applied, named with the words."""
+    found = banned_words_by_caption({**captions, **{c.clip: c.after for c in changes}}, rules.banned_words)
+    if not found:
+        return ""
+    items = "".join(f"<li>{html.escape(clip)}: <b>{html.escape(', '.join(words))}</b></li>"
+                    for clip, words in found.items())
+    return f"<div class='caption-banned'><p>Banned words still in {len(found)} caption(s):</p><ul>{items}</ul></div>"
+
+
 def changes_html(changes: list[CaptionChange], verb: str) -> str:
     if not changes:
         return f"<p>No caption {verb}.</p>"
@@ -136,15 +150,29 @@ class CaptionsTab:
         self.tokens = TokenCounterHolder(ctx.models.wan)
         self.save_lock = threading.Lock()  # blur and navigation may both save the same caption at once
         self.rules_file = ctx.project.style_rules_file
-        self.base_rules = load_style_rules(self.rules_file) if self.rules_file.exists() else StyleRules()
+        self.tasks = ctx.jobs.tasks
 
     # ------------------------------------------------------------ helpers over the engine
 
+    @property
+    def base_rules(self) -> StyleRules:
+        """The style rules saved in the project (Apply and Save rules write them), read from disk each time."""
+        try:
+            return load_style_rules(self.rules_file) if self.rules_file.exists() else StyleRules()
+        except CaptionError as err:
+            gr.Warning(f"{self.rules_file.name} is not readable, so no style rules are in use: {err}")
+            return StyleRules()
+
     def table_rows(self) -> list[list[str]]:
+        """One row per clip: name, status (with any banned words of the saved rules), tokens, caption."""
         counter = self.tokens.get()
+        banned_words = self.base_rules.banned_words
         rows = []
         for info in self.store.overview():
             status = info.status + (" (suggestion waiting)" if info.suggestion and info.status == "edited" else "")
+            banned = find_banned_words(info.text, banned_words)
+            if banned:
+                status += " · banned: " + ", ".join(banned)
             count = counter.count(info.text).tokens if counter and info.text else ""
             preview = info.text if len(info.text) <= 70 else info.text[:67] + "..."
             rows.append([info.clip, status, count, preview])
@@ -186,21 +214,24 @@ class CaptionsTab:
                              memory_mode)
 
     def run_suggest(self, clips: list[str] | None, overwrite: bool, frames: int, prompt: str, batch_size: int,
-                    video: VideoSettings | None, progress: gr.Progress):
+                    video: VideoSettings | None, progress, owner: str = ""):
+        """Suggest captions as a GPU task of this page's session: it waits (saying for what) while another GPU task
+        runs, and is refused while a training run holds the GPU."""
         settings = CaptionerSettings(frames_per_clip=int(frames), prompt=(prompt or "").strip(),
                                      batch_size=int(batch_size))
+        description = "captioning " + (clips[0] if clips and len(clips) == 1 else "clips")
         try:
             settings.validate()
-            with self.ctx.gpu("captioning clips"):
+            with self.tasks.run("captioning", description, owner, gpu=True, on_wait=waiting_note(progress)) as task:
                 model = self.captioner.get(settings.batch_size, video)
-                progress(0.0, desc=f"loading {model.name}" if not model.loaded else "captioning")
-                self.captioner.stop_requested.clear()
+                report_to(task, progress)(0.0, f"loading {model.name}" if not model.loaded else "captioning")
                 # The video captioner's answers pass the project's pure-style rules, as saved on disk.
                 rules = load_style_rules(self.rules_file) if video and self.rules_file.is_file() else None
                 return suggest_captions(self.store, model, clips=clips, overwrite=overwrite, settings=settings,
-                                        rules=rules, on_progress=lambda f, m: progress(f, desc=m),
-                                        should_stop=self.captioner.stop_requested.is_set)
-        except (CaptionError, ModelFolderError, CaptionerOutOfMemory) as err:  # VideoCaptionerError is a CaptionError
+                                        rules=rules, on_progress=report_to(task, progress),
+                                        should_stop=task.should_stop)
+        # VideoCaptionerError is a CaptionError
+        except (CaptionError, ModelFolderError, CaptionerOutOfMemory, GpuBusyError, TaskStopped) as err:
             raise gr.Error(str(err)) from err
 
     def save_video_settings(self, source: str, instruction: str, fps):
@@ -221,7 +252,8 @@ class CaptionsTab:
         with gr.Row():
             with gr.Column(scale=2):
                 self.table = gr.Dataframe(value=self.table_rows(), headers=TABLE_HEADERS, interactive=False,
-                                          label="Clips", wrap=True, max_height=420, elem_id="caption-clip-table")
+                                          label="Clips", wrap=True, max_height=420, elem_id="caption-clip-table",
+                                          column_widths=TABLE_WIDTHS)
             with gr.Column(scale=3):
                 with gr.Row():
                     previous_button = gr.Button("◀ Previous", scale=0)
@@ -339,9 +371,11 @@ class CaptionsTab:
         self.video_fps.release(self.save_video_settings, [self.vlm_source, self.instruction, self.video_fps],
                                self.suggest_status)
         suggest_outputs = [self.suggestion, self.suggest_status, self.table]
-        suggest_button.click(self.suggest_one, [self.clip, *settings], suggest_outputs)
-        suggest_all_button.click(self.suggest_missing, [self.clip, *settings], suggest_outputs)
-        stop_button.click(self.stop_suggest, None, self.suggest_status, queue=False)
+        suggest_button.click(self.suggest_one, [self.clip, *settings], suggest_outputs,
+                             show_progress_on=[self.suggest_status])
+        suggest_all_button.click(self.suggest_missing, [self.clip, *settings], suggest_outputs,
+                                 show_progress_on=[self.suggest_status])
+        stop_button.click(self.stop_suggest, None, self.suggest_status, concurrency_limit=None)
         unload_button.click(self.unload, None, self.suggest_status)
         accept_empty_button.click(self.accept_where_empty, None, [self.suggest_status, self.table]).then(
             self.load_clip, [self.clip, *rules], clip_view)
@@ -363,14 +397,30 @@ class CaptionsTab:
         import_button.click(self.import_file_into_clips, [self.import_file, self.keep_existing, self.clip],
                             [self.transfer_result, self.caption, self.table])
 
-        # A page load re-reads clips and captions from disk: new clips from the Clips tab, edits saved before a reload.
-        Context.root_block.load(self.refresh, [self.clip, *rules], [self.clip, self.table, *clip_view])
+        # A page load re-reads clips, captions and the saved style rules from disk: new clips from the Clips tab,
+        # edits and rules saved before a reload.
+        Context.root_block.load(self.refresh, [self.clip], [self.clip, self.table, *clip_view, *rules])
+        # Selecting the tab, or a job ending (an export, a suggestion on another page), re-reads the lists; the
+        # editor keeps what is being typed unless its clip is gone.
+        self.ctx.refreshers[TITLE] = (self.reread, [self.clip, *rules], [self.clip, self.table, *clip_view])
 
     # ------------------------------------------------------------ handlers (thin)
 
-    def refresh(self, clip: str | None, *rules):
+    def refresh(self, clip: str | None):
+        """A page load: the clip list, the table, the editor and the saved style rules, all from disk."""
         names = self.store.list_clips()
         clip = clip if clip in names else (names[0] if names else None)
+        saved = self.base_rules
+        rules = (saved.trigger, format_replacement_lines(saved.replacements), ", ".join(saved.banned_words),
+                 saved.normalize)
+        return (gr.update(choices=names, value=clip), self.table_rows(), *self.load_clip(clip, *rules), *rules)
+
+    def reread(self, clip: str | None, *rules):
+        """The clip list and table as the disk has them now; the editor is reloaded only if its clip is gone."""
+        names = self.store.list_clips()
+        if clip in names:
+            return (gr.update(choices=names), self.table_rows(), *[gr.skip()] * 5)
+        clip = names[0] if names else None
         return (gr.update(choices=names, value=clip), self.table_rows(), *self.load_clip(clip, *rules))
 
     def load_clip(self, clip: str | None, *rules):
@@ -421,32 +471,38 @@ class CaptionsTab:
         return self.step(clip, text, replace_unreadable, 1, *rules)
 
     def suggest_one(self, clip: str | None, kind: str, frames, prompt, batch_size, vlm_source: str, instruction: str,
-                    video_fps, memory_mode: str, progress=gr.Progress()):
+                    video_fps, memory_mode: str, request: gr.Request = None,
+                    progress=gr.Progress()):
         if not clip:
             raise gr.Error("Select a clip first.")
         video = self.video_settings(kind, vlm_source, instruction, video_fps, memory_mode)
-        report = self.run_suggest([clip], True, frames, prompt, batch_size, video, progress)
+        report = self.run_suggest([clip], True, frames, prompt, batch_size, video, progress, session_of(request))
         if clip in report.failed:
             raise gr.Error(f"{clip}: {report.failed[clip]}")
         return (report.suggested.get(clip, ""), f"Suggestion for {clip} ready: accept, append or ignore it.",
                 self.table_rows())
 
     def suggest_missing(self, clip: str | None, kind: str, frames, prompt, batch_size, vlm_source: str,
-                        instruction: str, video_fps, memory_mode: str, progress=gr.Progress()):
+                        instruction: str, video_fps, memory_mode: str, request: gr.Request = None,
+                        progress=gr.Progress()):
         video = self.video_settings(kind, vlm_source, instruction, video_fps, memory_mode)
-        report = self.run_suggest(None, False, frames, prompt, batch_size, video, progress)
+        report = self.run_suggest(None, False, frames, prompt, batch_size, video, progress, session_of(request))
         lines = [f"{len(report.suggested)} suggestion(s) made, {len(report.skipped)} clip(s) already captioned"
                  + (" — stopped early." if report.stopped else ".")]
         lines += [f"- skipped **{html.escape(c)}**: {html.escape(why)}" for c, why in report.failed.items()]
         pending = self.store.suggestion(clip) if clip else None
         return pending.text if pending else "", "\n".join(lines), self.table_rows()
 
-    def stop_suggest(self):
-        self.captioner.stop_requested.set()
+    def stop_suggest(self, request: gr.Request = None):
+        """Stop this page's captioning (another page's runs on: stop that one in the job list)."""
+        if not self.tasks.stop_owned(session_of(request), ("captioning",)):
+            return "This page is not captioning."
         return "Stopping after the current batch..."
 
     def unload(self):
-        with self.ctx.gpu_work_paused("unloading the captioner"):  # never pull the model from under a suggestion
+        with self.tasks.hold_gpu_idle() as idle:  # never pull the model from under a running suggestion
+            if not idle:
+                raise gr.Error("A GPU task is running (captioning or generation); stop it first, then unload.")
             return ("Captioner unloaded; its memory is free." if self.captioner.unload()
                     else "The captioner is not loaded.")
 
@@ -495,7 +551,7 @@ class CaptionsTab:
         captions, unreadable = self.store.readable_captions(clips)
         changes = preview_style({c: t for c, t in captions.items() if t}, style)
         note = f"<p>Left alone (not UTF-8): {html.escape(', '.join(unreadable))}</p>" if unreadable else ""
-        return changes_html(changes, "would change") + note
+        return changes_html(changes, "would change") + note + banned_html(captions, changes, style)
 
     def style_apply(self, scope: str, clip: str | None, *rules):
         style = self.rules_from_ui(*rules)

@@ -8,7 +8,6 @@ cache/cuts/ on every change, so a page reload or a restart shows the same list.
 from __future__ import annotations
 
 import html
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from engine.core.video import (
     thumbnails,
 )
 from studio.context import AppContext
+from studio.progress import report_to, session_of
 
 TITLE = "Clips"
 OUTPUT_FPS = 16.0  # Wan's frame rate: every exported clip is resampled to it
@@ -60,8 +60,7 @@ class ClipsTab:
         self.proxy_builds: dict[Path, Future] = {}
         self.proxy_progress: dict[Path, float] = {}
         self.proxy_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preview-proxy")
-        self.stop_export = threading.Event()
-        self.stop_suggest = threading.Event()
+        self.tasks = ctx.jobs.tasks
 
     # ------------------------------------------------------------ helpers over the engine
 
@@ -101,6 +100,9 @@ class ClipsTab:
 
     def cuts_file(self, name: str) -> Path:
         return self.project.cache.cut_list_file(name)
+
+    def deleted_cuts_file(self, name: str) -> Path:
+        return self.project.cache.deleted_cuts_file(name)
 
     def export_settings(self, frames, fit: bool) -> int | None:
         return None if fit else int(frames or 81)
@@ -197,6 +199,7 @@ class ClipsTab:
             self.delete_number = gr.Number(label="Cut #", precision=0, minimum=1, scale=1)
             delete = gr.Button("Delete cut", scale=1)
             clear = gr.Button("Delete all cuts", variant="stop", scale=1)
+            restore = gr.Button("Restore deleted cuts", scale=1)
             self.suggest_count = gr.Number(label="How many suggestions", value=5, precision=0, minimum=1, scale=1)
             suggest = gr.Button("Suggest dynamic windows", scale=2)
             stop_suggest = gr.Button("Stop analysis", scale=1)
@@ -244,21 +247,37 @@ class ClipsTab:
         self.fit.change(self.edit_table, settings_inputs, [self.table])
         delete.click(self.delete_cut, [*settings_inputs, self.delete_number], [self.table])
         clear.click(self.clear_cuts, settings_inputs, [self.table])
+        restore.click(self.restore_cuts, settings_inputs, [self.table])
         suggest.click(self.suggest, [*settings_inputs, self.suggest_count], [self.table])
-        stop_suggest.click(lambda: self.stop_suggest.set(), None, None)
+        stop_suggest.click(self.stop_own("analysis"), None, None, concurrency_limit=None)
         self.times_upload.upload(self.import_times, [*settings_inputs, self.times_upload], [self.table])
         times_export.click(self.export_times, [self.source, self.table], [self.times_file])
         export.click(self.export, [*settings_inputs, self.size, self.crop], [self.export_status, self.exported])
-        stop.click(lambda: self.stop_export.set(), None, None)
+        stop.click(self.stop_own("export"), None, None, concurrency_limit=None)
         # the dropdown may already show the first source, so no change event: open it explicitly after loading
         Context.root_block.load(self.refresh, None, [self.source, self.exported]).then(
             self.open_source, [self.source, self.frames, self.fit], source_outputs)
+        self.ctx.refreshers[TITLE] = (self.reread, [self.source], [self.source, self.exported])
 
     # ------------------------------------------------------------ handlers (thin)
 
     def refresh(self):
         choices = self.source_choices()
         return gr.Dropdown(choices=choices, value=choices[0] if choices else None), self.exported_rows()
+
+    def reread(self, name):
+        """The sources and exported clips as the disk has them now; the open source stays open."""
+        choices = self.source_choices()
+        if name in choices:
+            return gr.update(choices=choices), self.exported_rows()
+        return gr.update(choices=choices, value=choices[0] if choices else None), self.exported_rows()
+
+    def stop_own(self, kind: str):
+        """A Stop button's handler: stops this page's `kind` task only (another page's export runs on)."""
+        def stop(request: gr.Request) -> None:
+            if not self.tasks.stop_owned(request.session_hash or "", (kind,)):
+                gr.Info(f"This page has no {kind} running.")
+        return stop
 
     def open_source(self, name, frames, fit):
         if not name:
@@ -400,23 +419,38 @@ class ClipsTab:
         return self._update(name, cuts, frames, fit, scores)
 
     def clear_cuts(self, name, rows, frames, fit):
+        cuts, _ = self._cuts(rows)
+        if not cuts:
+            raise gr.Error("The cut list is already empty.")
+        atomic_write_text(self.deleted_cuts_file(name), format_timestamps(cuts))
+        gr.Info(f"Deleted {len(cuts)} cut{'s' * (len(cuts) != 1)}; 'Restore deleted cuts' brings them back.")
         return self._update(name, [], frames, fit)
 
-    def suggest(self, name, rows, frames, fit, count, progress=gr.Progress()):
+    def restore_cuts(self, name, rows, frames, fit):
+        cuts, scores = self._cuts(rows)
+        path = self.deleted_cuts_file(name) if name else None
+        if path is None or not path.exists():
+            raise gr.Error("No deleted cuts to restore for this source.")
+        restored = read_timestamps(path)
+        path.unlink()
+        gr.Info(f"Restored {len(restored)} cut{'s' * (len(restored) != 1)}.")
+        return self._update(name, cuts + restored, frames, fit, scores)
+
+    def suggest(self, name, rows, frames, fit, count, request: gr.Request = None, progress=gr.Progress()):
         cuts, scores = self._cuts(rows)
         length = int(frames or 81)
-        self.stop_suggest.clear()
         try:
-            found = suggest_windows(self.source_path(name), int(count or 5), frames=length, fps=OUTPUT_FPS,
-                                    avoid=cuts, cache_dir=self.project.cache_dir,
-                                    on_progress=lambda f, m: progress(f, desc=m), should_stop=self.stop_suggest.is_set)
+            with self.tasks.run("analysis", f"finding motion windows in {name}", session_of(request)) as task:
+                found = suggest_windows(self.source_path(name), int(count or 5), frames=length, fps=OUTPUT_FPS,
+                                        avoid=cuts, cache_dir=self.project.cache_dir,
+                                        on_progress=report_to(task, progress), should_stop=task.should_stop)
         except ExportStopped:
             gr.Info("Analysis stopped; the cut list is unchanged.")
             return gr.update()
         except BAD_INPUT as exc:
             raise gr.Error(str(exc)) from None
-        if not found:
-            gr.Info("No more windows fit between scene changes and the cuts already listed.")
+        if found.shortfall:
+            gr.Warning(found.shortfall)
         for s in found:
             scores[len(cuts)] = s.score
             cuts.append(Cut(s.start, s.end))
@@ -457,15 +491,14 @@ class ClipsTab:
         except BAD_INPUT as exc:
             raise gr.Error(str(exc)) from None
 
-    def export(self, name, rows, frames, fit, size, crop, progress=gr.Progress()):
+    def export(self, name, rows, frames, fit, size, crop, request: gr.Request = None, progress=gr.Progress()):
         cuts, _ = self._cuts(rows)
-        self.stop_export.clear()
         try:
             size_value = parse_size((size or "").strip() or None)
-            results = cut_clips(self.source_path(name), cuts, self.project.clips_dir,
-                                frames=self.export_settings(frames, fit), fps=OUTPUT_FPS, size=size_value,
-                                crop=bool(crop), on_progress=lambda f, m: progress(f, desc=m),
-                                should_stop=self.stop_export.is_set)
+            with self.tasks.run("export", f"exporting {len(cuts)} clips from {name}", session_of(request)) as task:
+                results = cut_clips(self.source_path(name), cuts, self.project.clips_dir,
+                                    frames=self.export_settings(frames, fit), fps=OUTPUT_FPS, size=size_value,
+                                    crop=bool(crop), on_progress=report_to(task, progress), should_stop=task.should_stop)
         except ExportStopped as exc:
             return f"Stopped: {exc} Finished clips are kept.", self.exported_rows()
         except BAD_INPUT as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import shutil
-import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -38,11 +37,14 @@ from engine.generate.request import (
     SCHEDULERS,
     STRENGTH_MAX,
     STRENGTH_MIN,
+    STRENGTH_RULE,
     WAN_NEGATIVE_PROMPT,
+    WAN_NEGATIVE_PROMPT_GLOSS,
     GenerationCancelled,
     GenerationError,
     GenerationRequest,
     expand_lora_choice,
+    check_strength,
     lora_file,
     lora_rows_of,
     open_image,
@@ -50,12 +52,15 @@ from engine.generate.request import (
 )
 from engine.generate.sweep import DEFAULT_SWEEP_STRENGTHS, lora_label, render_sweep
 from engine.jobs import GpuBusyError
+from engine.tasks import TaskStopped
 from studio.context import AppContext
+from studio.progress import report_to, session_of, waiting_note
 
 TITLE = "Generate"
 MAX_LORAS = 3
 NO_LORA = ("(none)", "")
-PEOPLE_ERRORS = (GenerationError, LoraFileError, LoraMismatchError, ModelFolderError, GpuBusyError, OSError)
+PEOPLE_ERRORS = (GenerationError, LoraFileError, LoraMismatchError, ModelFolderError, GpuBusyError, TaskStopped,
+                 OSError)
 DRAFT_NOTE = (
     "**A draft previews motion, not final quality.** Drafts render through an accelerator (step-distillation) LoRA "
     "you have, such as lightx2v's Wan 2.1 I2V 480p step-distill LoRA (nothing is downloaded): 4 steps without "
@@ -97,10 +102,7 @@ def parse_strengths(text: str) -> list[float]:
         raise GenerationError(f"Sweep strengths must be numbers separated by commas, not {text!r}.") from err
     if not values:
         raise GenerationError("Give at least one sweep strength, e.g. 0, 0.5, 1.0, 1.5.")
-    bad = [v for v in values if not STRENGTH_MIN <= v <= STRENGTH_MAX]
-    if bad:
-        raise GenerationError(f"Sweep strengths {bad} are outside {STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
-    return values
+    return [check_strength(v, "Sweep strength") for v in values]
 
 
 def _lora_name(entry: dict) -> str:
@@ -138,7 +140,7 @@ class GenerateTab:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
         self.cache = PipelineCache()
-        self.stop_requested = threading.Event()
+        self.tasks = ctx.jobs.tasks
 
     # ------------------------------------------------------------ helpers over the engine
 
@@ -165,10 +167,15 @@ class GenerateTab:
     def read_form(self, data: dict) -> tuple[GenerationRequest, PipelineOptions]:
         """The form's values (passed by component, not by position) as a request and pipeline options."""
         loras = [entry for path, strength, low in self.lora_rows if data[path]
-                 for entry in expand_lora_choice(data[path], data[strength], data[low], self.two_experts)]
+                 for entry in expand_lora_choice(data[path], 1.0 if data[strength] is None else data[strength],
+                                                 1.0 if data[low] is None else data[low], self.two_experts)]
+        prompt = (data[self.prompt] or "").strip()
+        if not prompt:
+            raise GenerationError("Write a prompt first: the motion and style you want, with your LoRA's trigger "
+                                  "word if it has one (Wan follows the text as much as the image).")
         seed = None if data[self.seed_mode] == "random" else int(data[self.seed] or 0)
         request = GenerationRequest(
-            image=self.keep_image(data[self.image]), prompt=data[self.prompt] or "",
+            image=self.keep_image(data[self.image]), prompt=prompt,
             negative_prompt=data[self.negative_prompt] or "", seed=seed, steps=int(data[self.steps]),
             guidance=float(data[self.guidance]), frames=int(data[self.frames]),
             height=int(data[self.height]) or None, width=int(data[self.width]) or None, fps=float(data[self.fps]),
@@ -231,7 +238,9 @@ class GenerateTab:
                 self.clip_time = gr.Slider(0, 10, value=0, step=1 / 16, label="Time (s)")
             self.use_frame = gr.Button("Use this frame")
         self.prompt = gr.Textbox(label="Prompt", lines=2, placeholder="motion and style, comma-separated phrases")
-        self.negative_prompt = gr.Textbox(label="Negative prompt", value=WAN_NEGATIVE_PROMPT, lines=2)
+        self.negative_prompt = gr.Textbox(label="Negative prompt", value=WAN_NEGATIVE_PROMPT, lines=2,
+                                          info="Wan's default is in Chinese, as its authors wrote it; in English: "
+                                               f"{WAN_NEGATIVE_PROMPT_GLOSS}.")
         with gr.Row():
             self.seed_mode = gr.Radio(["random", "fixed"], value="random", label="Seed mode")
             self.seed = gr.Number(value=42, precision=0, label="Seed", info="the seed used is shown here afterwards")
@@ -251,22 +260,25 @@ class GenerateTab:
                 self.height = gr.Number(value=0, precision=0, label="Height (0 = from image)")
                 self.width = gr.Number(value=0, precision=0, label="Width (0 = from image)")
         self.size_note = gr.Markdown(self.on_size_inputs(None, 0, 0, 0, 16), elem_id="generate-size")
-        gr.Markdown("**LoRAs** (strength -1 to 2; stacked LoRAs each keep their own strength; with Wan 2.2 each "
+        gr.Markdown(f"**LoRAs**: {STRENGTH_RULE}; stacked LoRAs each keep their own strength; with Wan 2.2 each "
                     "expert's LoRA has its own strength: a pair's high-noise file at the first, its low-noise file at "
-                    "the second)")
-        self.lora_rows: list[tuple[gr.Dropdown, gr.Slider, gr.Slider]] = []
+                    "the second.")
+        self.lora_rows: list[tuple[gr.Dropdown, gr.Number, gr.Number]] = []
         two = self.two_experts
         for i in range(MAX_LORAS):
             with gr.Row(visible=True):
                 choice = gr.Dropdown([NO_LORA], value="", label=f"LoRA {i + 1}", allow_custom_value=True,
                                      interactive=True, scale=3)
-                strength = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, scale=2,
+                # number boxes, not sliders: a slider clamps a typed 5 to 2 without a word; here the one rule
+                # (check_strength) answers every out-of-range value the same way, as the sweep box does
+                strength = gr.Number(value=1.0, step=0.05, scale=2, info=f"{STRENGTH_MIN:g} to {STRENGTH_MAX:g}",
                                      label=f"High-noise strength {i + 1}" if two else f"Strength {i + 1}")
-                low = gr.Slider(STRENGTH_MIN, STRENGTH_MAX, value=1.0, step=0.05, scale=2, visible=two,
+                low = gr.Number(value=1.0, step=0.05, scale=2, visible=two, info=f"{STRENGTH_MIN:g} to {STRENGTH_MAX:g}",
                                 label=f"Low-noise strength {i + 1}")
             self.lora_rows.append((choice, strength, low))
-        self.upload = gr.File(label="Add a LoRA file (.safetensors: diffusion-pipe/ComfyUI, diffusers or musubi)",
-                              file_types=[".safetensors"], type="filepath", height=130)
+        self.upload = gr.UploadButton("Add a LoRA file (.safetensors: diffusion-pipe/ComfyUI, diffusers or musubi)",
+                                      file_types=[".safetensors"], type="filepath", size="sm",
+                                      elem_id="generate-lora-upload")
         with gr.Accordion("Memory", open=False):
             with gr.Row():
                 self.cpu_offload = gr.Checkbox(label="CPU offload (24 GB cards)", value=False)
@@ -336,55 +348,69 @@ class GenerateTab:
                 + [gr.update(choices=clips, value=clips[0] if clips else None),
                    gr.update(choices=self.outputs()), self.cache.describe()])
 
-    def on_generate(self, data: dict, progress=gr.Progress()):
-        self.stop_requested.clear()
+    def reread(self, first_lora: str | None, clip: str | None):
+        """LoRAs (new epochs), clips, outputs and LoRA 1's epochs as the disk has them now; choices made stay."""
+        choices = lora_choices(self.ctx)
+        clips = [p.name for p in self.ctx.project.list_clips()]
+        return ([gr.update(choices=choices) for _ in self.lora_rows]
+                + [gr.update(choices=clips, value=clip if clip in clips else (clips[0] if clips else None)),
+                   gr.update(choices=self.outputs()), self.cache.describe(),
+                   gr.update(choices=run_epochs(first_lora))])
+
+    def on_generate(self, data: dict, request: gr.Request = None, progress=gr.Progress()):
+        options = None
         try:
-            request, options = self.read_form(data)
+            request_, options = self.read_form(data)
             draft = self.read_draft(data)
-            with self.ctx.gpu("generating a video"):
-                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
-                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir,
-                                                                  "draft" if draft else "gen"),
-                                   on_progress=lambda f, m: progress(f, desc=m),
-                                   should_stop=self.stop_requested.is_set, model=options.model, draft=draft)
+            with self.tasks.run("generation", "generating a draft" if draft else "generating a video",
+                                session_of(request), gpu=True, on_wait=waiting_note(progress)) as task:
+                report = report_to(task, progress)
+                pipe = self.cache.get(options, on_progress=lambda f, m: report(0.0, m))
+                out = render_video(pipe, request_, new_output_path(self.ctx.project.outputs_dir,
+                                                                   "draft" if draft else "gen"),
+                                   on_progress=report, should_stop=task.should_stop, model=options.model,
+                                   draft=draft)
         except GenerationCancelled:
             return {self.status: "Stopped: nothing was written."}
         except PEOPLE_ERRORS as err:
-            raise gr.Error(str(err)) from err
+            return self.refused(str(err))
         except RuntimeError as err:
-            raise gr.Error(self.runtime_message(err, options)) from err
+            return self.refused(self.runtime_message(err, options))
         sidecar = read_sidecar(out)
         return {self.video: str(out), self.details: self.describe(sidecar), self.seed: sidecar["request"]["seed"],
                 self.status: f"Wrote {'draft ' if draft else ''}`{out.name}`.",
                 self.output_choice: gr.update(choices=self.outputs()),
                 self.model_status: self.cache.describe()}
 
-    def on_sweep(self, data: dict, progress=gr.Progress()):
-        self.stop_requested.clear()
+    def on_sweep(self, data: dict, request: gr.Request = None, progress=gr.Progress()):
+        options = None
         try:
-            request, options = self.read_form(data)
+            request_, options = self.read_form(data)
             strengths = parse_strengths(data[self.sweep_strengths])
             epochs = data[self.sweep_epochs] or None
             draft = self.read_draft(data)
             swept = 0
-            if self.two_experts and request.loras:  # the chosen expert's entry of LoRA 1
+            if self.two_experts and request_.loras:  # the chosen expert's entry of LoRA 1
                 expert = data[self.sweep_expert]
-                swept = next((i for i, entry in enumerate(request.loras) if entry[2:3] == (expert,)), 0)
+                swept = next((i for i, entry in enumerate(request_.loras) if entry[2:3] == (expert,)), 0)
                 epochs = [str(Path(e) / Wan22I2V.lora_file_name(Wan22I2V.expert(expert))) if Path(e).is_dir() else e
                           for e in epochs or []] or None
-            with self.ctx.gpu("generating a sweep"):
-                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
-                result = render_sweep(pipe, request, self.ctx.project.outputs_dir, strengths=strengths,
+            count = len(epochs) if epochs else len(strengths)
+            with self.tasks.run("sweep", f"generating a {'draft ' if draft else ''}sweep of {count} variants",
+                                session_of(request), gpu=True, on_wait=waiting_note(progress)) as task:
+                report = report_to(task, progress)
+                pipe = self.cache.get(options, on_progress=lambda f, m: report(0.0, m))
+                result = render_sweep(pipe, request_, self.ctx.project.outputs_dir, strengths=strengths,
                                       lora_files=epochs, model=options.model, draft=draft, swept=swept,
-                                      name="draft-sweep" if draft else None,
-                                      on_progress=lambda f, m: progress(f, desc=m),
-                                      should_stop=self.stop_requested.is_set)
+                                      name="draft-sweep" if draft else None, on_progress=report,
+                                      should_stop=task.should_stop)
         except GenerationCancelled:
-            return {self.status: "Sweep stopped: the variants finished so far are in the outputs."}
+            return {self.status: "Sweep stopped: the variants finished so far are in the outputs.",
+                    self.output_choice: gr.update(choices=self.outputs())}
         except PEOPLE_ERRORS as err:
-            raise gr.Error(str(err)) from err
+            return self.refused(str(err))
         except RuntimeError as err:
-            raise gr.Error(self.runtime_message(err, options)) from err
+            return self.refused(self.runtime_message(err, options))
         seed = read_sidecar(result.videos[0])["request"]["seed"]
         readout = "\n".join(f"| {label} | {m:.3f} |" for label, m in zip(result.labels, result.motion))
         return {self.grid: grid_html(result.videos, result.labels, result.motion),
@@ -394,9 +420,15 @@ class GenerateTab:
                 self.status: f"Sweep of {len(result.videos)} variants written; comparison `{result.comparison.name}`.",
                 self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
 
+    def refused(self, message: str) -> dict:
+        """A person's error: said in the status line and a toast, the other outputs left as they were (raising
+        gr.Error would mark every output with an error badge)."""
+        gr.Warning(message)
+        return {self.status: f"**Not generated:** {html.escape(message)}"}
+
     @staticmethod
-    def runtime_message(err: RuntimeError, options: PipelineOptions) -> str:
-        if "out of memory" in str(err).lower():
+    def runtime_message(err: RuntimeError, options: PipelineOptions | None) -> str:
+        if options is not None and "out of memory" in str(err).lower():
             return memory_advice(options, SETTING_NAMES)
         return f"Generation failed: {err}"
 
@@ -416,37 +448,41 @@ class GenerateTab:
         lines += [f"*{note}*" for note in sidecar.get("adjustments", [])]
         return "\n\n".join(lines)
 
-    def on_render_full(self, path: str | None, progress=gr.Progress()):
+    def on_render_full(self, path: str | None, request: gr.Request = None, progress=gr.Progress()):
         """Render the chosen draft again at full quality: same image, prompt, seed and LoRA strengths."""
         if not path or "request" not in _json(path):
             raise gr.Error("Choose a draft (a single video, not a sweep comparison) in Outputs first.")
-        self.stop_requested.clear()
         sidecar = read_sidecar(path)
         options = options_from_sidecar(path)
         try:
-            request = full_request(sidecar)
-            with self.ctx.gpu("rendering a draft in full"):
-                pipe = self.cache.get(options, on_progress=lambda f, m: progress(0.0, desc=m))
-                out = render_video(pipe, request, new_output_path(self.ctx.project.outputs_dir, "full"),
-                                   on_progress=lambda f, m: progress(f, desc=m),
-                                   should_stop=self.stop_requested.is_set, model=options.model,
+            request_ = full_request(sidecar)
+            with self.tasks.run("generation", "rendering a draft in full", session_of(request), gpu=True,
+                                on_wait=waiting_note(progress)) as task:
+                report = report_to(task, progress)
+                pipe = self.cache.get(options, on_progress=lambda f, m: report(0.0, m))
+                out = render_video(pipe, request_, new_output_path(self.ctx.project.outputs_dir, "full"),
+                                   on_progress=report, should_stop=task.should_stop, model=options.model,
                                    extra={"full_of": sidecar["video"]})
         except GenerationCancelled:
             return {self.status: "Stopped: nothing was written."}
         except PEOPLE_ERRORS as err:
-            raise gr.Error(str(err)) from err
+            return self.refused(str(err))
         except RuntimeError as err:
-            raise gr.Error(self.runtime_message(err, options)) from err
+            return self.refused(self.runtime_message(err, options))
         return {self.video: str(out), self.details: self.describe(read_sidecar(out)),
                 self.status: f"Wrote `{out.name}`, the full-quality render of draft `{sidecar['video']}`.",
                 self.output_choice: gr.update(choices=self.outputs()), self.model_status: self.cache.describe()}
 
-    def on_stop(self):
-        self.stop_requested.set()
+    def on_stop(self, request: gr.Request = None):
+        """Stop this page's generation or sweep (another page's runs on: the job list stops any)."""
+        if not self.tasks.stop_owned(session_of(request), ("generation", "sweep")):
+            return "This page is not generating (the job list at the top stops other pages' work)."
         return "Stopping after the current step..."
 
     def on_unload(self):
-        with self.ctx.gpu_work_paused("unloading the Wan pipeline"):
+        with self.tasks.hold_gpu_idle() as idle:
+            if not idle:
+                raise gr.Error("A GPU task is running (generation or captioning); stop it first.")
             self.cache.unload()
         return self.cache.describe()
 
@@ -502,7 +538,7 @@ class GenerateTab:
         try:
             size = open_image(image).size
         except GenerationError as err:
-            return f"⚠ {err}"
+            return str(err)
         h, w = output_size(size, int(height or 0), int(width or 0), self.pixel_budget())
         seconds = int(frames) / float(fps or 16)
         return (f"Output **{w}x{h}**, {int(frames)} frames = {seconds:.2f} s at {float(fps or 16):g} fps "
@@ -529,7 +565,7 @@ class GenerateTab:
         request = full_request(sidecar) if draft else GenerationRequest.from_dict(sidecar["request"])
         problems = changed_inputs(sidecar)
         status = f"Settings of `{Path(path).name}` loaded." + (
-            f" ⚠ Its inputs differ now: {'; '.join(problems)}." if problems else "")
+            f" Note: its inputs differ now: {'; '.join(problems)}." if problems else "")
         values = {self.image: request.image, self.prompt: request.prompt, self.negative_prompt: request.negative_prompt,
                   self.seed_mode: "fixed", self.seed: request.seed, self.steps: request.steps,
                   self.guidance: request.guidance, self.frames: request.frames, self.height: request.height,
@@ -559,13 +595,18 @@ class GenerateTab:
                                                      self.model_status])
         form = self.form_inputs()
         results = [self.video, self.details, self.seed, self.status, self.output_choice, self.model_status]
-        self.generate.click(self.on_generate, form, results, concurrency_id="gpu", concurrency_limit=1)
+        # No queue limit here: a second Generate reaches its handler and waits there for the GPU, saying for what
+        # (engine.tasks), instead of sitting silently in Gradio's queue. Progress shows in the status line only.
+        self.generate.click(self.on_generate, form, results, show_progress_on=[self.status])
         Context.root_block.load(self.on_model_family, None,
                                 [*[c for row in self.lora_rows for c in row[1:]], self.sweep_expert])
         self.sweep.click(self.on_sweep, form | {self.sweep_strengths, self.sweep_epochs, self.sweep_expert},
                          [self.grid, self.comparison, self.seed, self.details, self.status, self.output_choice,
-                          self.model_status], concurrency_id="gpu", concurrency_limit=1)
+                          self.model_status], show_progress_on=[self.status])
         self.stop.click(self.on_stop, None, [self.status], concurrency_limit=None)
+        self.ctx.refreshers[TITLE] = (self.reread, [lora_dropdowns[0], self.clip],
+                                      [*lora_dropdowns, self.clip, self.output_choice, self.model_status,
+                                       self.sweep_epochs])
         self.unload.click(self.on_unload, None, [self.model_status])
         self.upload.upload(self.on_upload, [self.upload], [*lora_dropdowns, self.upload])
         lora_dropdowns[0].change(self.on_lora_change, [lora_dropdowns[0]], [self.sweep_epochs])
@@ -584,7 +625,7 @@ class GenerateTab:
         self.export_comfy.click(self.on_export_comfy, [self.output_choice], [self.comfy_file])
         self.render_full.click(self.on_render_full, [self.output_choice],
                                [self.video, self.details, self.status, self.output_choice, self.model_status],
-                               concurrency_id="gpu", concurrency_limit=1)
+                               show_progress_on=[self.status])
 
 
 def _json(path: str | Path) -> dict:

@@ -21,8 +21,12 @@ import gradio as gr
 import pandas as pd
 
 from engine.core.families import FAMILIES, family_of
+from engine.captions.store import CaptionStore
+from engine.captions.style import banned_words_by_caption, load_style_rules
+from engine.captions.text import CaptionError
 from engine.core.files import TextFileError, atomic_path, read_text
 from engine.core.hardware import list_gpus
+from engine.core.video import VideoError, probe_video
 from engine.core.layout import DATASET_TOML, RunLayout
 from engine.jobs import GpuBusyError, Job, JobError, training_argv
 from engine.training.check import human_seconds, preflight
@@ -49,6 +53,7 @@ STOP_GRACE_S = 600.0  # a 14B step plus saving the resume state can take minutes
 REFRESH_S = 1.0
 LOG_LINES = 12
 SETTINGS_QUEUE = "train-settings"  # settings edits and Train run one at a time, in the order they were made
+SAMPLE_MIN_WIDTH = 160  # samples narrower than this (the demo's 80x48) are enlarged by a whole factor
 PLOT_POINTS = 2000  # plots thin longer curves to this many points
 STUDIO_KEYS = ("output_dir", "dataset")  # set by the studio: a run writes into its own folder, dataset.toml beside
 
@@ -201,12 +206,12 @@ class TrainTab:
         self.draft = gr.State({"run": to_toml(run_cfg), "dataset": to_toml(dataset_cfg)})
         self.status = gr.HTML(status_html(None, [], None))
         with gr.Row():
-            self.loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=260)
+            self.loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=260,
+                                         elem_id="train-loss")
             self.lr_plot = gr.LinePlot(x="step", y="lr", label="Learning rate", height=260)
         self.plot_info = gr.Markdown(elem_id="train-plot-info")
         self.log_tail = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, autoscroll=True)
-        self.samples = gr.Gallery(label="Samples by epoch", columns=4, height=240, interactive=False,
-                                  elem_id="train-samples")
+        self.samples = gr.HTML(samples_html([]), label="Samples by epoch", elem_id="train-samples")
         with gr.Row():
             self.run_select = gr.Dropdown([], label="Run", interactive=True, allow_custom_value=True)
             self.lora_select = gr.Dropdown([], label="LoRA file", interactive=True, allow_custom_value=True)
@@ -255,6 +260,11 @@ class TrainTab:
                 # every keystroke is applied, in order (each reads the draft the previous one wrote)
                 component.input(partial(self.on_field, target, key), [component, draft],
                                 [draft, *toml, self.message], trigger_mode="multiple", **serial)
+                if isinstance(component, gr.Textbox):
+                    # Fast typing can leave the last keystroke's event carrying a value a letter short (the browser
+                    # reads the field before it updates): leaving the field applies what it finally holds.
+                    component.blur(partial(self.on_field, target, key), [component, draft],
+                                   [draft, *toml, self.message], trigger_mode="always_last", **serial)
         for name, editor in (("run", self.run_toml), ("dataset", self.dataset_toml)):
             editor.input(partial(self.on_toml_edit, name), [editor, draft], [draft], trigger_mode="multiple",
                          **serial)
@@ -302,7 +312,7 @@ class TrainTab:
             else:
                 dataset_text = to_toml(apply_overrides(dataset_cfg, {key: value}))
         except ConfigError as err:
-            return {self.message: f"⚠️ {err}"}
+            return {self.message: f"Warning: {err}"}
         return {**self._show_draft(run_text, dataset_text), self.message: ""}
 
     def on_toml_edit(self, name: str, text: str, draft: dict) -> dict:
@@ -312,7 +322,7 @@ class TrainTab:
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
-            return {self.message: f"⚠️ {err}"}
+            return {self.message: f"Warning: {err}"}
         return {**self._form_values(run_cfg, dataset_cfg),
                 self.message: " ".join(["Settings read from the TOML.", *notices(run_cfg, dataset_cfg)])}
 
@@ -336,7 +346,7 @@ class TrainTab:
                         run_cfg = apply_overrides(run_cfg, {"model.ckpt_path": self.ctx.wan_model()})
                         remarks.append(f"The file's model `{model}` is not on this machine: using this studio's model.")
             except ConfigError as err:
-                return {self.message: f"⚠️ Could not import `{path.name}`: {err}"}
+                return {self.message: f"Warning: Could not import `{path.name}`: {err}"}
         remarks += notices(run_cfg, dataset_cfg)
         if run_cfg is not None:
             run_text = to_toml(run_cfg)
@@ -354,7 +364,7 @@ class TrainTab:
             folder = Path(tempfile.mkdtemp(prefix="wan-studio-export-")) / name
             exported = export_for_diffusion_pipe(run_cfg, dataset_cfg, folder, base_dir=run_dir)
         except (ConfigError, ValueError) as err:
-            return {self.message: f"⚠️ {err}"}
+            return {self.message: f"Warning: {err}"}
         return {self.export_files: gr.update(value=[str(exported.run_toml), str(exported.dataset_toml)],
                                              visible=True),
                 self.message: " ".join(["run.toml and dataset.toml are ready to download: a diffusion-pipe pair with "
@@ -376,9 +386,9 @@ class TrainTab:
         check = preflight(run_cfg, dataset_cfg, num_gpus=int(num_gpus or 1), measured_steps_per_s=measured)
         parts = []
         if check.errors:
-            parts.append("**Errors (fix these first):**\n" + "\n".join(f"- ❌ {e}" for e in check.errors))
+            parts.append("**Errors (fix these first):**\n" + "\n".join(f"- {e}" for e in check.errors))
         if check.warnings:
-            parts.append("**Warnings:**\n" + "\n".join(f"- ⚠️ {w}" for w in check.warnings))
+            parts.append("**Warnings:**\n" + "\n".join(f"- Warning: {w}" for w in check.warnings))
         parts.append(check.estimate())
         return check.ok, "\n\n".join(parts)
 
@@ -386,9 +396,24 @@ class TrainTab:
         try:
             run_cfg, dataset_cfg = configs_from_text(draft["run"], draft["dataset"])
         except ConfigError as err:
-            return f"⚠️ {err}"
+            return f"Warning: {err}"
         ok, text = self._preflight_text(run_cfg, dataset_cfg, num_gpus, self._measured_rate(selected))
-        return ("✅ Ready to train.\n\n" if ok else "") + text
+        return ("**Ready to train.**\n\n" if ok else "") + text + self._banned_words_text()
+
+    def _banned_words_text(self) -> str:
+        """Captions still holding a banned word of the project's style rules (a warning: training may go on)."""
+        rules_file = self.project.style_rules_file
+        try:
+            banned = load_style_rules(rules_file).banned_words if rules_file.exists() else []
+            captions, _ = CaptionStore(self.project.clips_dir).readable_captions()
+        except (CaptionError, OSError) as err:
+            return f"\n\nBanned words not checked: {err}"
+        found = banned_words_by_caption(captions, banned)
+        if not found:
+            return ""
+        lines = "\n".join(f"- {clip}: {', '.join(words)}" for clip, words in found.items())
+        return (f"\n\n**Banned words** (from `{rules_file.name}`; the Captions tab's style tools replace them) in "
+                f"{len(found)} caption(s):\n{lines}")
 
     def on_train(self, run_name: str, draft: dict, num_gpus: str, sample_image: str | None):
         try:
@@ -396,12 +421,12 @@ class TrainTab:
             name = run_name.strip() or self.project.new_run_name()
             run = self.project.run(name)
         except (ConfigError, ValueError) as err:
-            return f"⚠️ {err}", gr.skip()
+            return f"Warning: {err}", gr.skip()
         if run.root.exists():
-            return (f"⚠️ Run **{name}** exists already: choose another name, or select it and press Resume.",
+            return (f"Warning: Run **{name}** exists already: choose another name, or select it and press Resume.",
                     gr.skip())
         if self.jobs.gpu_holder():
-            return f"⚠️ {self.jobs.busy_message()}", gr.skip()
+            return f"Warning: {self.jobs.busy_message()}", gr.skip()
         ok, report = self._preflight_text(run_cfg, dataset_cfg, num_gpus, None)
         if not ok:
             return report, gr.skip()
@@ -417,29 +442,29 @@ class TrainTab:
                             description=f"training run {name!r}", watches_stop_request=True)
         except (GpuBusyError, JobError, OSError) as err:
             shutil.rmtree(run.root, ignore_errors=True)  # created just now: leave no half-made run behind
-            return f"⚠️ {err}", gr.skip()
+            return f"Warning: {err}", gr.skip()
         return f"Started **{name}**.\n\n{report}", gr.Dropdown(choices=self._run_choices(), value=name)
 
     def on_resume(self, selected: str | None, num_gpus: str) -> str:
         if not selected:
-            return "⚠️ Select a run to resume."
+            return "Warning: Select a run to resume."
         try:
             run = self.project.run(selected)
         except ValueError as err:
-            return f"⚠️ {err}"
+            return f"Warning: {err}"
         try:
             self.jobs.start(selected, training_argv(run.run_toml, resume=True, num_gpus=int(num_gpus or 1)),
                             cwd=REPO, run_dir=run.root, description=f"training run {selected!r}",
                             watches_stop_request=True)
         except (GpuBusyError, JobError) as err:
-            return f"⚠️ {err}"
-        return f"Resuming **{selected}** from its last saved state."
+            return f"Warning: {err}"
+        return f"Resumed **{selected}** from its last saved state (its status is below)."
 
     def on_stop(self, selected: str | None) -> str:
         try:
             job = self.jobs.attach(self.project.run_dir(selected)) if selected else None
         except ValueError as err:
-            return f"⚠️ {err}"
+            return f"Warning: {err}"
         if job is None or not job.is_running():
             return "Nothing to stop: the selected run is not running."
         # The stop waits for the current step and the state save; a thread keeps the page responsive meanwhile.
@@ -480,18 +505,20 @@ class TrainTab:
         holder = self.jobs.gpu_holder()
         if holder and (summary is None or holder.get("run_dir") != str(summary.run_dir)):
             busy = html.escape(holder["description"])
-            out["status"] += f'<div id="train-gpu-busy">⏳ {busy} is using the GPU.</div>'
+            out["status"] += f'<div id="train-gpu-busy">{busy} is using the {self.jobs.device}.</div>'
         n_steps = sum(1 for e in events if isinstance(e, StepEvent))
         if changed("plot", (selected, n_steps)):
             losses, rates = loss_frame(events)
             last = losses["loss"].iloc[len(losses) // 2 - 1] if len(losses) else None
-            out["loss"], out["lr"] = losses, rates
+            # no steps yet: no table at all (None). The plot builds its legend from the first table it gets, so an
+            # empty one would leave a project's first run without legend entries until a reload.
+            out["loss"], out["lr"] = (losses, rates) if len(losses) else (None, None)
             out["info"] = (f"{len(losses) // 2} steps logged, last loss {last:.4g}" if last is not None
                            else "No steps logged yet.")
         tail = readable_log(job.log_tail(400) if job else [json.dumps(e.to_json()) for e in events], LOG_LINES)
         out["log"] = "\n".join(tail) if changed("log", tail) else gr.skip()
-        samples = [(str(path), f"epoch {epoch}") for epoch, path in summary.samples] if summary else []
-        out["samples"] = samples if changed("samples", samples) else gr.skip()
+        samples = [(epoch, str(path)) for epoch, path in summary.samples] if summary else []
+        out["samples"] = samples_html(samples) if changed("samples", samples) else gr.skip()
         out["table"] = rows if changed("table", rows) else gr.skip()
         out["runs"] = gr.Dropdown(choices=names, value=selected) if changed("runs", (names, selected)) else gr.skip()
         loras = [(f"{summary.name} · epoch {epoch}", str(path)) for epoch, path in reversed(summary.loras)
@@ -509,6 +536,27 @@ class TrainTab:
             out["buttons"] = [gr.skip()] * 3
         return [out["status"], out.get("loss", gr.skip()), out.get("lr", gr.skip()), out.get("info", gr.skip()),
                 out["log"], out["samples"], out["table"], out["runs"], out["loras"], *out["buttons"], view]
+
+
+def samples_html(samples: list[tuple[int, str]]) -> str:
+    """The training samples at their own size (a small one enlarged by a whole factor, pixels kept sharp), each
+    labelled with its epoch and size."""
+    if not samples:
+        return '<div class="train-samples-empty">Samples by epoch: none yet.</div>'
+    from tabs.generate import file_url
+
+    cells = []
+    for epoch, path in samples:
+        try:
+            info = probe_video(path)
+        except VideoError:
+            continue
+        scale = max(1, SAMPLE_MIN_WIDTH // info.width)
+        cells.append(f'<figure class="train-sample"><video src="{html.escape(file_url(Path(path)))}" autoplay muted '
+                     f'loop playsinline width="{info.width * scale}" height="{info.height * scale}" '
+                     f'style="image-rendering:pixelated"></video><figcaption>epoch {epoch} · {info.width}x'
+                     f'{info.height}{f" (shown x{scale})" if scale > 1 else ""}</figcaption></figure>')
+    return f'<div class="train-samples"><b>Samples by epoch</b><div class="train-sample-row">{"".join(cells)}</div></div>'
 
 
 def readable_log(lines: list[str], keep: int) -> list[str]:
@@ -570,7 +618,7 @@ def connect(ctx: AppContext) -> None:
 
     def open_in_generate(path: str | None):
         if not path:
-            return gr.skip(), gr.skip(), "⚠️ Choose a LoRA file first."
+            return gr.skip(), gr.skip(), "Warning: Choose a LoRA file first."
         return gr.Dropdown(choices=lora_choices(ctx), value=path), gr.Tabs(selected="generate"), ""
 
     tab.open_button.click(open_in_generate, [tab.lora_select], [target, tabs, tab.message])

@@ -163,6 +163,11 @@ def find_banned_words(text: str, banned_words: Iterable[str]) -> list[str]:
     return found
 
 
+def banned_words_by_caption(captions: dict[str, str], banned_words: Iterable[str]) -> dict[str, list[str]]:
+    """{clip: banned words found in its caption} for the captions holding any (clip order kept)."""
+    return {clip: found for clip, text in captions.items() if (found := find_banned_words(text, banned_words))}
+
+
 def split_phrases(text: str) -> list[str]:
     """Comma-separated phrases (commas, semicolons and line breaks all separate), trimmed, spaces collapsed."""
     phrases = (" ".join(p.split()).strip(" .") for p in re.split(r"[,;\n]", text))

@@ -130,6 +130,9 @@ def validate_cuts(cuts: Sequence[Cut], duration: float, *, frames: int | None = 
     return flags
 
 
+UNSAFE_NAME_CHARACTERS = re.compile(r"[\x00-\x1f\x7f/\\:*?\"'`<>|]")
+
+
 def clip_name(source: str | os.PathLike, cut: Cut) -> str:
     """Deterministic clip file stem: the cut's name, or '<source stem>_<MMM>m<SS>s<mmm>' from its start."""
     if cut.name.strip():
@@ -137,7 +140,9 @@ def clip_name(source: str | os.PathLike, cut: Cut) -> str:
     else:
         millis = int(round(cut.start * 1000))
         stem = f"{Path(source).stem}_{millis // 60000:03d}m{millis // 1000 % 60:02d}s{millis % 1000:03d}"
-    stem = re.sub(r"[^\w\-. ]", "_", stem).strip(" .")  # no path separators, quotes or control characters
+    # any letter or punctuation of any script stays (an en dash, accents, CJK); path separators, quotes, control
+    # characters and what Windows forbids in names do not
+    stem = UNSAFE_NAME_CHARACTERS.sub("_", stem).strip(" .")
     if not stem:
         raise ClipError(f"Clip name {cut.name!r} has no usable characters; use letters, digits, '-', '_' or '.'.")
     return stem

@@ -36,6 +36,13 @@ class Suggestion:
     scene: int  # index of the scene (between detected cuts) the window lies in
 
 
+class Suggestions(list):
+    """Suggested windows, best first (a list of Suggestion); `shortfall` says, for people, why there are fewer than
+    asked ("" when there are as many)."""
+
+    shortfall: str = ""
+
+
 # ---------------------------------------------------------------- suggestions
 
 
@@ -121,7 +128,7 @@ def _cached_analysis(info: VideoInfo, cache_dir: Path, analysis_fps: float, on_p
 def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = DEFAULT_FRAMES,
                     fps: float = DEFAULT_FPS, step: float = 0.5, avoid: Sequence[Cut] = (),
                     analysis_fps: float = MOTION_RATE, cache_dir: str | os.PathLike | None = None,
-                    on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> list[Suggestion]:
+                    on_progress: ProgressFn | None = None, should_stop: StopFn | None = None) -> Suggestions:
     """The `count` most dynamic clip windows (frames / fps seconds) that cross no scene change and overlap neither
     each other nor the cuts in `avoid`, best first, with their motion score: the mean motion between consecutive
     samples inside the window, the measure and unit of engine.core.motion (what the Generate tab shows of a video).
@@ -162,7 +169,7 @@ def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = 
     order = itertools.count()  # equal windows (a neighbour may repeat a grid window) never compare themselves
     heap = [(-w.score, w.start, next(order), w) for w in candidates]
     heapq.heapify(heap)
-    chosen: list[Suggestion] = []
+    chosen = Suggestions()
     while heap and len(chosen) < count:
         candidate = heapq.heappop(heap)[-1]
         if all(candidate.end <= a or candidate.start >= b for a, b in taken):
@@ -171,6 +178,14 @@ def suggest_windows(source: str | os.PathLike, count: int = 5, *, frames: int = 
             for w in neighbours(candidate.start, candidate.end):
                 heapq.heappush(heap, (-w.score, w.start, next(order), w))
     chosen.sort(key=lambda w: (-w.score, w.start))
+    if len(chosen) < count:
+        scenes = len(bounds) - 1
+        roomy = sum(hi - lo + FRAME_TIME_TOLERANCE >= span for lo, hi in zip(bounds, bounds[1:]))
+        chosen.shortfall = (
+            f"{len(chosen)} of the {count} windows asked for fit: a window ({frames} frames = {span:.2f} s) must lie "
+            f"inside one scene, and {roomy} of the {scenes} scenes ({len(scene_changes)} scene changes found) last "
+            f"that long; windows overlap neither each other nor the {len(avoid)} cuts already listed. Shorter clips "
+            "(fewer frames) or fewer cuts leave room for more.")
     if on_progress is not None:
         on_progress(1.0, f"{len(chosen)} windows suggested, {len(scene_changes)} scene changes found")
     return chosen

@@ -147,6 +147,10 @@ class CacheLayout:
         """The Clips tab's cut list of one source (a timestamps file), saved on every change."""
         return self.root / "cuts" / f"{source_name}.txt"
 
+    def deleted_cuts_file(self, source_name: str) -> Path:
+        """The cut list "Delete all cuts" removed last from one source, which "Restore deleted cuts" brings back."""
+        return self.root / "cuts" / f"{source_name}.deleted.txt"
+
 
 @dataclass(frozen=True)
 class CaptionMetaLayout:

@@ -9,11 +9,19 @@ from pathlib import Path
 
 from engine.core.families import Wan22I2V
 
-# Wan's usual negative prompt (the one its authors ship as the default), in the original Chinese.
+# Wan's usual negative prompt (the one its authors ship as the default: Wan2.1 wan/configs/shared_config.py
+# sample_neg_prompt), in the original Chinese.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
     "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+# What it says, for people without Chinese (or without CJK fonts, where it shows as boxes): our translation.
+WAN_NEGATIVE_PROMPT_GLOSS = (
+    "garish colours, overexposed, static, blurry details, subtitles, style, artwork, painting, frame, still, greyish "
+    "overall, worst quality, low quality, JPEG artefacts, ugly, mutilated, extra fingers, badly drawn hands, badly "
+    "drawn faces, deformed, disfigured, malformed limbs, fused fingers, motionless frame, cluttered background, three "
+    "legs, crowded background, walking backwards"
 )
 
 
@@ -24,6 +32,16 @@ SIZE_MULTIPLE = 16  # VAE factor 8 x patch 2
 
 
 STRENGTH_MIN, STRENGTH_MAX = -1.0, 2.0
+STRENGTH_RULE = (f"a LoRA strength is a number from {STRENGTH_MIN:g} to {STRENGTH_MAX:g} (0 = off, 1 = as trained, "
+                 "below 0 pushes away from the style)")
+
+
+def check_strength(strength: float, what: str) -> float:
+    """`strength` as a float if it keeps STRENGTH_RULE; else GenerationError naming `what` (e.g. "Strength 1")."""
+    value = float(strength)
+    if not STRENGTH_MIN <= value <= STRENGTH_MAX:
+        raise GenerationError(f"{what} is {value:g}, but {STRENGTH_RULE}.")
+    return value
 
 
 LORA_EXPERTS = tuple(e.name for e in Wan22I2V.experts)  # where a Wan 2.2 LoRA goes: 'high_noise', 'low_noise'
@@ -235,13 +253,10 @@ def resolve_request(request: GenerationRequest, image_size: tuple[int, int]) -> 
         frames = adjusted
     loras = []
     for path, strength, *expert in request.loras:
-        strength = float(strength)
         if expert and expert[0] not in LORA_EXPERTS:
             raise GenerationError(f"LoRA {Path(path).name}: expert {expert[0]!r} is not one of "
                                   f"{', '.join(LORA_EXPERTS)}.")
-        if not STRENGTH_MIN <= strength <= STRENGTH_MAX:
-            raise GenerationError(f"LoRA strength {strength} for {Path(path).name} is outside "
-                                  f"{STRENGTH_MIN:g}..{STRENGTH_MAX:g}.")
+        strength = check_strength(strength, f"The strength of {Path(path).name}")
         loras.append((str(lora_file(path).resolve()), strength, *expert))
     for name, value in (("height", request.height), ("width", request.width)):
         if value and int(value) < SIZE_MULTIPLE:

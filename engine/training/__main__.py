@@ -8,6 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from engine.core.quiet import quiet_known_noise
+
+quiet_known_noise()  # before the trainer's imports bring in DeepSpeed, bitsandbytes and transformers
+
 from engine.training.loop import StopFlag
 from engine.training.stages import train
 

@@ -56,7 +56,9 @@ def summarize_run(run: RunLayout, events: list[Event], job: Job | None) -> RunSu
     """What a run did, from its events (metrics.jsonl), its files and its job record (if the studio started it)."""
     run_dir = run.root
     last_step = last_of(events, StepEvent)
-    last_phase = getattr(last_of(events, PhaseEvent), "phase", None)
+    # a resumed run: the final phase of its previous job ("stopped") is not this job's
+    phases = [e for e in events if isinstance(e, PhaseEvent) and (job is None or (e.time or 0) >= job.record.started)]
+    last_phase = phases[-1].phase if phases else None
     if job is not None:
         status = job.status(tail_lines=0)
         state, message = status.state, status.message

@@ -245,6 +245,8 @@ def test_cut_list_flags_and_names():
     assert fitted_frames(2.0) == 29 and fitted_frames(5.0625) == 81 and fitted_frames(5.0) == 77
     assert clip_name("/x/my film.mkv", Cut(75.5)) == "my film_001m15s500"
     assert clip_name("/x/a.mp4", Cut(1.0, name="../etc/pass'wd")) == "_etc_pass_wd"
+    assert clip_name("/x/run – fast é.mp4", Cut(1.0)) == "run – fast é_000m01s000"  # non-ASCII names stay readable
+    assert clip_name("/x/a.mp4", Cut(1.0, name='a<b>:c|d?e*"f"\x07')) == "a_b__c_d_e__f__"
     assert parse_size("832x480") == (832, 480) and parse_size(None) is None
 
 
@@ -292,6 +294,10 @@ def test_suggestions_find_scene_changes_and_rank_motion(workdir):
         assert a.end <= b.start or b.end <= a.start
     avoided = suggest_windows(source, 1, frames=17, fps=16, avoid=[Cut(found[0].start)])
     assert avoided[0].start != found[0].start
+    assert found.shortfall == ""
+    few = suggest_windows(source, 5, frames=33, fps=16)  # 2.06 s windows: one fits in each 3 s scene
+    assert len(few) == 3 and few.shortfall.startswith("3 of the 5 windows asked for fit: a window (33 frames")
+    assert "3 of the 3 scenes (2 scene changes found)" in few.shortfall
 
 
 def test_suggestion_scores_are_the_motion_inside_each_window(workdir):

@@ -20,7 +20,7 @@ from engine.jobs import (
     process_start_ticks,
     training_argv,
 )
-from engine.training.events import EventFollower, LogEvent, PhaseEvent
+from engine.training.events import EventFollower, LogEvent, PhaseEvent, StepEvent
 
 FAKE_CHILD = textwrap.dedent("""
     import json, os, signal, sys, time
@@ -69,7 +69,7 @@ def fake_child(tmp_path):
 
 @pytest.fixture
 def runner(tmp_path):
-    return JobRunner(tmp_path / "state")
+    return JobRunner(tmp_path / "state", device="GPU")
 
 
 def wait_for_event(job, predicate, timeout=30.0):
@@ -197,7 +197,7 @@ def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
         with pytest.raises(GpuBusyError, match="training run 'gpu run' is using the GPU"):
             runner.start("second", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "two")
         with pytest.raises(GpuBusyError, match="is using the GPU"):
-            with JobRunner(runner.state_dir).gpu_slot("captioning"):
+            with JobRunner(runner.state_dir, device="GPU").gpu_slot("captioning"):
                 pass
         with runner.gpu_work_paused("unloading the captioner"):  # a job holds the GPU: no work of ours can run
             pass
@@ -213,6 +213,32 @@ def test_one_gpu_job_at_a_time(runner, fake_child, tmp_path):
         with pytest.raises(GpuBusyError, match="captioning is using the GPU"):
             runner.start("blocked", fake_child("graceful", 1), cwd=tmp_path, run_dir=tmp_path / "four")
     assert runner.gpu_holder() is None
+    cpu_only = JobRunner(runner.state_dir, device="CPU")
+    with cpu_only.gpu_slot("captioning"):  # a machine without a GPU: the lock still guards one job, named right
+        assert cpu_only.busy_message().startswith("captioning is using the CPU;")
+
+
+def test_active_jobs_list_training_and_tasks_and_stop_either(runner, fake_child, tmp_path):
+    job = runner.start("listed", fake_child("graceful", 400), cwd=tmp_path, run_dir=tmp_path / "listed",
+                       description="training run 'listed'")
+    try:
+        wait_for_event(job, lambda e: isinstance(e, StepEvent) and e.step >= 2)
+        with runner.tasks.run("export", "exporting 3 clips", "session A") as task:
+            task.on_progress(0.5, "clip 2 of 3")
+            training, export = runner.active_jobs()
+            assert (training.kind, training.description, training.state) == ("training", "training run 'listed'",
+                                                                             "running")
+            assert 0 < training.fraction < 1 and training.message.startswith("epoch 1, step ")
+            assert (export.id, export.owner, export.fraction, export.message) == (task.id, "session A", 0.5,
+                                                                                 "clip 2 of 3")
+            assert runner.stop_active(task.id) == "Stopping exporting 3 clips..." and task.should_stop()
+        assert [j.kind for j in runner.active_jobs()] == ["training"]
+        assert runner.stop_active(task.id) == "That job has already ended."
+        assert runner.stop_active(training.id).startswith("Stopping training run 'listed'")
+        assert job.wait(30) and runner.attach(job.run_dir).status().state == "stopped"
+        assert runner.active_jobs() == []
+    finally:
+        runner.stop(job, grace_s=20)
 
 
 def test_in_process_gpu_work_takes_turns_through_the_same_lock(runner):
@@ -327,6 +353,25 @@ def test_a_run_is_summarized_from_its_files(tmp_path):
     failed = summarize_run(run, read_events(metrics), job=None)
     assert failed.state == "failed" and "Raise blocks_to_swap." in failed.message
     assert summarize_run(RunLayout(tmp_path / "empty"), [], job=None).state == "not started"
+
+
+def test_a_resumed_run_does_not_show_the_last_runs_final_phase(runner, fake_child, tmp_path):
+    """Right after Resume the run is running; the "stopped" phase its previous job wrote is not its phase."""
+    from engine.core.files import append_jsonl
+    from engine.core.layout import RunLayout
+    from engine.training.events import read_events
+    from engine.training.runs import summarize_run
+
+    run = RunLayout(tmp_path / "resumed")
+    run.root.mkdir()
+    append_jsonl(run.metrics_file, {"event": "phase", "phase": "stopped", "message": "saved",
+                                    "time": time.time() - 60})
+    job = runner.start("resumed", fake_child("graceful"), cwd=tmp_path, run_dir=run.root)
+    try:
+        summary = summarize_run(run, read_events(run.metrics_file), job)
+        assert (summary.state, summary.phase) == ("running", None)
+    finally:
+        runner.stop(job, grace_s=20)
 
 
 def test_the_job_lasts_until_the_workers_of_a_dead_launcher_have_saved(runner, fake_child, tmp_path):

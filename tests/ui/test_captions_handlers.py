@@ -4,6 +4,8 @@ tiny BLIP-2 behind them. What each handler returns is what the widgets would sho
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 
 import gradio as gr
 import pytest
@@ -74,11 +76,29 @@ def test_suggest_accept_and_gpu_busy(tab):
     assert tab.unload() == "Captioner unloaded; its memory is free."
     assert tab.unload() == "The captioner is not loaded."
 
-    with tab.ctx.jobs.gpu_slot("generating a video"):  # another GPU task of the studio: the tab refuses, not waits
-        with pytest.raises(gr.Error, match="generating a video is using the GPU"):
+    tasks, outcome = tab.ctx.jobs.tasks, {}
+
+    def suggest():
+        try:
             tab.suggest_one(clip, CAPTIONER_KINDS[0], 1, "", 4, *NO_VIDEO, progress=no_progress)
-        with pytest.raises(gr.Error, match="generating a video is using the GPU"):
+        except gr.Error as err:
+            outcome["error"] = err.message
+
+    with tasks.run("generation", "generating a video", "another page", gpu=True):
+        # another page's GPU task: the suggestion waits for it, says for what, and can be stopped while it waits
+        thread = threading.Thread(target=suggest)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not any(t.kind == "captioning" and t.waiting_for for t in tasks.active()):
+            assert time.monotonic() < deadline, "the suggestion never waited"
+            time.sleep(0.05)
+        assert tasks.active()[1].message == "waiting for generating a video to finish"
+        with pytest.raises(gr.Error, match="A GPU task is running"):
             tab.unload()
+        assert tab.stop_suggest() == "Stopping after the current batch..."  # this page's (no session: "") task
+        thread.join(30)
+    assert outcome["error"] == "captioning " + clip + " was stopped while waiting for generating a video."
+    assert tab.stop_suggest() == "This page is not captioning."
 
 
 def test_style_find_replace_export_and_import(tab, tmp_path):

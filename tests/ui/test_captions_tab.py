@@ -79,12 +79,8 @@ def test_style_tools_preview_apply_and_undo(page, captions_studio):
     page.get_by_text("Pure-style tools").click()
     trigger = page.get_by_label("Trigger word or prefix (put first)")
     expect(trigger).to_be_editable()
-    for _ in range(3):  # a field in a section opened just before can drop what is typed at once (CI's loaded cores)
-        trigger.fill("sks")
-        trigger.press("Tab")
-        wait_idle(page)
-        if trigger.input_value() == "sks":
-            break
+    trigger.fill("sks")  # typed once: it must take
+    trigger.press("Tab")
     expect(trigger).to_have_value("sks")
     page.get_by_role("textbox", name=re.compile("^Replacement table")).fill("Goku = a warrior with golden hair")
     page.get_by_label("This clip").check()

@@ -106,7 +106,7 @@ def test_draft_then_render_in_full(page, generate_studio):
     fill_small_settings(page, image)
     page.get_by_label("LoRA 1", exact=True).click()
     page.get_by_role("option", name="browser-run / epoch1").click()
-    strength = page.get_by_label("number input for Strength 1")
+    strength = page.get_by_label("Strength 1", exact=True)
     strength.fill("0.7")
     strength.press("Enter")
     accelerator = page.get_by_label("Accelerator LoRA file")
@@ -142,10 +142,14 @@ def test_form_helpers(tmp_path):
     from tabs.generate import grid_html, parse_strengths, run_epochs
 
     assert parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]
-    with pytest.raises(GenerationError, match="outside"):
+    with pytest.raises(GenerationError, match="Sweep strength is 3, but a LoRA strength is a number from -1 to 2"):
         parse_strengths("0, 3")
     with pytest.raises(GenerationError, match="numbers"):
         parse_strengths("low, high")
+    from engine.generate.request import check_strength
+
+    with pytest.raises(GenerationError, match="Strength 1 is 5, but a LoRA strength is a number from -1 to 2"):
+        check_strength(5, "Strength 1")  # the one rule: a LoRA row's strength is answered as the sweep box is
     for epoch in (10, 2, 1):
         (tmp_path / "run" / f"epoch{epoch}").mkdir(parents=True)
         (tmp_path / "run" / f"epoch{epoch}" / "adapter_model.safetensors").write_bytes(b"x")

@@ -89,3 +89,14 @@ def test_a_taken_port_is_named(demo_home):
     assert result.returncode == 2
     assert f"Cannot serve on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
     assert "Wan LoRA Studio on http" not in result.stdout  # no address is announced that does not answer
+def test_the_terminal_holds_no_known_noise(page, demo_studio, demo_home):
+    """Starting the studio and opening it prints no alarming but harmless third-party warnings (engine.core.quiet)."""
+    from engine.core.quiet import KNOWN_NOISE
+
+    page.goto(demo_studio)
+    expect(page.get_by_role("tab", name="Clips")).to_be_visible()
+    (log,) = demo_home.glob("studio-*.log")
+    text = log.read_text()
+    assert "Wan LoRA Studio on http" in text  # it started and said where
+    for phrase in KNOWN_NOISE.values():
+        assert phrase not in text

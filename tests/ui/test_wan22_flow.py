@@ -76,7 +76,7 @@ def test_choose_wan22_train_the_pair_and_generate_with_it(page, studio, stop_job
     page.get_by_label("Width (0 = from image)").press("Tab")
     page.get_by_label("LoRA 1", exact=True).click()
     page.get_by_role("option", name="pair run / epoch3 (high+low pair)").click()
-    low = page.get_by_label("number input for Low-noise strength 1")
+    low = page.get_by_label("Low-noise strength 1", exact=True)
     low.fill("0.5")
     low.press("Enter")
     wait_idle(page)
