@@ -15,10 +15,11 @@ from engine.training.schema import ConfigError, DatasetConfig, DirectoryConfig, 
 
 # ------------------------------------------------------------------------------------------------------ presets
 
-# Tuning constants for the GPU presets, from bench/train_step.py on one H100 (bench/RESULTS.md, 2026-11-26):
-# 480x832x81 with float8 matmuls + CPU-offloaded checkpoints + 28 swapped blocks peaks at 19.6 GiB under a 24 GiB
-# cap (11.2 s/step); float8 matmuls + selective checkpointing + compiled blocks peak at 54.2 GiB (9.25 s/step).
-GPU24_BLOCKS_TO_SWAP = 28
+# Tuning constants for the GPU presets (bench/RESULTS.md): 480x832x81 with float8 matmuls + CPU-offloaded checkpoints
+# + 34 swapped blocks fits a cap of 22 GiB *reserved* memory (room for a 24 GB card's CUDA context), Wan 2.1 21.9 GiB
+# at 16.2 s/step and Wan 2.2 22.0 GiB at 16.0 s/step on an H200 (bench/wan22.py, 2026-11-30; 28 blocks ran out of
+# memory there); float8 matmuls + selective checkpointing + compiled blocks peak at 54.2 GiB (9.25 s/step, H100).
+GPU24_BLOCKS_TO_SWAP = 34
 
 
 GPU24_RESOLUTION = 624  # diffusion-pipe's square-side budget: 624^2 ~ 480x832
