@@ -234,14 +234,23 @@ class CaptionsTab:
         except (CaptionError, ModelFolderError, CaptionerOutOfMemory, GpuBusyError, TaskStopped) as err:
             raise gr.Error(str(err)) from err
 
-    def save_video_settings(self, source: str, instruction: str, fps):
-        """Keep the video captioner's model, instruction and frame rate with the project (project.json)."""
+    def save_video_settings(self, kind: str, source: str, instruction: str, fps):
+        """Keep the captioner choice and the video captioner's model, instruction and frame rate with the project
+        (project.json)."""
         settings = self.ctx.project.settings()
         instruction = (instruction or "").strip()
         self.ctx.project.save_settings(replace(
-            settings, video_captioner_model=(source or "").strip(), caption_video_fps=float(fps),
+            settings, caption_with_video=kind == CAPTIONER_KINDS[1], video_captioner_model=(source or "").strip(),
+            caption_video_fps=float(fps),
             caption_instruction="" if instruction == DEFAULT_INSTRUCTION else instruction))
-        return "Video captioner settings saved with the project."
+        return "Captioner settings saved with the project."
+
+    def captioner_settings(self):
+        """The captioner choice and the video captioner's settings as project.json has them (a page load)."""
+        saved = self.ctx.project.settings()
+        return (CAPTIONER_KINDS[1] if saved.caption_with_video else CAPTIONER_KINDS[0],
+                saved.video_captioner_model or self.ctx.models.video_captioner,
+                saved.caption_instruction or DEFAULT_INSTRUCTION, saved.caption_video_fps)
 
     # ------------------------------------------------------------ layout
 
@@ -287,7 +296,8 @@ class CaptionsTab:
                     unload_button = gr.Button("Unload captioner")
                 with gr.Accordion("Captioner settings", open=False):
                     project = self.ctx.project.settings()
-                    self.kind = gr.Radio(list(CAPTIONER_KINDS), value=CAPTIONER_KINDS[0], label="Captioner")
+                    self.kind = gr.Radio(list(CAPTIONER_KINDS), value=CAPTIONER_KINDS[int(project.caption_with_video)],
+                                         label="Captioner")
                     with gr.Group():
                         gr.Markdown(f"BLIP-2: `{self.ctx.models.captioner}` on {default_device().type.upper()}")
                         self.frames = gr.Slider(1, 8, value=3, step=1,
@@ -365,11 +375,12 @@ class CaptionsTab:
 
         settings = [self.kind, self.frames, self.prompt, self.batch_size, self.vlm_source, self.instruction,
                     self.video_fps, self.memory_mode]
+        saved_settings = [self.kind, self.vlm_source, self.instruction, self.video_fps]
         for field in (self.vlm_source, self.instruction):
-            field.blur(self.save_video_settings, [self.vlm_source, self.instruction, self.video_fps],
-                       self.suggest_status)
-        self.video_fps.release(self.save_video_settings, [self.vlm_source, self.instruction, self.video_fps],
-                               self.suggest_status)
+            field.blur(self.save_video_settings, saved_settings, self.suggest_status)
+        self.video_fps.release(self.save_video_settings, saved_settings, self.suggest_status)
+        self.kind.input(self.save_video_settings, saved_settings, self.suggest_status)
+        Context.root_block.load(self.captioner_settings, None, saved_settings)
         suggest_outputs = [self.suggestion, self.suggest_status, self.table]
         suggest_button.click(self.suggest_one, [self.clip, *settings], suggest_outputs,
                              show_progress_on=[self.suggest_status])

@@ -185,6 +185,7 @@ class ProjectSettings:
     video_captioner_model: str = ""  # Qwen2.5-VL folder or hub id; empty: the studio's current one
     caption_instruction: str = ""  # what the video captioner is asked; empty: its pure-style default
     caption_video_fps: float = 4.0  # frames per second the video captioner watches (81 frames at 16 fps -> 21)
+    caption_with_video: bool = False  # the Captions tab suggests with the video captioner (else BLIP-2)
     clip_frames: int = 81  # frames per exported clip (4k+1); 81 = 5.0625 s at 16 fps
     clip_fps: float = 16.0  # Wan's native frame rate
     clip_width: int = 832  # export size, multiples of 16; 832x480 is Wan 480p landscape

@@ -135,10 +135,12 @@ def test_video_captioner_suggests_through_the_style_rules_and_keeps_its_settings
     clip = tab.store.list_clips()[0]
     save_style_rules(StyleRules(trigger="zq style"), tab.rules_file)
     video = (tiny_models.video_captioner, "Describe only the camera.", 2, "auto")
-    assert tab.save_video_settings(*video[:3]).startswith("Video captioner settings saved")
+    assert tab.save_video_settings(CAPTIONER_KINDS[1], *video[:3]).startswith("Captioner settings saved")
     settings = tab.ctx.project.settings()
     assert (settings.video_captioner_model, settings.caption_instruction, settings.caption_video_fps) == (
         tiny_models.video_captioner, "Describe only the camera.", 2.0)
+    # A page load (a reload, another browser) shows what project.json holds, not what the server started with.
+    assert tab.captioner_settings() == (CAPTIONER_KINDS[1], *video[:3])
     suggestion, status, _ = tab.suggest_one(clip, CAPTIONER_KINDS[1], 1, "", 4, *video, progress=no_progress)
     assert suggestion.startswith("zq style") and tab.store.suggestion(clip).text == suggestion
     with pytest.raises(gr.Error, match="Qwen2.5-VL folder or hub id"):
