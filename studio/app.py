@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import socket
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -20,7 +21,7 @@ TABS = (clips, captions, train, generate)  # the workflow's order: cut, caption,
 def header_html(ctx: AppContext) -> str:
     items = {
         "Project": f"{ctx.project.name} ({ctx.project.root})",
-        "Wan model": ctx.models.wan,
+        "Wan model": ctx.wan_model(),
         "Captioner": ctx.models.captioner,
         "Video captioner": ctx.models.video_captioner,
         "Device": ctx.device_description,
@@ -34,7 +35,7 @@ def header_html(ctx: AppContext) -> str:
 
 def build(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="Wan LoRA Studio") as app:
-        gr.HTML(header_html(ctx))
+        header = gr.HTML(header_html(ctx))
         changes = jobs_panel.build(ctx)
         tab_items = {}
         with gr.Tabs() as tabs:
@@ -50,6 +51,9 @@ def build(ctx: AppContext) -> gr.Blocks:
         for title, (refresh, inputs, outputs) in ctx.refreshers.items():
             tab_items[title].select(refresh, inputs, outputs, show_progress="hidden")
             changes.change(refresh, inputs, outputs, show_progress="hidden")
+        # The header names the project's model as project.json has it now (the Train tab can switch it).
+        app.load(partial(header_html, ctx), None, header, show_progress="hidden")
+        tabs.change(partial(header_html, ctx), None, header, show_progress="hidden")
         # A person's mistake in any handler is answered in a toast, never with error badges over the outputs.
         for event in app.fns.values():
             if event.fn is not None and not event.types_generator:

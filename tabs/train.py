@@ -19,15 +19,16 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from gradio.context import Context
 
-from engine.core.families import FAMILIES, family_of
 from engine.captions.store import CaptionStore
 from engine.captions.style import banned_words_by_caption, load_style_rules
 from engine.captions.text import CaptionError
+from engine.core.families import FAMILIES, family_of
 from engine.core.files import TextFileError, atomic_path, read_text
 from engine.core.hardware import list_gpus
-from engine.core.video import VideoError, probe_video
 from engine.core.layout import DATASET_TOML, RunLayout
+from engine.core.video import VideoError, probe_video
 from engine.jobs import GpuBusyError, Job, JobError, training_argv
 from engine.training.check import human_seconds, preflight
 from engine.training.config import load_dataset_config, load_run_config, to_toml
@@ -255,6 +256,10 @@ class TrainTab:
         serial = dict(concurrency_id=SETTINGS_QUEUE, concurrency_limit=1)
         self.preset.input(self.on_preset, [self.preset], [draft, *toml, *form, self.message], **serial)
         self.family.input(self.on_family, [self.family, self.preset], [draft, *toml, *form, self.message], **serial)
+        # A page load shows the model project.json holds (chosen on another page, or before a reload): the page was
+        # built with the one the studio started with.
+        Context.root_block.load(self.on_page_load, [self.family, self.preset],
+                                [self.family, draft, *toml, *form, self.message], **serial)
         for target, fields in (("run", self.run_fields), ("dataset", self.dataset_fields)):
             for key, component in fields.items():
                 # every keystroke is applied, in order (each reads the draft the previous one wrote)
@@ -302,6 +307,14 @@ class TrainTab:
         return {**self.on_preset(preset),
                 self.message: f"Model **{family.title}** (`{folder}`): one run trains a LoRA for {experts}; preset "
                               f"**{preset}**."}
+
+    def on_page_load(self, shown: str, preset: str) -> dict:
+        """The project's model family when the page shows another one, with the preset redrafted for it; else
+        nothing changes (a page that is right is left alone)."""
+        key = family_of(self.ctx.wan_model()).key
+        if key == shown:
+            return gr.skip()
+        return {self.family: key, **self.on_preset(preset)}
 
     def on_field(self, target: str, key: str, value, draft: dict) -> dict:
         run_text, dataset_text = draft["run"], draft["dataset"]

@@ -59,8 +59,11 @@ def test_choose_wan22_train_the_pair_and_generate_with_it(page, studio, stop_job
     assert (epoch / "low_noise_model.safetensors").is_file(), metrics.read_text()[-2000:]
     assert (epoch / "high_noise_model.safetensors").is_file()
 
-    page.reload()  # the Generate tab shows the strengths of the project's model family
-    page.get_by_role("tab", name="Generate").click()
+    page.reload()  # the page shows the project's model as project.json holds it, not the one the studio started with
+    expect(page.locator("#studio-header")).to_contain_text(TINY_WAN22_DIRNAME)
+    page.get_by_role("tab", name="Train").click()
+    expect(page.get_by_label("Wan 2.2 I2V A14B")).to_be_checked()
+    page.get_by_role("tab", name="Generate").click()  # it shows the strengths of the project's model family
     wait_idle(page)
     image = root.parent / "start.png"
     Image.fromarray((np.random.RandomState(1).rand(40, 64, 3) * 255).astype("uint8")).save(image)
