@@ -53,7 +53,7 @@ from studio.progress import report_to, session_of, waiting_note
 TITLE = "Captions"
 TABLE_HEADERS = ["Clip", "Status", "Tokens", "Caption"]
 CAPTIONER_KINDS = ("BLIP-2 (captions a few frames)", "Video-language model (watches the clip)")
-TABLE_WIDTHS = ["28%", "20%", "72px", "52%"]  # long clip names wrap instead of squeezing the caption
+TABLE_WIDTHS = ["24%", "16%", "16%", "44%"]  # long clip names wrap instead of squeezing the caption
 
 
 class CaptionerHolder:
