@@ -147,7 +147,7 @@ def test_stacked_loras_each_with_its_own_strength(pipe, image_path, lora_file, t
                                      tmp_path / "2.mp4"))
     assert [entry["strength"] for entry in both["loras"]] == [1.0, -0.5]
     assert both["frames_sha256"] != one["frames_sha256"]
-    with pytest.raises(GenerationError, match="outside -1..2"):
+    with pytest.raises(GenerationError, match="is 2.5, but a LoRA strength is a number from -1 to 2"):
         render_video(pipe, request(image_path, loras=[(str(lora_file), 2.5)]), tmp_path / "3.mp4")
 
 
