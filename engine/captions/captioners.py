@@ -106,20 +106,28 @@ class Blip2Captioner:
             inputs = self._processor(images=batch, text=[prompt] * len(batch) if prompt else None, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self._model.dtype)
-            try:
-                with torch.inference_mode():
-                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                                  min_new_tokens=self.min_new_tokens, do_sample=False)
-            except torch.cuda.OutOfMemoryError as err:
-                torch.cuda.empty_cache()
-                raise CaptionerOutOfMemory(
-                    f"The GPU ran out of memory captioning {len(batch)} frames with {self.name}. Lower 'batch size' "
-                    f"(now {self.batch_size}) or 'frames per clip', stop other GPU jobs, or caption on the CPU."
-                ) from err
+            output = generate_tokens(
+                self._model, inputs, self.max_new_tokens, self.min_new_tokens,
+                f"The GPU ran out of memory captioning {len(batch)} frames with {self.name}. Lower 'batch size' "
+                f"(now {self.batch_size}) or 'frames per clip', stop other GPU jobs, or caption on the CPU.")
             # generate() returns the input tokens (image tokens, prompt) followed by the new ones.
             new_tokens = output[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else output
             captions.extend(t.strip() for t in self._processor.batch_decode(new_tokens, skip_special_tokens=True))
         return captions
+
+
+def generate_tokens(model, inputs: dict, max_new_tokens: int, min_new_tokens: int, out_of_memory: str):
+    """Greedy `model.generate(**inputs)` with min/max new tokens; a GPU out of memory is raised as
+    CaptionerOutOfMemory with the message `out_of_memory` (the settings that lower memory)."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                  do_sample=False)
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        raise CaptionerOutOfMemory(out_of_memory) from err
 
 
 def read_clip_frames(clip: str | Path, count: int = 3) -> list[np.ndarray]:

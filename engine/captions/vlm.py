@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.captions.captioners import Blip2Captioner, CaptionerOutOfMemory, ClipDecodeError
+from engine.captions.captioners import Blip2Captioner, ClipDecodeError, generate_tokens
 from engine.captions.text import CaptionError
 from engine.core.hardware import default_device
 from engine.core.video import VideoError, probe_video, read_frames
@@ -248,21 +248,14 @@ class VideoLanguageCaptioner:
 
     def caption(self, videos: Sequence[ClipVideo]) -> list[str]:
         """One caption per clip. Raises CaptionerOutOfMemory with the settings that lower memory."""
-        import torch
-
         captions = []
         for video in videos:
             inputs = self.model_inputs(video)
-            try:
-                with torch.inference_mode():
-                    output = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                                  min_new_tokens=self.min_new_tokens, do_sample=False)
-            except torch.cuda.OutOfMemoryError as err:
-                torch.cuda.empty_cache()
-                raise CaptionerOutOfMemory(
-                    f"The GPU ran out of memory captioning {video.name} ({len(video.frames)} frames) with "
-                    f"{self.name}. Lower the video frame rate (now {self.video_fps:g}), use memory mode 8bit or "
-                    "4bit, or stop other GPU jobs.") from err
+            output = generate_tokens(
+                self._model, inputs, self.max_new_tokens, self.min_new_tokens,
+                f"The GPU ran out of memory captioning {video.name} ({len(video.frames)} frames) with {self.name}. "
+                f"Lower the video frame rate (now {self.video_fps:g}), use memory mode 8bit or 4bit, or stop other "
+                "GPU jobs.")
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
             captions.append(self._tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip())
         return captions
