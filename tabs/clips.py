@@ -196,7 +196,7 @@ class ClipsTab:
                                   type="array", interactive=True, label="Cuts (edit start, end or name)",
                                   static_columns=[0, 3, 5, 6], wrap=True, elem_id="clips-cuts")
         with gr.Row():
-            self.delete_number = gr.Number(label="Cut #", precision=0, minimum=1, scale=1)
+            self.delete_number = gr.Number(1, label="Cut #", precision=0, minimum=1, scale=1)
             delete = gr.Button("Delete cut", scale=1)
             clear = gr.Button("Delete all cuts", variant="stop", scale=1)
             restore = gr.Button("Restore deleted cuts", scale=1)
