@@ -102,3 +102,16 @@ def page(browser):
     page.set_default_timeout(30_000)
     yield page
     context.close()
+
+
+@pytest.fixture
+def stop_jobs_afterwards(studio):
+    """Training jobs outlive the studio by design; a test must not leave one behind, even when it fails."""
+    yield
+    from engine.core.layout import jobs_dir
+    from engine.jobs import JobRunner
+
+    runner = JobRunner(jobs_dir(studio[1].parent))
+    job = runner.current()
+    if job is not None:
+        runner.stop(job, grace_s=30)

@@ -60,18 +60,6 @@ def wait_until(predicate, timeout: float, what: str, page=None):
     raise AssertionError(f"timed out waiting for {what}; log tail:\n{log}")
 
 
-@pytest.fixture
-def stop_jobs_afterwards(studio):
-    """Training jobs outlive the studio by design; a test must not leave one behind, even when it fails."""
-    yield
-    from engine.jobs import JobRunner
-
-    runner = JobRunner(studio[1].parent / "jobs")
-    job = runner.current()
-    if job is not None:
-        runner.stop(job, grace_s=30)
-
-
 def test_train_stop_resume_in_the_browser(page, studio, stop_jobs_afterwards):
     url, root = studio
     demo_clips(root)

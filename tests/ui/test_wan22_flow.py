@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
@@ -23,18 +22,6 @@ def wait_for(predicate, timeout: float, what: str):
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def stop_jobs_afterwards(studio):
-    """A training job outlives the studio by design; the test must not leave one behind, even when it fails."""
-    yield
-    from engine.jobs import JobRunner
-
-    runner = JobRunner(studio[1].parent / "jobs")
-    job = runner.current()
-    if job is not None:
-        runner.stop(job, grace_s=30)
 
 
 def test_choose_wan22_train_the_pair_and_generate_with_it(page, studio, stop_jobs_afterwards):
