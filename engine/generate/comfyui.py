@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from engine.core.files import atomic_write_json
@@ -70,13 +71,7 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
         sampler_name = "uni_pc"
     shift = float(scheduler["flow_shift"] if "flow_shift" in scheduler else scheduler["shift"])
     nodes: dict[str, dict] = {}
-
-    def add(class_type: str, title: str | None = None, **inputs) -> str:
-        node_id = str(len(nodes) + 1)
-        nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        if title:
-            nodes[node_id]["_meta"] = {"title": title}
-        return node_id
+    add = partial(_add_node, nodes)
 
     unet = add("UNETLoader", unet_name=files.diffusion_model, weight_dtype="default")
     model = [unet, 0]
@@ -110,18 +105,21 @@ def comfyui_workflow(request: GenerationRequest, files: ComfyModelFiles = ComfyM
     return nodes
 
 
+def _add_node(nodes: dict[str, dict], class_type: str, title: str | None = None, **inputs) -> str:
+    """Add a node of the API-format graph `nodes` (ids "1", "2", ... in order) and return its id."""
+    node_id = str(len(nodes) + 1)
+    nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+    if title:
+        nodes[node_id]["_meta"] = {"title": title}
+    return node_id
+
+
 def _two_expert_workflow(request: GenerationRequest, files: ComfyModelFiles, scheduler: dict | None,
                          boundary_ratio: float) -> dict:
     if not scheduler or scheduler.get("class") != "UniPCMultistepScheduler":
         raise GenerationError("ComfyUI export of a Wan 2.2 video needs its recorded flow UniPC scheduler.")
     nodes: dict[str, dict] = {}
-
-    def add(class_type: str, title: str | None = None, **inputs) -> str:
-        node_id = str(len(nodes) + 1)
-        nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        if title:
-            nodes[node_id]["_meta"] = {"title": title}
-        return node_id
+    add = partial(_add_node, nodes)
 
     models = {}
     for expert, unet_name in (("high_noise", files.high_noise_model), ("low_noise", files.low_noise_model)):
